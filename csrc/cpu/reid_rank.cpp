@@ -1,0 +1,154 @@
+// ReID ranking statistics without sorting gallery rows.
+//
+// For each query row of a distance matrix, the true matches are few. The rank
+// of a match m (0-based, among the valid gallery items, ties to the lower
+// index) is the number of valid items that come before it:
+//     rank(m) = #{j valid : d_j < d_m} + #{j valid, j < m : d_j == d_m}.
+// We build a copy of the row where junk items are +inf, then count with two
+// branch-free, vectorised passes per match (j < m with <=, j > m with <).
+// When a query has more than kMaxCountMatches matches, a full sort of the
+// valid row is cheaper and is used instead.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#include "registry.h"
+
+namespace py = pybind11;
+
+namespace pyfici {
+namespace {
+
+constexpr int64_t kMaxCountMatches = 256;
+
+template <typename T>
+inline int64_t count_before(const T* __restrict v, int64_t G, int64_t idx, T m) {
+  int32_t c1 = 0, c2 = 0;
+  for (int64_t j = 0; j < idx; ++j) c1 += (v[j] <= m);
+  for (int64_t j = idx + 1; j < G; ++j) c2 += (v[j] < m);
+  return static_cast<int64_t>(c1) + static_cast<int64_t>(c2);
+}
+
+struct RowResult {
+  double ap, inp;
+  int64_t first, nmatch;
+};
+
+// ranks: 0-based ranks of the matches, any order. Returns stats.
+inline RowResult stats_from_ranks(std::vector<int64_t>& ranks, bool trapezoid) {
+  RowResult r{std::numeric_limits<double>::quiet_NaN(), std::numeric_limits<double>::quiet_NaN(), -1, 0};
+  const int64_t M = static_cast<int64_t>(ranks.size());
+  r.nmatch = M;
+  if (M == 0) return r;
+  std::sort(ranks.begin(), ranks.end());
+  double ap = 0.0;
+  for (int64_t k = 0; k < M; ++k) {
+    const double rk = static_cast<double>(ranks[k]);
+    const double prec = static_cast<double>(k + 1) / (rk + 1.0);
+    if (trapezoid) {
+      const double prev = ranks[k] == 0 ? 1.0 : static_cast<double>(k) / rk;
+      ap += 0.5 * (prev + prec);
+    } else {
+      ap += prec;
+    }
+  }
+  r.ap = ap / static_cast<double>(M);
+  r.first = ranks[0];
+  r.inp = static_cast<double>(M) / static_cast<double>(ranks[M - 1] + 1);
+  return r;
+}
+
+template <typename T>
+void rank_stats_impl(const T* dist, int64_t Q, int64_t G, int64_t ld, const int64_t* qpid,
+                     const int64_t* gpid, const int64_t* qcam, const int64_t* gcam,
+                     bool junk_minus1, bool trapezoid, double* out_ap, int64_t* out_first,
+                     double* out_inp, int64_t* out_nmatch, int nthreads) {
+  const T inf = std::numeric_limits<T>::infinity();
+#pragma omp parallel num_threads(nthreads)
+  {
+    std::vector<T> v(static_cast<size_t>(G));
+    std::vector<int64_t> midx, ranks, order;
+    midx.reserve(64);
+    ranks.reserve(64);
+#pragma omp for schedule(dynamic, 8)
+    for (int64_t q = 0; q < Q; ++q) {
+      const T* __restrict d = dist + q * ld;
+      const int64_t qp = qpid[q], qc = qcam[q];
+      T* __restrict vv = v.data();
+      // junk -> +inf (vectorisable select)
+      if (junk_minus1) {
+        for (int64_t j = 0; j < G; ++j) {
+          const bool junk = (gpid[j] == qp && gcam[j] == qc) || gpid[j] == -1;
+          vv[j] = junk ? inf : d[j];
+        }
+      } else {
+        for (int64_t j = 0; j < G; ++j) {
+          const bool junk = (gpid[j] == qp && gcam[j] == qc);
+          vv[j] = junk ? inf : d[j];
+        }
+      }
+      midx.clear();
+      const bool query_is_junk_id = junk_minus1 && qp == -1;
+      if (!query_is_junk_id) {
+        for (int64_t j = 0; j < G; ++j)
+          if (gpid[j] == qp && gcam[j] != qc) midx.push_back(j);
+      }
+      ranks.clear();
+      const int64_t M = static_cast<int64_t>(midx.size());
+      if (M > 0 && M <= kMaxCountMatches) {
+        for (int64_t k = 0; k < M; ++k) ranks.push_back(count_before(vv, G, midx[k], vv[midx[k]]));
+      } else if (M > kMaxCountMatches) {
+        // full stable ordering of the valid items
+        order.clear();
+        for (int64_t j = 0; j < G; ++j)
+          if (vv[j] != inf) order.push_back(j);
+        std::sort(order.begin(), order.end(), [vv](int64_t a, int64_t b) {
+          return vv[a] < vv[b] || (vv[a] == vv[b] && a < b);
+        });
+        for (int64_t r = 0; r < static_cast<int64_t>(order.size()); ++r) {
+          const int64_t j = order[r];
+          if (gpid[j] == qp) ranks.push_back(r);
+        }
+      }
+      RowResult res = stats_from_ranks(ranks, trapezoid);
+      out_ap[q] = res.ap;
+      out_first[q] = res.first;
+      out_inp[q] = res.inp;
+      out_nmatch[q] = res.nmatch;
+    }
+  }
+}
+
+}  // namespace
+
+PYFICI_REGISTER(m) {
+  m.def(
+      "reid_rank_stats",
+      [](std::uintptr_t dist, int dtype, int64_t Q, int64_t G, int64_t ld, std::uintptr_t qpid,
+         std::uintptr_t gpid, std::uintptr_t qcam, std::uintptr_t gcam, bool junk_minus1,
+         bool trapezoid, std::uintptr_t out_ap, std::uintptr_t out_first, std::uintptr_t out_inp,
+         std::uintptr_t out_nmatch, int nthreads) {
+        py::gil_scoped_release nogil;
+        auto run = [&](auto* p) {
+          rank_stats_impl(p, Q, G, ld, as_ptr<const int64_t>(qpid), as_ptr<const int64_t>(gpid),
+                          as_ptr<const int64_t>(qcam), as_ptr<const int64_t>(gcam), junk_minus1,
+                          trapezoid, as_ptr<double>(out_ap), as_ptr<int64_t>(out_first),
+                          as_ptr<double>(out_inp), as_ptr<int64_t>(out_nmatch), nthreads);
+        };
+        if (dtype == kFloat32)
+          run(as_ptr<const float>(dist));
+        else if (dtype == kFloat64)
+          run(as_ptr<const double>(dist));
+        else
+          throw std::invalid_argument("reid_rank_stats: dist must be float32 or float64");
+      },
+      "Per-query AP, first-hit rank, INP and match count from a [Q, G] distance tile "
+      "(row stride ld). pids/cams int64. Junk: same pid and camera (and pid -1 if junk_minus1).");
+}
+
+}  // namespace pyfici

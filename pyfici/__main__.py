@@ -1,0 +1,5 @@
+import sys
+
+from pyfici.cli import main
+
+sys.exit(main())

@@ -1,0 +1,83 @@
+"""The ``pyfici`` command: info, train, deid, eval, bench, demo.
+
+Each command lives in its own module, which exposes ``add_arguments(parser)``
+(or ``add_<name>_arguments``) and a ``main(args) -> int`` function; this file
+only wires them up, importing a module only when its command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command path -> (module, add-arguments function, main function, help)
+COMMANDS: dict[tuple[str, ...], tuple[str, str, str, str]] = {
+    ("info",): ("pyfici.cli", "_add_info_arguments", "_info_main", "versions, built backends, devices"),
+    ("train", "autolr"): ("pyfici.methods.autolr", "add_train_arguments", "train_main", "AutoLR fine-tuning"),
+    ("train", "rollback"): ("pyfici.methods.rollback", "add_train_arguments", "train_main", "rolling-back fine-tuning for ReID"),
+    ("train", "ficgan"): ("pyfici.methods.ficgan.train", "add_train_arguments", "train_main", "train FICGAN"),
+    ("deid",): ("pyfici.methods.ficgan.deid", "add_deid_arguments", "deid_main", "de-identify faces with k-anonymity"),
+    ("eval", "reid"): ("pyfici.methods.rollback", "add_eval_arguments", "eval_main", "evaluate a ReID checkpoint"),
+    ("bench",): ("pyfici.bench", "add_arguments", "main", "benchmark every op against the anchors"),
+    ("demo",): ("pyfici.demo", "add_arguments", "main", "run everything on built-in data, write an HTML report"),
+}
+
+
+def _add_info_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _info_main(args: argparse.Namespace) -> int:
+    import json
+
+    from pyfici._native import info
+
+    d = info()
+    if args.json:
+        print(json.dumps(d, indent=2))
+    else:
+        width = max(len(k) for k in d)
+        for k, v in d.items():
+            print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def _build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pyfici", description="pyfici: fast ops and methods for de-identification, fine-tuning and ReID")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for path, (mod, add, main, help_) in COMMANDS.items():
+        if len(path) == 1:
+            p = sub.add_parser(path[0], help=help_)
+        else:
+            if path[0] not in groups:
+                gp = sub.add_parser(path[0], help=f"{path[0]} commands")
+                groups[path[0]] = gp.add_subparsers(dest="subcommand", metavar="WHAT", required=True)
+            p = groups[path[0]].add_parser(path[1], help=help_)
+        p.set_defaults(_target=(mod, main))
+        # only import the module of the command being run (imports are heavy)
+        if _selected(argv, path):
+            getattr(importlib.import_module(mod), add)(p)
+    return parser
+
+
+def _selected(argv: list[str], path: tuple[str, ...]) -> bool:
+    words = [a for a in argv if not a.startswith("-")]
+    return tuple(words[: len(path)]) == path
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _build_parser(argv)
+    args = parser.parse_args(argv)
+    mod, main_ = args._target
+    try:
+        return int(getattr(importlib.import_module(mod), main_)(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Training methods built on pyfici's ops: AutoLR, rolling-back, FICGAN."""
