@@ -1,0 +1,21 @@
+"""Dataset readers (official folder layouts) and built-in data from pip packages."""
+
+from pyfici.data.builtin import BuiltinRetrieval, builtin_images, builtin_retrieval
+from pyfici.data.retrieval import (
+    RECALL_KS,
+    RETRIEVAL_DATASETS,
+    RetrievalImageDataset,
+    RetrievalSplit,
+    aircraft,
+    cars196,
+    cub200,
+    inshop,
+    load_retrieval_dataset,
+    sop,
+)
+
+__all__ = [
+    "BuiltinRetrieval", "builtin_images", "builtin_retrieval", "RECALL_KS", "RETRIEVAL_DATASETS",
+    "RetrievalImageDataset", "RetrievalSplit", "aircraft", "cars196", "cub200", "inshop",
+    "load_retrieval_dataset", "sop",
+]
