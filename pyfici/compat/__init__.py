@@ -1,0 +1,1 @@
+"""Drop-in shims with other libraries' signatures."""

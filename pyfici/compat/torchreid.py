@@ -1,0 +1,39 @@
+"""Drop-in for ``torchreid.metrics.rank.evaluate_rank``.
+
+Swap ``from torchreid.metrics import evaluate_rank`` for
+``from pyfici.compat.torchreid import evaluate_rank``: same arguments, same
+return value ``(all_cmc, mAP)`` (numpy float32 CMC of length max_rank, float
+mAP), computed by pyfici's sort-free ranking. ``use_cython`` is accepted and
+ignored. With ``use_metric_cuhk03=True`` the single-shot CUHK03 CMC is used
+(10 repeats; pyfici's seeded draw, not numpy's global RNG).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pyfici.reid.evaluate import evaluate_distmat
+
+
+def evaluate_rank(
+    distmat,
+    q_pids,
+    g_pids,
+    q_camids,
+    g_camids,
+    max_rank: int = 50,
+    use_metric_cuhk03: bool = False,
+    use_cython: bool = True,
+):
+    """Return ``(all_cmc, mAP)`` exactly as torchreid does (assertion -> ValueError
+    when no query is valid)."""
+    res = evaluate_distmat(
+        distmat,
+        q_pids,
+        g_pids,
+        q_camids,
+        g_camids,
+        max_rank=max_rank,
+        protocol="cuhk03" if use_metric_cuhk03 else "torchreid",
+    )
+    return res.cmc.numpy().astype(np.float32), float(res.mAP)

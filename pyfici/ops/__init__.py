@@ -1,0 +1,13 @@
+"""pyfici's public ops. Every op is a ``torch.library.custom_op`` under the
+``pyfici::`` namespace with a fake (meta) implementation, so it works under
+``torch.compile(fullgraph=True)``; each has the backends ``cpu`` (C++),
+``cuda`` (CUDA C++), ``triton`` and ``torch`` (pyfici.ops.reference).
+Choose with ``backend=`` or ``PYFICI_BACKEND``; see pyfici.ops._backend.
+"""
+
+from pyfici.ops import reference
+from pyfici.ops._backend import BACKENDS, choose_backend
+from pyfici.ops.distance import pairwise_distance, reid_rank_stats
+
+__all__ = ["BACKENDS", "choose_backend", "reference", "pairwise_distance", "reid_rank_stats"]
+# Each op family appends its imports below (and extends __all__).

@@ -1,0 +1,80 @@
+"""Validation at the op boundary: one place, messages that name the argument
+and say what was expected and what was received."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def as_tensor(name: str, x, *, dtype: torch.dtype | None = None, device: torch.device | None = None) -> torch.Tensor:
+    """Accept a tensor, numpy array or sequence; return a tensor (no copy when possible)."""
+    if isinstance(x, torch.Tensor):
+        t = x
+    elif isinstance(x, np.ndarray):
+        t = torch.from_numpy(np.ascontiguousarray(x))
+    elif isinstance(x, Sequence):
+        t = torch.as_tensor(x)
+    else:
+        raise TypeError(f"{name}: expected a torch.Tensor, numpy array or sequence, got {type(x).__name__}")
+    if dtype is not None and t.dtype != dtype:
+        t = t.to(dtype)
+    if device is not None and t.device != device:
+        t = t.to(device)
+    return t
+
+
+def check_ndim(name: str, t: torch.Tensor, ndim: int, what: str = "") -> None:
+    if t.dim() != ndim:
+        shape = "[" + ", ".join(what.split(",")) + "]" if what else f"{ndim}-d"
+        raise ValueError(f"{name}: expected a {ndim}-d tensor {shape}, got shape {tuple(t.shape)}")
+
+
+def check_float(name: str, t: torch.Tensor, allowed: tuple[torch.dtype, ...] = FLOAT_DTYPES) -> None:
+    if t.dtype not in allowed:
+        raise TypeError(f"{name}: expected dtype in {[str(d) for d in allowed]}, got {t.dtype}")
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    """Raise if t holds NaN or Inf. (One reduction; on CUDA this synchronises once.)"""
+    if not t.numel():
+        return
+    # a sum is finite iff every term is, unless finite terms overflow: then check exactly
+    if t.is_floating_point() and bool(torch.isfinite(t.sum())):
+        return
+    if not bool(torch.isfinite(t).all()):
+        n_nan = int(torch.isnan(t).sum())
+        n_inf = int(torch.isinf(t).sum())
+        raise ValueError(f"{name}: contains non-finite values ({n_nan} NaN, {n_inf} Inf)")
+
+
+def check_nonempty(name: str, t: torch.Tensor, dim: int = 0) -> None:
+    if t.shape[dim] == 0:
+        raise ValueError(f"{name}: is empty (shape {tuple(t.shape)})")
+
+
+def check_same_device(**tensors: torch.Tensor) -> torch.device:
+    devices = {k: v.device for k, v in tensors.items() if v is not None}
+    first = next(iter(devices.values()))
+    for k, d in devices.items():
+        if d != first:
+            names = ", ".join(f"{n} on {dv}" for n, dv in devices.items())
+            raise ValueError(f"{k}: all tensors must be on one device ({names})")
+    return first
+
+
+def check_length(name: str, t: torch.Tensor, n: int, other: str) -> None:
+    if t.dim() != 1 or t.shape[0] != n:
+        raise ValueError(f"{name}: expected a 1-d array of length {n} (one per row of {other}), got shape {tuple(t.shape)}")
+
+
+def check_int_range(name: str, value: int, lo: int, hi: int | None = None, hint: str = "") -> None:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if value < lo or (hi is not None and value > hi):
+        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ValueError(f"{name}: must be {rng}, got {value}{(' ' + hint) if hint else ''}")

@@ -1,0 +1,355 @@
+"""ReID evaluation: CMC, mAP, mINP and Recall@K, without full-row sorts.
+
+Protocols (see docs/ops_distance.md and PAPERS.md):
+
+- ``"torchreid"``: torchreid / fast-reid. Gallery items with the query's ID
+  and camera are dropped; queries with no remaining match are skipped and
+  counted; AP = mean precision at the hits; mINP = matches / (1 + rank of the
+  hardest match).
+- ``"market1501"``: the official Market-1501 code: junk also includes
+  gallery ID -1; AP by the trapezoid rule (starting precision 1). ID 0
+  (distractors) counts as a negative.
+- ``"cuhk03"``: the classic single-shot CUHK03 CMC: for each query and each of
+  ``num_repeats`` repeats, one gallery sample per identity is drawn (among
+  the valid ones), and the CMC is averaged over repeats. The draw is a hash
+  of (seed, query index, repeat, gallery index), so it is deterministic and
+  identical on every device. AP and mINP are computed on the full valid
+  gallery, as torchreid does.
+
+Ties in distance go to the lower gallery index (a stable order). torchreid's
+``np.argsort`` is not stable, so on exactly tied distances its results may
+differ from run to run; on distinct distances they are identical.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from pyfici.ops import pairwise_distance, reid_rank_stats
+from pyfici.ops.distance import METRICS, distance_tile, prepare_gallery
+from pyfici.ops._validate import (
+    as_tensor,
+    check_finite,
+    check_float,
+    check_int_range,
+    check_length,
+    check_ndim,
+    check_nonempty,
+)
+
+PROTOCOLS = ("torchreid", "market1501", "cuhk03")
+
+
+@dataclass
+class ReIDResult:
+    """Result of an evaluation. ``cmc[r]`` = fraction of valid queries whose
+    first true match is within the top r+1 (float64 tensor of length max_rank)."""
+
+    cmc: torch.Tensor
+    mAP: float
+    mINP: float
+    num_valid: int
+    num_queries: int
+    protocol: str
+    per_query_ap: torch.Tensor = field(repr=False)
+
+    @property
+    def rank1(self) -> float:
+        return float(self.cmc[0])
+
+    def rank(self, r: int) -> float:
+        """CMC at rank r (1-based)."""
+        return float(self.cmc[r - 1])
+
+    def as_dict(self) -> dict:
+        ranks = {f"rank{r}": self.rank(r) for r in (1, 5, 10, 20) if r <= len(self.cmc)}
+        return {"mAP": self.mAP, "mINP": self.mINP, **ranks, "num_valid": self.num_valid,
+                "num_queries": self.num_queries, "protocol": self.protocol, "cmc": self.cmc.tolist()}
+
+
+class _Accumulator:
+    def __init__(self, max_rank: int, device: torch.device):
+        self.max_rank = max_rank
+        self.cmc_counts = torch.zeros(max_rank, dtype=torch.float64, device=device)
+        self.ap_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.inp_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.valid = torch.zeros((), dtype=torch.int64, device=device)
+        self.aps: list[torch.Tensor] = []
+        self.arange = torch.arange(max_rank, device=device)
+
+    def add(self, ap, first, inp, nmatch, cmc_rows: torch.Tensor | None = None):
+        ok = nmatch > 0
+        self.valid += ok.sum()
+        self.ap_sum += torch.where(ok, ap, torch.zeros_like(ap)).sum()
+        self.inp_sum += torch.where(ok, inp, torch.zeros_like(inp)).sum()
+        if cmc_rows is None:
+            hit = (first[:, None] <= self.arange[None, :]) & ok[:, None]
+            self.cmc_counts += hit.sum(0).double()
+        else:
+            self.cmc_counts += torch.where(ok[:, None], cmc_rows, torch.zeros_like(cmc_rows)).sum(0)
+        self.aps.append(ap)
+
+    def result(self, num_queries: int, protocol: str) -> ReIDResult:
+        nv = int(self.valid)  # the one host synchronisation, at the very end
+        if nv == 0:
+            raise ValueError(
+                f"no valid query: none of the {num_queries} queries has a true match in the gallery "
+                f"under the {protocol!r} protocol (check the pids and camids)"
+            )
+        return ReIDResult(
+            cmc=(self.cmc_counts / nv).cpu(),
+            mAP=float(self.ap_sum) / nv,
+            mINP=float(self.inp_sum) / nv,
+            num_valid=nv,
+            num_queries=num_queries,
+            protocol=protocol,
+            per_query_ap=torch.cat(self.aps).cpu(),
+        )
+
+
+def _check_ids(Q: int, G: int, device, q_pids, g_pids, q_camids, g_camids, qname="query", gname="gallery"):
+    out = []
+    for name, arr, n, other in (
+        ("q_pids", q_pids, Q, qname),
+        ("g_pids", g_pids, G, gname),
+        ("q_camids", q_camids, Q, qname),
+        ("g_camids", g_camids, G, gname),
+    ):
+        t = as_tensor(name, arr, dtype=torch.int64, device=device).contiguous()
+        check_length(name, t, n, other)
+        out.append(t)
+    return out
+
+
+def _check_protocol(protocol: str, max_rank: int) -> None:
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol: expected one of {PROTOCOLS}, got {protocol!r}")
+    check_int_range("max_rank", max_rank, 1)
+
+
+def _clip_max_rank(max_rank: int, G: int) -> int:
+    if G < max_rank:
+        warnings.warn(f"max_rank={max_rank} is larger than the gallery ({G}); using {G}", stacklevel=3)
+        return G
+    return max_rank
+
+
+def _splitmix64(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64 on int64 tensors (wrapping arithmetic; logical shifts emulated)."""
+
+    def lsr(v, s):
+        return (v >> s) & ((1 << (64 - s)) - 1)
+
+    x = x + (-7046029254386353131)  # 0x9E3779B97F4A7C15 as signed int64
+    x = (x ^ lsr(x, 30)) * (-4658895280553007687)  # 0xBF58476D1CE4E5B9
+    x = (x ^ lsr(x, 27)) * (-7723592293110705685)  # 0x94D049BB133111EB
+    return x ^ lsr(x, 31)
+
+
+def _cuhk03_cmc_rows(dist, q_idx, q_pids, g_pids, q_camids, g_camids, max_rank, num_repeats, seed):
+    """[Qt, max_rank] CMC rows averaged over repeats (single-shot sampling)."""
+    Qt, G = dist.shape
+    dev = dist.device
+    uniq, g_group = torch.unique(g_pids, return_inverse=True)
+    n_groups = uniq.numel()
+    valid = ~((g_pids[None, :] == q_pids[:, None]) & (g_camids[None, :] == q_camids[:, None]))
+    is_match = (g_pids[None, :] == q_pids[:, None]) & valid
+    jj = torch.arange(G, device=dev, dtype=torch.int64)
+    rows = torch.zeros(Qt, max_rank, dtype=torch.float64, device=dev)
+    big = torch.iinfo(torch.int64).max
+    arange_r = torch.arange(max_rank, device=dev)
+    for r in range(num_repeats):
+        key = _splitmix64(((seed * 1_000_003 + q_idx[:, None]) * 1_000_033 + r) * 1_000_037 + jj[None, :])
+        key = key & ((1 << 62) - 1)
+        key = torch.where(valid, key, torch.full_like(key, big))
+        gmin = torch.full((Qt, n_groups), big, dtype=torch.int64, device=dev)
+        gmin.scatter_reduce_(1, g_group[None, :].expand(Qt, G), key, reduce="amin")
+        chosen = (key == gmin.gather(1, g_group[None, :].expand(Qt, G))) & valid
+        cm = chosen & is_match  # at most one per query
+        has = cm.any(1)
+        jm = torch.where(cm, jj[None, :], torch.full_like(key, G)).amin(1).clamp_max(G - 1)
+        dm = dist.gather(1, jm[:, None])
+        before = (dist < dm) | ((dist == dm) & (jj[None, :] < jm[:, None]))
+        rank = (before & chosen).sum(1)
+        rows += ((rank[:, None] <= arange_r[None, :]) & has[:, None]).double()
+    return rows / num_repeats
+
+
+def evaluate_distmat(
+    distmat,
+    q_pids,
+    g_pids,
+    q_camids,
+    g_camids,
+    *,
+    max_rank: int = 50,
+    protocol: str = "torchreid",
+    num_repeats: int = 10,
+    seed: int = 0,
+    backend: str | None = None,
+) -> ReIDResult:
+    """Evaluate a [Q, G] distance matrix (torch tensor or numpy array).
+
+    Returns a :class:`ReIDResult` with ``cmc`` (length ``max_rank``, clipped
+    to the gallery size with a warning, as torchreid does), ``mAP``, ``mINP``
+    and ``num_valid`` (queries with at least one true match). Raises ValueError
+    naming the argument on bad input, and when no query is valid.
+    """
+    _check_protocol(protocol, max_rank)
+    dist = as_tensor("distmat", distmat)
+    check_ndim("distmat", dist, 2, "Q,G")
+    check_nonempty("distmat", dist, 0)
+    check_nonempty("distmat", dist, 1)
+    Q, G = dist.shape
+    max_rank = _clip_max_rank(max_rank, G)
+    ids = _check_ids(Q, G, dist.device, q_pids, g_pids, q_camids, g_camids, "distmat", "the columns of distmat")
+    check_float("distmat", dist)
+    check_finite("distmat", dist)
+    acc = _Accumulator(max_rank, dist.device)
+    rank_protocol = "torchreid" if protocol == "cuhk03" else protocol
+    ap, first, inp, nm = reid_rank_stats(dist, *ids, protocol=rank_protocol, check_finite_values=False, backend=backend)
+    rows = None
+    if protocol == "cuhk03":
+        q_idx = torch.arange(Q, device=dist.device)
+        rows = _cuhk03_cmc_rows(dist, q_idx, ids[0], ids[1], ids[2], ids[3], max_rank, num_repeats, seed)
+    acc.add(ap, first, inp, nm, rows)
+    return acc.result(Q, protocol)
+
+
+def _scorer(gallery: torch.Tensor, metric: str, backend: str | None):
+    """tile -> [tile, G] distances. The gallery is prepared once (norms,
+    normalisation); the triton backend uses its fused distance kernel."""
+    if metric not in METRICS:
+        raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
+    be = backend or os.environ.get("PYFICI_BACKEND")
+    if be in ("triton", "torch"):
+        return lambda q: pairwise_distance(q, gallery, metric, backend=be)
+    yp, yn = prepare_gallery(gallery, metric)
+    return lambda q: distance_tile(q, yp, yn, metric)
+
+
+def _default_tile(G: int, budget_bytes: int = 64 << 20) -> int:
+    return max(1, min(4096, budget_bytes // max(1, 4 * G)))
+
+
+def evaluate(
+    query,
+    gallery,
+    q_pids,
+    g_pids,
+    q_camids,
+    g_camids,
+    *,
+    metric: str = "euclidean",
+    max_rank: int = 50,
+    protocol: str = "torchreid",
+    tile: int | None = None,
+    num_repeats: int = 10,
+    seed: int = 0,
+    backend: str | None = None,
+    rerank: bool = False,
+    rerank_kwargs: dict | None = None,
+) -> ReIDResult:
+    """Evaluate ReID features ``query`` [Q, D] against ``gallery`` [G, D].
+
+    The full Q x G matrix is never held: ``tile`` queries at a time (default:
+    64 MB of distances) are scored with one GEMM and reduced at once to
+    per-query AP / CMC / INP. metric: "euclidean" (torchreid's default),
+    "sqeuclidean" or "cosine". ``rerank=True`` evaluates k-reciprocal
+    re-ranked distances (pyfici.reid.rerank; this needs the full matrix).
+    """
+    _check_protocol(protocol, max_rank)
+    query = as_tensor("query", query)
+    gallery = as_tensor("gallery", gallery)
+    check_ndim("query", query, 2, "Q,D")
+    check_ndim("gallery", gallery, 2, "G,D")
+    check_float("query", query)
+    check_float("gallery", gallery)
+    check_nonempty("query", query)
+    check_nonempty("gallery", gallery)
+    if query.shape[1] != gallery.shape[1]:
+        raise ValueError(f"gallery: feature dimension {gallery.shape[1]} differs from query's {query.shape[1]}")
+    if query.device != gallery.device:
+        raise ValueError(f"gallery: on {gallery.device} but query is on {query.device}")
+    check_finite("query", query)
+    check_finite("gallery", gallery)
+    Q, G = query.shape[0], gallery.shape[0]
+    max_rank = _clip_max_rank(max_rank, G)
+    ids = _check_ids(Q, G, query.device, q_pids, g_pids, q_camids, g_camids)
+    if rerank:
+        from pyfici.reid.rerank import rerank as _rerank
+
+        dist = _rerank(query, gallery, **(rerank_kwargs or {}))
+        return evaluate_distmat(dist, *ids, max_rank=max_rank, protocol=protocol, num_repeats=num_repeats, seed=seed, backend=backend)
+    tile = tile or _default_tile(G)
+    check_int_range("tile", tile, 1)
+    rank_protocol = "torchreid" if protocol == "cuhk03" else protocol
+    acc = _Accumulator(max_rank, query.device)
+    score = _scorer(gallery, metric, backend)
+    for q0 in range(0, Q, tile):
+        q1 = min(Q, q0 + tile)
+        d = score(query[q0:q1])
+        qp, qc = ids[0][q0:q1], ids[2][q0:q1]
+        st = reid_rank_stats(d, qp, ids[1], qc, ids[3], protocol=rank_protocol, check_finite_values=False, backend=backend)
+        rows = None
+        if protocol == "cuhk03":
+            q_idx = torch.arange(q0, q1, device=query.device)
+            rows = _cuhk03_cmc_rows(d, q_idx, qp, ids[1], qc, ids[3], max_rank, num_repeats, seed)
+        acc.add(*st, rows)
+        del d
+    return acc.result(Q, protocol)
+
+
+def recall_at_k(
+    features,
+    labels,
+    ks=(1, 2, 4, 8),
+    *,
+    metric: str = "cosine",
+    tile: int | None = None,
+    backend: str | None = None,
+) -> dict[int, float]:
+    """Retrieval Recall@K (query set = gallery set, each query's own entry excluded).
+
+    A query is a hit at K if a sample with its label ranks within the top K
+    of the others. Returns {K: recall}. Queries whose label has no other
+    sample cannot be hit and count as misses (the denominator is all N).
+    """
+    feats = as_tensor("features", features)
+    check_ndim("features", feats, 2, "N,D")
+    check_float("features", feats)
+    check_nonempty("features", feats)
+    check_finite("features", feats)
+    N = feats.shape[0]
+    lab = as_tensor("labels", labels, dtype=torch.int64, device=feats.device).contiguous()
+    check_length("labels", lab, N, "features")
+    ks = tuple(int(k) for k in ks)
+    if not ks:
+        raise ValueError("ks: give at least one K")
+    for k in ks:
+        check_int_range("ks", k, 1, hint="(each K must be >= 1)")
+    if N < 2:
+        raise ValueError(f"features: need at least 2 samples for Recall@K, got {N}")
+    cams = torch.arange(N, device=feats.device, dtype=torch.int64)  # junk = self only
+    tile = tile or _default_tile(N)
+    hits = torch.zeros(len(ks), dtype=torch.float64, device=feats.device)
+    kt = torch.tensor([k - 1 for k in ks], device=feats.device)
+    score = _scorer(feats, metric, backend)
+    for q0 in range(0, N, tile):
+        q1 = min(N, q0 + tile)
+        d = score(feats[q0:q1])
+        _, first, _, nm = reid_rank_stats(d, lab[q0:q1], lab, cams[q0:q1], cams, check_finite_values=False, backend=backend)
+        ok = nm > 0
+        hits += ((first[:, None] <= kt[None, :]) & ok[:, None]).sum(0).double()
+    rec = (hits / N).cpu().tolist()
+    return {k: float(r) for k, r in zip(ks, rec)}
+
+
+def cmc_auc(cmc: torch.Tensor) -> float:
+    """Normalised area under a CMC curve (for summaries)."""
+    return float(cmc.mean()) if len(cmc) else math.nan

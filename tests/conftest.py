@@ -1,0 +1,52 @@
+import os
+
+import pytest
+import torch
+
+# Triton kernels run on CPU tensors under the interpreter when there is no GPU.
+# This must be set before any triton.jit decoration (i.e. before pyfici.kernels imports).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _has_triton():
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+HAS_CUDA = torch.cuda.is_available()
+HAS_TRITON = _has_triton()
+
+
+def backends_for(device: str):
+    """Backends to compare with the reference on this device."""
+    from pyfici import _native
+
+    out = []
+    if device == "cpu":
+        out.append("cpu")
+        if HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1":
+            out.append("triton")
+    else:
+        if _native.has_cuda():
+            out.append("cuda")
+        if HAS_TRITON:
+            out.append("triton")
+    return out
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def device(request):
+    return request.param
