@@ -1,0 +1,241 @@
+"""FICGAN networks (our design; the paper publishes no code, see docs/ficgan.md).
+
+- :class:`AttributeEncoder` E_attr: image -> attribute maps at every
+  resolution from ``size`` down to 8x8 (narrow: ``attr_channels`` each).
+- :class:`Generator` G(attr maps, identity codes): from 8x8 up to ``size``;
+  each resolution is one *level* with two 3x3 convs, each followed by
+  AdaIN-style modulation (instance norm, then per-channel scale/shift predicted
+  from that level's identity code). The attribute map of the level is
+  concatenated before the convs. Levels are split into three contiguous groups
+  ``coarse`` / ``middle`` / ``fine``; each group may take its own identity
+  code (attribute-wise control).
+- :class:`Discriminator` D: PatchGAN (strided convs to an (size/8)^2 map of
+  logits), non-saturating loss with R1.
+- Identity encoder E_id: any frozen callable ``[N,3,S,S] in [-1,1] -> [N,D]``
+  L2-normalised (default :class:`pyfici.models.dlib_face.DlibFaceEncoder`).
+
+Shapes: images ``[N, 3, S, S]`` float in [-1, 1]; identity codes ``[N, D]``
+unit-norm; ``S`` a power of two in 64..256.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+GROUPS = ("coarse", "middle", "fine")
+
+
+@dataclass
+class FICGANConfig:
+    size: int = 64
+    id_dim: int = 128
+    base_channels: int = 32  # generator / discriminator width at the highest resolution
+    max_channels: int = 128
+    attr_channels: int = 8  # width of each attribute map (the bottleneck that limits identity leakage)
+    identity_encoder: str = "dlib"
+
+    def validate(self) -> None:
+        if self.size < 64 or self.size > 256 or self.size & (self.size - 1):
+            raise ValueError(f"size must be a power of two between 64 and 256, got {self.size}")
+        for k in ("id_dim", "base_channels", "max_channels", "attr_channels"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"{k} must be >= 1")
+
+    @property
+    def resolutions(self) -> list[int]:
+        return [8 * 2**i for i in range(int(math.log2(self.size // 8)) + 1)]
+
+    def channels(self, res: int) -> int:
+        return min(self.max_channels, self.base_channels * self.size // res)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def level_groups(n_levels: int) -> dict[str, list[int]]:
+    """Split level indices 0..n-1 (coarse to fine) into three contiguous groups."""
+    idx = list(range(n_levels))
+    sizes = [n_levels // 3 + (1 if i < n_levels % 3 else 0) for i in range(3)]
+    out, s = {}, 0
+    for g, n in zip(GROUPS, sizes):
+        out[g] = idx[s : s + n]
+        s += n
+    return out
+
+
+class AttributeEncoder(nn.Module):
+    def __init__(self, cfg: FICGANConfig):
+        super().__init__()
+        res = cfg.resolutions[::-1]  # size ... 8
+        self.stem = nn.Conv2d(3, cfg.channels(res[0]), 3, padding=1)
+        self.down = nn.ModuleList()
+        self.heads = nn.ModuleList([nn.Conv2d(cfg.channels(res[0]), cfg.attr_channels, 1)])
+        for r_in, r_out in zip(res[:-1], res[1:]):
+            self.down.append(nn.Sequential(
+                nn.Conv2d(cfg.channels(r_in), cfg.channels(r_out), 4, stride=2, padding=1),
+                nn.LeakyReLU(0.2),
+                nn.Conv2d(cfg.channels(r_out), cfg.channels(r_out), 3, padding=1),
+                nn.LeakyReLU(0.2),
+            ))
+            self.heads.append(nn.Conv2d(cfg.channels(r_out), cfg.attr_channels, 1))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """-> attribute maps coarse to fine: ``[N, attr_channels, r, r]`` for
+        r = 8 ... size, bounded to (-1, 1) by tanh (keeps the attribute
+        consistency loss on a fixed scale)."""
+        h = F.leaky_relu(self.stem(x), 0.2)
+        maps = [torch.tanh(self.heads[0](h))]
+        for d, head in zip(self.down, self.heads[1:]):
+            h = d(h)
+            maps.append(torch.tanh(head(h)))
+        return maps[::-1]
+
+
+class ModConv(nn.Module):
+    """3x3 conv -> instance norm -> identity-predicted scale/shift -> LeakyReLU."""
+
+    def __init__(self, cin: int, cout: int, id_dim: int):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, padding=1)
+        self.style = nn.Linear(id_dim, 2 * cout)
+        nn.init.zeros_(self.style.weight)
+        nn.init.zeros_(self.style.bias)
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        h = F.instance_norm(self.conv(x))
+        gamma, beta = self.style(z)[:, :, None, None].chunk(2, dim=1)
+        return F.leaky_relu(h * (1 + gamma) + beta, 0.2)
+
+
+class Generator(nn.Module):
+    def __init__(self, cfg: FICGANConfig):
+        super().__init__()
+        self.cfg = cfg
+        res = cfg.resolutions
+        self.const = nn.Parameter(torch.randn(1, cfg.channels(res[0]), 8, 8) * 0.1)
+        self.levels = nn.ModuleList()
+        prev = cfg.channels(res[0])
+        for r in res:
+            c = cfg.channels(r)
+            self.levels.append(nn.ModuleList([ModConv(prev + cfg.attr_channels, c, cfg.id_dim), ModConv(c, c, cfg.id_dim)]))
+            prev = c
+        self.to_rgb = nn.Conv2d(prev, 3, 1)
+        self.groups = level_groups(len(res))
+
+    @property
+    def n_levels(self) -> int:
+        return len(self.levels)
+
+    def per_level_codes(self, codes: torch.Tensor | dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """One identity code ``[N, D]`` for every level from a single code or a
+        dict ``{"coarse": z1, "middle": z2, "fine": z3}``."""
+        if isinstance(codes, torch.Tensor):
+            return [codes] * self.n_levels
+        missing = [g for g in GROUPS if g not in codes]
+        if missing:
+            raise ValueError(f"identity codes missing for groups {missing}")
+        out = [None] * self.n_levels
+        for g, idx in self.groups.items():
+            for i in idx:
+                out[i] = codes[g]
+        return out  # type: ignore[return-value]
+
+    def forward(self, attrs: list[torch.Tensor], codes: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
+        zs = self.per_level_codes(codes)
+        n = attrs[0].shape[0]
+        h = self.const.expand(n, -1, -1, -1)
+        for i, (level, a, z) in enumerate(zip(self.levels, attrs, zs)):
+            if i > 0:
+                h = F.interpolate(h, scale_factor=2, mode="bilinear", align_corners=False)
+            h = level[0](torch.cat([h, a], dim=1), z)
+            h = level[1](h, z)
+        return torch.tanh(self.to_rgb(h))
+
+
+class Discriminator(nn.Module):
+    def __init__(self, cfg: FICGANConfig):
+        super().__init__()
+        res = cfg.resolutions[::-1]
+        layers: list[nn.Module] = [nn.Conv2d(3, cfg.channels(res[0]), 3, padding=1), nn.LeakyReLU(0.2)]
+        for r_in, r_out in zip(res[:-1], res[1:]):
+            layers += [nn.Conv2d(cfg.channels(r_in), cfg.channels(r_out), 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
+        layers.append(nn.Conv2d(cfg.channels(res[-1]), 1, 3, padding=1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """-> patch logits ``[N, 1, 8, 8]``."""
+        return self.net(x)
+
+
+class FICGAN(nn.Module):
+    """E_attr + G + D, with a (frozen, not saved) identity encoder attached."""
+
+    def __init__(self, cfg: FICGANConfig, identity_encoder: nn.Module | None = None):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.E_attr = AttributeEncoder(cfg)
+        self.G = Generator(cfg)
+        self.D = Discriminator(cfg)
+        self._E_id = [identity_encoder]  # list: not a registered submodule, not in state_dict
+
+    @property
+    def E_id(self):
+        if self._E_id[0] is None:
+            self._E_id[0] = default_identity_encoder(self.cfg.identity_encoder)
+        return self._E_id[0]
+
+    def set_identity_encoder(self, enc) -> None:
+        self._E_id[0] = enc
+
+    def identity(self, x: torch.Tensor) -> torch.Tensor:
+        """L2-normalised identity embeddings ``[N, id_dim]``."""
+        z = self.E_id(x)
+        if z.dim() != 2 or z.shape[1] != self.cfg.id_dim:
+            raise ValueError(f"identity encoder returned shape {tuple(z.shape)}, expected [N, {self.cfg.id_dim}]")
+        return F.normalize(z.float(), dim=1)
+
+    def generate(self, x: torch.Tensor, codes: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.G(self.E_attr(x), codes)
+
+    def weights(self) -> dict:
+        return {"E_attr": self.E_attr.state_dict(), "G": self.G.state_dict(), "D": self.D.state_dict()}
+
+    def load_weights(self, w: dict) -> None:
+        self.E_attr.load_state_dict(w["E_attr"])
+        self.G.load_state_dict(w["G"])
+        self.D.load_state_dict(w["D"])
+
+
+_ENCODERS: dict[str, nn.Module] = {}
+
+
+def default_identity_encoder(name: str = "dlib") -> nn.Module:
+    """The identity encoder named in a config (``"dlib"``: the pyfici port of
+    dlib's face-recognition ResNet, 128-d). Other encoders are passed as objects."""
+    if name not in _ENCODERS:
+        if name != "dlib":
+            raise ValueError(f"identity encoder {name!r} is not built in; pass the encoder object (identity_encoder=...)")
+        from pyfici.models.dlib_face import DlibFaceEncoder
+
+        _ENCODERS[name] = DlibFaceEncoder()
+    return _ENCODERS[name]
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """Spherical interpolation between unit vectors (rows), ``t`` in [0, 1]."""
+    a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+    if t <= 0:
+        return a
+    if t >= 1:
+        return b
+    dot = (a * b).sum(-1, keepdim=True).clamp(-1 + 1e-7, 1 - 1e-7)
+    om = torch.acos(dot)
+    so = torch.sin(om)
+    out = torch.where(so > 1e-6, (torch.sin((1 - t) * om) * a + torch.sin(t * om) * b) / so.clamp_min(1e-12), (1 - t) * a + t * b)
+    return F.normalize(out, dim=-1)

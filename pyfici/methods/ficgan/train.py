@@ -1,0 +1,315 @@
+"""FICGAN training: ``pyfici train ficgan`` and :func:`train_ficgan`.
+
+One step (batch x, identities z = E_id(x), frozen):
+  targets z_t: z rolled by one inside the batch for a ``swap_prob`` fraction
+  of the samples (identity swap), z itself for the rest;
+  fake = G(E_attr(x), z_t);
+  D: softplus(D(fake)) + softplus(-D(x)), lazy R1 (gamma/2 * |grad D(x)|^2)
+  every ``r1_every`` steps;
+  G/E_attr: adversarial softplus(-D(fake)) + w_id * (1 - cos(E_id(fake), z_t))
+  + w_rec * L1(fake, x) on the non-swapped samples
+  + w_attr * mean_l MSE(E_attr(fake)_l, E_attr(x)_l).
+Data sampling, flips and swaps come from a generator seeded by (seed, step),
+so a resumed run continues exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pyfici.methods._common import (
+    atomic_save,
+    check_resume_config,
+    distributed_info,
+    load_checkpoint,
+    resolve_device,
+    seed_everything,
+    write_json,
+)
+from pyfici.methods.ficgan.data import load_face_folder, save_grid
+from pyfici.methods.ficgan.model import FICGAN, FICGANConfig
+
+_RESUME_IGNORE = ("steps", "out", "resume", "device", "sample_every", "checkpoint_every", "log_every", "amp")
+
+
+def make_optimizer(params, lr: float, betas=(0.0, 0.99)):
+    """``pyfici.optim.LayerwiseAdamW`` when available, else ``torch.optim.AdamW``
+    (the name used is written to metrics.json)."""
+    try:
+        from pyfici.optim import LayerwiseAdamW  # type: ignore[attr-defined]
+
+        return LayerwiseAdamW(params, lr=lr, betas=betas, weight_decay=0.0), "pyfici.optim.LayerwiseAdamW"
+    except Exception:  # noqa: BLE001 - not built yet / not importable
+        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=0.0), "torch.optim.AdamW"
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="folder of aligned face crops, or 'builtin' (the built-in faces)")
+    p.add_argument("--size", type=int, default=128, help="image size (power of two, 64..256)")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--out", required=True, help="output folder (checkpoints, samples, metrics.json, last.pt)")
+    p.add_argument("--resume", default=None, help="checkpoint to resume from ('auto': OUT/checkpoint.pt)")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--base-channels", type=int, default=32)
+    p.add_argument("--max-channels", type=int, default=128)
+    p.add_argument("--attr-channels", type=int, default=8)
+    p.add_argument("--swap-prob", type=float, default=0.5)
+    p.add_argument("--w-id", type=float, default=5.0)
+    p.add_argument("--w-rec", type=float, default=10.0)
+    p.add_argument("--w-attr", type=float, default=1.0)
+    p.add_argument("--w-adv", type=float, default=1.0)
+    p.add_argument("--r1-gamma", type=float, default=1.0)
+    p.add_argument("--r1-every", type=int, default=4)
+    p.add_argument("--sample-every", type=int, default=100, help="write a sample grid PNG every N steps")
+    p.add_argument("--checkpoint-every", type=int, default=200)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-amp", dest="amp", action="store_false", help="disable bf16 autocast on GPU")
+
+
+def _config_from_args(a) -> dict:
+    return {k: getattr(a, k) for k in (
+        "data", "size", "steps", "batch_size", "device", "out", "resume", "lr", "base_channels", "max_channels",
+        "attr_channels", "swap_prob", "w_id", "w_rec", "w_attr", "w_adv", "r1_gamma", "r1_every", "sample_every",
+        "checkpoint_every", "log_every", "seed", "amp")}
+
+
+def train_main(args) -> int:
+    try:
+        train_ficgan(**_config_from_args(args))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"pyfici train ficgan: error: {e}")
+        return 2
+    return 0
+
+
+def _step_batch(n_data: int, batch: int, seed: int, step: int, rank: int, swap_prob: float):
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step * 7919 + rank)
+    idx = torch.randint(0, n_data, (batch,), generator=g)
+    flip = torch.rand(batch, generator=g) < 0.5
+    swap = torch.rand(batch, generator=g) < swap_prob
+    return idx, flip, swap
+
+
+def train_ficgan(data: str = "builtin", size: int = 64, steps: int = 300, out: str = "runs/ficgan", *,
+                 batch_size: int = 8, device: str = "auto", resume: str | None = None, lr: float = 2e-3,
+                 base_channels: int = 32, max_channels: int = 128, attr_channels: int = 8,
+                 swap_prob: float = 0.5, w_id: float = 5.0, w_rec: float = 10.0, w_attr: float = 1.0,
+                 w_adv: float = 1.0, r1_gamma: float = 1.0, r1_every: int = 4, sample_every: int = 100,
+                 checkpoint_every: int = 200, log_every: int = 10, seed: int = 0, amp: bool = True,
+                 identity_encoder=None, progress: bool = True) -> dict:
+    """Train FICGAN; returns the metrics dict (also in ``out/metrics.json``).
+
+    Writes ``out/checkpoint.pt`` (atomic, resumable), ``out/last.pt`` (final
+    weights + config), ``out/samples/step_XXXXXX.png`` (rows: input,
+    reconstruction with own identity, identity of the neighbour in the batch).
+    Under ``torchrun`` gradients are averaged over ranks (data parallel).
+    """
+    from tqdm import tqdm
+
+    cfg_run = dict(data=data, size=size, steps=steps, batch_size=batch_size, device=device, out=out, resume=resume,
+                   lr=lr, base_channels=base_channels, max_channels=max_channels, attr_channels=attr_channels,
+                   swap_prob=swap_prob, w_id=w_id, w_rec=w_rec, w_attr=w_attr, w_adv=w_adv, r1_gamma=r1_gamma,
+                   r1_every=r1_every, sample_every=sample_every, checkpoint_every=checkpoint_every,
+                   log_every=log_every, seed=seed, amp=amp)
+    if steps < 0 or batch_size < 2:
+        raise ValueError("--steps must be >= 0 and --batch-size >= 2 (the identity swap needs two faces)")
+    rank, world, local = distributed_info()
+    if world > 1:
+        import torch.distributed as dist
+
+        dev = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    else:
+        dev = resolve_device(device)
+    seed_everything(seed)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    images, names = load_face_folder(data, size)
+    if len(images) < 2:
+        raise ValueError(f"--data {data}: need at least 2 face images, found {len(images)}")
+    cfg = FICGANConfig(size=size, base_channels=base_channels, max_channels=max_channels, attr_channels=attr_channels,
+                       identity_encoder="dlib" if identity_encoder is None else getattr(identity_encoder, "name", "custom"))
+    if identity_encoder is not None:
+        cfg.id_dim = int(identity_encoder(images[:2]).shape[1])
+    model = FICGAN(cfg, identity_encoder).to(dev)
+    E_id = model.E_id
+    if isinstance(E_id, torch.nn.Module):
+        E_id.to(dev)
+    gen_params = list(model.E_attr.parameters()) + list(model.G.parameters())
+    opt_g, opt_name = make_optimizer(gen_params, lr)
+    opt_d, _ = make_optimizer(model.D.parameters(), lr)
+    history: list[dict] = []
+    start = 0
+    if resume:
+        ck_path = out_dir / "checkpoint.pt" if resume == "auto" else Path(resume)
+        ck = load_checkpoint(ck_path, map_location="cpu")
+        if ck.get("kind") != "ficgan-train":
+            raise ValueError(f"--resume {ck_path}: not a FICGAN training checkpoint")
+        check_resume_config(ck["run"], cfg_run, ignore=_RESUME_IGNORE)
+        model.load_weights(ck["weights"])
+        opt_g.load_state_dict(ck["opt_g"])
+        opt_d.load_state_dict(ck["opt_d"])
+        start = int(ck["step"])
+        history = list(ck.get("history", []))
+        if start > steps:
+            raise ValueError(f"--resume: checkpoint is at step {start}, beyond --steps {steps}")
+    model.train()
+    D = model.D
+    if world > 1:
+        _broadcast_params(gen_params + list(model.D.parameters()))
+
+    def G_forward(x, z):
+        return model.G(model.E_attr(x), z)
+
+    use_amp = amp and dev.type == "cuda"
+    ac = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if use_amp else torch.autocast("cpu", enabled=False)
+    sample_x = images[: min(8, len(images))].to(dev)
+    images_dev = images.to(dev)
+    # E_id is frozen and the data fixed: embed every image and its mirror once.
+    with torch.no_grad():
+        z_all = torch.cat([model.identity(images_dev[i:i + 32]) for i in range(0, len(images), 32)])
+        z_all_flip = torch.cat([model.identity(images_dev[i:i + 32].flip(-1)) for i in range(0, len(images), 32)])
+    t0 = time.time()
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc="ficgan", disable=not progress or rank != 0)
+    last = {}
+    for step in bar:
+        idx, flip, swap = _step_batch(len(images), batch_size, seed, step, rank, swap_prob)
+        x = images_dev[idx.to(dev)]
+        flip, swap = flip.to(dev), swap.to(dev)
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        z = torch.where(flip[:, None], z_all_flip[idx.to(dev)], z_all[idx.to(dev)])
+        z_t = torch.where(swap[:, None], z.roll(1, 0), z)
+        # ---- D step
+        with ac:
+            with torch.no_grad():
+                fake = G_forward(x, z_t)
+            d_loss = F.softplus(D(fake.float())).mean() + F.softplus(-D(x)).mean()
+        r1 = torch.zeros((), device=dev)
+        if r1_gamma > 0 and step % r1_every == 0:
+            xr = x.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(D(xr).sum(), xr, create_graph=True)
+            r1 = g.pow(2).sum(dim=(1, 2, 3)).mean() * (r1_gamma / 2) * r1_every
+        opt_d.zero_grad(set_to_none=True)
+        (d_loss.float() + r1).backward()
+        if world > 1:
+            _allreduce_grads(model.D.parameters(), world)
+        opt_d.step()
+        # ---- G step
+        with ac:
+            a = model.E_attr(x)
+            fake = model.G(a, z_t)
+            adv = F.softplus(-D(fake)).mean()
+            a_fake = model.E_attr(fake)
+            attr = sum(F.mse_loss(af.float(), ar.detach().float()) for af, ar in zip(a_fake, a)) / len(a)
+        id_loss = (1 - (model.identity(fake.float()) * z_t).sum(1)).mean()
+        keep = ~swap
+        rec = F.l1_loss(fake[keep].float(), x[keep]) if keep.any() else torch.zeros((), device=dev)
+        g_loss = w_adv * adv.float() + w_id * id_loss + w_rec * rec + w_attr * attr.float()
+        opt_g.zero_grad(set_to_none=True)
+        g_loss.backward()
+        if world > 1:
+            _allreduce_grads(gen_params, world)
+        opt_g.step()
+        done = step + 1
+        if not all(math.isfinite(float(v.detach())) for v in (g_loss, d_loss)):
+            raise FloatingPointError(f"non-finite loss at step {done}: g={float(g_loss)} d={float(d_loss)}")
+        last = {"step": done, "d_loss": float(d_loss), "r1": float(r1), "g_adv": float(adv), "id_loss": float(id_loss),
+                "rec_l1": float(rec), "attr_mse": float(attr), "sec": round(time.time() - t0, 2)}
+        if rank == 0:
+            if done % log_every == 0 or done == steps:
+                history.append(last)
+                bar.set_postfix(id=f"{last['id_loss']:.3f}", rec=f"{last['rec_l1']:.3f}", d=f"{last['d_loss']:.2f}")
+            if sample_every and (done % sample_every == 0 or done == steps):
+                _write_samples(model, sample_x, out_dir / "samples" / f"step_{done:06d}.png")
+            if checkpoint_every and (done % checkpoint_every == 0 or done == steps):
+                _save_checkpoint(model, opt_g, opt_d, done, cfg_run, history, out_dir / "checkpoint.pt")
+    elapsed = time.time() - t0
+    metrics = {"config": cfg_run, "model": cfg.to_dict(), "optimizer": opt_name, "device": str(dev),
+               "world_size": world, "amp_bf16": use_amp, "images": len(images), "steps_done": steps,
+               "steps_this_run": steps - start, "seconds_this_run": round(elapsed, 2),
+               "sec_per_step": round(elapsed / max(1, steps - start), 4), "final": last, "history": history}
+    if rank == 0:
+        if steps == start and not (out_dir / "checkpoint.pt").exists():
+            _save_checkpoint(model, opt_g, opt_d, steps, cfg_run, history, out_dir / "checkpoint.pt")
+        atomic_save({"kind": "ficgan", "config": cfg.to_dict(), "weights": model.weights(), "step": steps},
+                    out_dir / "last.pt")
+        write_json(metrics, out_dir / "metrics.json")
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    return metrics
+
+
+def _broadcast_params(params) -> None:
+    import torch.distributed as dist
+
+    for p in params:
+        dist.broadcast(p.data, src=0)
+
+
+def _allreduce_grads(params, world: int) -> None:
+    """Average gradients over ranks (what DDP does; see docs/ficgan.md for why
+    the DDP wrapper itself is not used: several D calls per backward and the R1
+    double-backward)."""
+    import torch.distributed as dist
+
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(world)
+
+
+def _save_checkpoint(model, opt_g, opt_d, step, cfg_run, history, path) -> None:
+    atomic_save({"kind": "ficgan-train", "config": model.cfg.to_dict(), "run": cfg_run, "weights": model.weights(),
+                 "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "step": step, "history": history}, path)
+
+
+@torch.no_grad()
+def _write_samples(model: FICGAN, x: torch.Tensor, path: Path) -> None:
+    was = model.training
+    model.eval()
+    z = model.identity(x)
+    rows = [x, model.generate(x, z), model.generate(x, z.roll(1, 0))]
+    save_grid(rows, path)
+    model.train(was)
+
+
+def load_ficgan(checkpoint: str | os.PathLike, identity_encoder=None, device: str | torch.device = "cpu") -> FICGAN:
+    """Load ``last.pt`` (or a training ``checkpoint.pt``) into an eval-mode :class:`FICGAN`."""
+    ck = load_checkpoint(checkpoint, map_location="cpu")
+    if ck.get("kind") not in ("ficgan", "ficgan-train") or "config" not in ck:
+        raise ValueError(f"{checkpoint}: not a FICGAN checkpoint (written by pyfici train ficgan)")
+    cfg = FICGANConfig(**ck["config"])
+    model = FICGAN(cfg, identity_encoder)
+    model.load_weights(ck["weights"])
+    model.to(device).eval()
+    if isinstance(model.E_id, torch.nn.Module):
+        model.E_id.to(device)
+    return model
+
+
+def train_builtin(out: str | os.PathLike = "runs/ficgan_builtin", steps: int = 200, size: int = 64,
+                  device: str = "cpu", **kw) -> dict:
+    """Short FICGAN run on the built-in faces at CPU-friendly widths (base 16,
+    max 64 channels, batch 6; about 2-3 minutes for 200 steps at size 64 on a
+    2-core CPU). Returns the metrics; weights in ``out/last.pt``."""
+    kw.setdefault("base_channels", 16)
+    kw.setdefault("max_channels", 64)
+    kw.setdefault("batch_size", 6)
+    kw.setdefault("sample_every", max(1, steps // 3))
+    kw.setdefault("checkpoint_every", max(1, steps // 3))
+    return train_ficgan("builtin", size=size, steps=steps, out=str(out), device=device, **kw)
