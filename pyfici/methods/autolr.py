@@ -495,7 +495,13 @@ def run_autolr(cfg: AutoLRConfig, model: nn.Module | None = None, groups=None, s
     :class:`~pyfici.data.RetrievalSplit`, instead of ``cfg.backbone`` / ``cfg.dataset``.
     """
     from pyfici.data.retrieval import RetrievalImageDataset, load_retrieval_dataset
-    from pyfici.models import RELEASED_PRUNE, block_preserves_shape, build_backbone, groups_for, prune_blocks
+    from pyfici.models import (
+        RELEASED_PRUNE,
+        block_preserves_shape,
+        build_backbone,
+        groups_for,
+        prune_blocks,
+    )
 
     cfg.check()
     rank, world, local_rank = distributed_info()
