@@ -240,19 +240,22 @@ def _camera_params(num_cams: int) -> list[dict]:
     for c in range(num_cams):
         cams.append(
             dict(
-                dx=float(rng.uniform(-0.12, 0.12)),
-                dy=float(rng.uniform(-0.08, 0.08)),
-                scale=float(rng.uniform(0.8, 1.15)),
-                gain=rng.uniform(0.75, 1.25, size=3),
-                bright=float(rng.uniform(-25, 25)),
+                dx=float(rng.uniform(-0.2, 0.2)),
+                dy=float(rng.uniform(-0.1, 0.1)),
+                scale=float(rng.uniform(0.75, 1.25)),
+                gain=rng.uniform(0.65, 1.35, size=3),
+                bright=float(rng.uniform(-35, 35)),
                 flip=bool(c % 2),
             )
         )
     return cams
 
 
+_SOURCE_ORDER = (0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15)  # colour and grey images interleaved
+
+
 def builtin_reid(
-    num_ids: int = 24,
+    num_ids: int = 32,
     num_cams: int = 3,
     images_per_cam: int = 3,
     size: tuple[int, int] = (128, 64),
@@ -261,19 +264,24 @@ def builtin_reid(
 ) -> ReIDDataset:
     """A small ReID-style dataset made from real photographs shipped with scikit-image.
 
-    Identities: each identity is a fixed person-shaped (2:1) region of one of
-    16 real images (``astronaut``, ``chelsea``, ``coffee``, ``rocket``, ...;
-    grey ones as RGB); with more identities than images, further regions of
-    the same image are used, side by side (they overlap a little, which makes
-    the task harder). Cameras: every camera applies one fixed transform
-    (crop offset, scale, per-channel colour gain, brightness, horizontal flip
-    for odd cameras); every image of a camera adds a small seeded jitter of
-    the crop (+-4%) and of the brightness, so the images differ. Splits: the
-    first ``num_train_ids`` identities (default half) are training identities
-    with every image; the others are test identities: image 0 of every camera
-    goes to the query set, the rest to the gallery. Images are returned in
-    memory as ``PIL.Image`` (``size`` = (height, width)). Deterministic for a
-    given ``seed``.
+    Identities: the 16 source images (``astronaut``, ``chelsea``, ``coffee``,
+    ``rocket``, ``hubble_deep_field``, ``immunohistochemistry``, ``retina``,
+    ``colorwheel`` and the grey ``camera``, ``coins``, ``horse``, ``clock``,
+    ``moon``, ``brick``, ``grass``, ``gravel`` as RGB) are each cut into
+    ``ceil(num_ids / 16)`` person-shaped (2:1) regions side by side; each
+    region is one identity, and identities of the same image are numbered
+    consecutively, so neighbouring identities share texture and colour and
+    are easy to confuse (both the training and the test split hold such
+    pairs). Cameras: every camera applies one fixed transform (crop offset up
+    to +-20%, scale 0.75-1.25, per-channel colour gain 0.65-1.35, brightness
+    +-35, horizontal flip for odd cameras). Every image then adds a seeded
+    jitter of the crop (+-8%), of the colour gain (+-10%) and brightness
+    (+-10), and, with probability 1/2, an occluding box of a random colour
+    covering 10-25% of the image. Splits: the first ``num_train_ids``
+    identities (default half) are training identities with all their images;
+    for the others, image 0 of every camera is a query and the rest are the
+    gallery. Images are returned in memory as ``PIL.Image`` (``size`` =
+    (height, width)). Deterministic for a given ``seed``.
     """
     from PIL import Image
 
@@ -287,6 +295,7 @@ def builtin_reid(
     if not 1 <= ntr < num_ids:
         raise ValueError(f"builtin_reid: num_train_ids must be in 1..{num_ids - 1}, got {ntr}")
     srcs = _source_images()
+    srcs = [srcs[i] for i in _SOURCE_ORDER]
     cams = _camera_params(num_cams)
     H, W = size
     rng = np.random.default_rng(seed)
@@ -295,8 +304,8 @@ def builtin_reid(
     query: list[Item] = []
     gallery: list[Item] = []
     for pid in range(num_ids):
-        src = srcs[pid % len(srcs)]
-        region = pid // len(srcs)
+        src = srcs[pid // per_src]
+        region = pid % per_src
         sw, sh = src.size
         rh = 0.8 * sh
         rw = min(rh / 2.0, sw / (per_src + 0.5))
@@ -304,12 +313,19 @@ def builtin_reid(
         cy = sh / 2
         for c, cp in enumerate(cams):
             for k in range(images_per_cam):
-                jx, jy, jb = rng.uniform(-0.04, 0.04), rng.uniform(-0.04, 0.04), rng.uniform(-8, 8)
-                w, h = rw * cp["scale"], rh * cp["scale"]
-                x0 = cx + (cp["dx"] + jx) * rw - w / 2
-                y0 = cy + (cp["dy"] + jy) * rh - h / 2
+                jx, jy, jb = rng.uniform(-0.08, 0.08), rng.uniform(-0.08, 0.08), rng.uniform(-10, 10)
+                jg = rng.uniform(0.9, 1.1, size=3)
+                w, h = min(sw, rw * cp["scale"]), min(sh, rh * cp["scale"])
+                x0 = float(np.clip(cx + (cp["dx"] + jx) * rw - w / 2, 0, sw - w))
+                y0 = float(np.clip(cy + (cp["dy"] + jy) * rh - h / 2, 0, sh - h))
                 im = src.resize((W, H), Image.BILINEAR, box=(x0, y0, x0 + w, y0 + h))
-                a = np.asarray(im, dtype=np.float32) * cp["gain"][None, None, :] + cp["bright"] + jb
+                a = np.asarray(im, dtype=np.float32) * (cp["gain"] * jg)[None, None, :] + cp["bright"] + jb
+                if rng.uniform() < 0.5:
+                    area = rng.uniform(0.10, 0.25) * H * W
+                    bh = int(min(H, max(1, np.sqrt(area * 2))))
+                    bw = int(min(W, max(1, area / bh)))
+                    y, x = int(rng.integers(0, H - bh + 1)), int(rng.integers(0, W - bw + 1))
+                    a[y : y + bh, x : x + bw] = rng.uniform(0, 255, size=3)
                 im = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
                 if cp["flip"]:
                     im = im.transpose(Image.FLIP_LEFT_RIGHT)
