@@ -64,7 +64,7 @@ def test_pairwise_distance_bad_input():
 
 
 @pytest.mark.parametrize("protocol", ["torchreid", "market1501"])
-@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (13, 1), (37, 301), (5, 1031)])
+@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (13, 1), (11, 301), (3, 1031)])
 def test_rank_stats_all_backends_match_reference(device, protocol, shape):
     Q, G = shape
     gen = torch.Generator().manual_seed(Q * 7 + G)

@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <limits>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 #include "registry.h"
@@ -63,8 +64,30 @@ inline RowResult stats_from_ranks(std::vector<int64_t>& ranks, bool trapezoid) {
   return r;
 }
 
-template <typename T>
-void rank_stats_impl(const T* dist, int64_t Q, int64_t G, int64_t ld, const int64_t* qpid,
+// Optional fused distance epilogue applied while the row is read (the GEMM
+// tile holds ||g||^2 - 2 q.g, or q.g for cosine), bit-identical to torch's
+// elementwise ops: 0 none, 1 sqeuclidean max(x + ||q||^2, 0), 2 euclidean
+// sqrt of that, 3 cosine clamp(1 - x, 0, 2).
+template <typename T, int Epi>
+inline T epilogue(T x, T qn) {
+  if constexpr (Epi == 1) {
+    x = x + qn;
+    return x < T(0) ? T(0) : x;
+  } else if constexpr (Epi == 2) {
+    x = x + qn;
+    return std::sqrt(x < T(0) ? T(0) : x);
+  } else if constexpr (Epi == 3) {
+    x = -x + T(1);
+    x = x < T(0) ? T(0) : x;
+    return x > T(2) ? T(2) : x;
+  } else {
+    (void)qn;
+    return x;
+  }
+}
+
+template <typename T, int Epi>
+void rank_stats_impl(const T* dist, const T* qnorm, int64_t Q, int64_t G, int64_t ld, const int64_t* qpid,
                      const int64_t* gpid, const int64_t* qcam, const int64_t* gcam,
                      bool junk_minus1, bool trapezoid, double* out_ap, int64_t* out_first,
                      double* out_inp, int64_t* out_nmatch, int nthreads) {
@@ -79,17 +102,18 @@ void rank_stats_impl(const T* dist, int64_t Q, int64_t G, int64_t ld, const int6
     for (int64_t q = 0; q < Q; ++q) {
       const T* __restrict d = dist + q * ld;
       const int64_t qp = qpid[q], qc = qcam[q];
+      const T qn = Epi == 0 ? T(0) : qnorm[q];
       T* __restrict vv = v.data();
       // junk -> +inf (vectorisable select)
       if (junk_minus1) {
         for (int64_t j = 0; j < G; ++j) {
           const bool junk = (gpid[j] == qp && gcam[j] == qc) || gpid[j] == -1;
-          vv[j] = junk ? inf : d[j];
+          vv[j] = junk ? inf : epilogue<T, Epi>(d[j], qn);
         }
       } else {
         for (int64_t j = 0; j < G; ++j) {
           const bool junk = (gpid[j] == qp && gcam[j] == qc);
-          vv[j] = junk ? inf : d[j];
+          vv[j] = junk ? inf : epilogue<T, Epi>(d[j], qn);
         }
       }
       midx.clear();
@@ -132,10 +156,17 @@ PYFICI_REGISTER(m) {
       [](std::uintptr_t dist, int dtype, int64_t Q, int64_t G, int64_t ld, std::uintptr_t qpid,
          std::uintptr_t gpid, std::uintptr_t qcam, std::uintptr_t gcam, bool junk_minus1,
          bool trapezoid, std::uintptr_t out_ap, std::uintptr_t out_first, std::uintptr_t out_inp,
-         std::uintptr_t out_nmatch, int nthreads) {
+         std::uintptr_t out_nmatch, int nthreads, int epi, std::uintptr_t qnorm) {
+        if (epi < 0 || epi > 3) throw std::invalid_argument("reid_rank_stats: epi must be 0..3");
         py::gil_scoped_release nogil;
         auto run = [&](auto* p) {
-          rank_stats_impl(p, Q, G, ld, as_ptr<const int64_t>(qpid), as_ptr<const int64_t>(gpid),
+          using T = std::remove_const_t<std::remove_pointer_t<decltype(p)>>;
+          const T* qn = as_ptr<const T>(qnorm);
+          auto impl = epi == 0   ? &rank_stats_impl<T, 0>
+                      : epi == 1 ? &rank_stats_impl<T, 1>
+                      : epi == 2 ? &rank_stats_impl<T, 2>
+                                 : &rank_stats_impl<T, 3>;
+          impl(p, qn, Q, G, ld, as_ptr<const int64_t>(qpid), as_ptr<const int64_t>(gpid),
                           as_ptr<const int64_t>(qcam), as_ptr<const int64_t>(gcam), junk_minus1,
                           trapezoid, as_ptr<double>(out_ap), as_ptr<int64_t>(out_first),
                           as_ptr<double>(out_inp), as_ptr<int64_t>(out_nmatch), nthreads);
@@ -148,7 +179,8 @@ PYFICI_REGISTER(m) {
           throw std::invalid_argument("reid_rank_stats: dist must be float32 or float64");
       },
       "Per-query AP, first-hit rank, INP and match count from a [Q, G] distance tile "
-      "(row stride ld). pids/cams int64. Junk: same pid and camera (and pid -1 if junk_minus1).");
+      "(row stride ld). pids/cams int64. Junk: same pid and camera (and pid -1 if junk_minus1). "
+      "epi/qnorm: optional fused distance epilogue (0 none, 1 sqeuclidean, 2 euclidean, 3 cosine).");
 }
 
 }  // namespace pyfici

@@ -55,6 +55,22 @@ def distance_tile(x: torch.Tensor, y: torch.Tensor, y_norms: torch.Tensor | None
     return d
 
 
+EPILOGUES = {"none": 0, "sqeuclidean": 1, "euclidean": 2, "cosine": 3}
+
+
+def distance_tile_raw(x: torch.Tensor, y: torch.Tensor, y_norms: torch.Tensor | None, metric: str):
+    """The GEMM part of :func:`distance_tile` only: returns ``(raw, epilogue, q_norms)``
+    where ``reference.apply_epilogue(raw, epilogue, q_norms)`` equals
+    ``distance_tile(...)`` bit for bit. The CPU rank kernel applies the
+    epilogue while it reads the tile, saving three passes over memory."""
+    x = x.to(y.dtype)
+    if metric == "cosine":
+        x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return torch.mm(x, y.T), EPILOGUES["cosine"], None
+    d = torch.addmm(y_norms[None, :], x, y.T, beta=1.0, alpha=-2.0)
+    return d, EPILOGUES[metric], (x * x).sum(1)
+
+
 def _distance_gemm(x: torch.Tensor, y: torch.Tensor, metric: str, self_distance: bool) -> torch.Tensor:
     yp, yn = prepare_gallery(y, metric)
     d = distance_tile(x, yp, yn, metric)
@@ -128,7 +144,12 @@ def _reid_rank_stats_op(
     junk_minus1: bool,
     trapezoid: bool,
     backend: str,
+    epilogue: int = 0,
+    q_norms: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if epilogue != 0 and backend != "cpu":
+        dist = reference.apply_epilogue(dist, epilogue, q_norms)
+        epilogue = 0
     if backend == "torch":
         return reference.reid_rank_stats(dist, q_pids, g_pids, q_camids, g_camids, junk_minus1, trapezoid)
     if backend == "triton":
@@ -149,7 +170,8 @@ def _reid_rank_stats_op(
         junk_minus1, trapezoid, ap.data_ptr(), first.data_ptr(), inp.data_ptr(), nmatch.data_ptr(),
     )
     if backend == "cpu":
-        _native.cpu_module().reid_rank_stats(*args, _native.num_threads())
+        qn_ptr = q_norms.data_ptr() if (epilogue != 0 and q_norms is not None) else 0
+        _native.cpu_module().reid_rank_stats(*args, _native.num_threads(), epilogue, qn_ptr)
     else:
         with torch.cuda.device(dev):
             _native.cuda_module().reid_rank_stats(*args, _native.stream_ptr(dev))
@@ -157,7 +179,7 @@ def _reid_rank_stats_op(
 
 
 @_reid_rank_stats_op.register_fake
-def _(dist, q_pids, g_pids, q_camids, g_camids, junk_minus1, trapezoid, backend):
+def _(dist, q_pids, g_pids, q_camids, g_camids, junk_minus1, trapezoid, backend, epilogue=0, q_norms=None):
     Q = dist.shape[0]
     return (
         dist.new_empty(Q, dtype=torch.float64),
@@ -177,6 +199,8 @@ def reid_rank_stats(
     protocol: str = "torchreid",
     check_finite_values: bool = True,
     backend: str | None = None,
+    epilogue: int = 0,
+    q_norms: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-query ranking statistics of a [Q, G] distance matrix (lower = closer).
 
@@ -187,6 +211,10 @@ def reid_rank_stats(
     protocol: "torchreid" (junk = same pid and camera; AP = mean precision at
     hits) or "market1501" (junk also pid -1; AP by the official trapezoid
     rule). Ties in distance go to the lower gallery index.
+
+    ``epilogue`` / ``q_norms`` (internal, used by pyfici.reid.evaluate): the
+    tile holds the raw GEMM output of :func:`distance_tile_raw` and the
+    distance epilogue is applied on the fly.
     """
     if protocol not in ("torchreid", "market1501"):
         raise ValueError(f"protocol: expected 'torchreid' or 'market1501', got {protocol!r}")
@@ -215,4 +243,12 @@ def reid_rank_stats(
         check_finite("distmat", dist)
     be = choose_backend("reid_rank_stats", dev, backend, cuda_default="cuda")
     market = protocol == "market1501"
-    return _reid_rank_stats_op(dist, q_pids, g_pids, q_camids, g_camids, market, market, be)
+    if epilogue not in (0, 1, 2, 3):
+        raise ValueError(f"epilogue: expected 0..3, got {epilogue}")
+    if epilogue in (1, 2):
+        if q_norms is None or q_norms.shape != (Q,) or q_norms.dtype != dist.dtype or q_norms.device != dev:
+            raise ValueError(f"q_norms: expected a [{Q}] {dist.dtype} tensor on {dev} for epilogue {epilogue}")
+        q_norms = q_norms.contiguous()
+    else:
+        q_norms = None
+    return _reid_rank_stats_op(dist, q_pids, g_pids, q_camids, g_camids, market, market, be, epilogue, q_norms)

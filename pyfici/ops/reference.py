@@ -39,6 +39,17 @@ def pairwise_distance(x: torch.Tensor, y: torch.Tensor, metric: str, self_distan
     return d
 
 
+def apply_epilogue(raw: torch.Tensor, epilogue: int, q_norms: torch.Tensor | None) -> torch.Tensor:
+    """Distance epilogue of pyfici.ops.distance.distance_tile_raw (1 sqeuclidean,
+    2 euclidean, 3 cosine), with torch's elementwise ops in the same order."""
+    if epilogue == 0:
+        return raw
+    if epilogue == 3:
+        return raw.neg().add_(1.0).clamp_(0.0, 2.0)
+    d = raw.add(q_norms[:, None]).clamp_(min=0.0)
+    return d.sqrt_() if epilogue == 2 else d
+
+
 def reid_rank_stats(
     dist: torch.Tensor,
     q_pids: torch.Tensor,
@@ -89,3 +100,239 @@ def reid_rank_stats(
     inp = torch.where(none, nan, inp)
     first = torch.where(none, torch.full_like(first, -1), first)
     return ap, first, inp, nmatch
+
+
+# ---------------------------------------------------------------------------
+# family 2: fused layer-wise optimizer steps with pruning masks, weight variation
+# ---------------------------------------------------------------------------
+# Per-tensor hyper-parameter tables (float32 rows, one per tensor), shared by
+# every backend of pyfici.ops.optim:
+#   SGD   [n, 6]: weight_decay, momentum, c_buf, c_grad, c_dir_grad, c_dir_buf
+#         buf <- c_buf * buf + c_grad * g          (c_buf = 0, c_grad = 1 on the first step)
+#         d   <- c_dir_grad * g + c_dir_buf * buf  (nesterov: 1, momentum; else 0, 1)
+#   AdamW [n, 4]: beta1, beta2, eps, weight_decay
+
+
+def _skip_flag(found_inf: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    if found_inf is None:
+        return torch.zeros((), dtype=torch.bool, device=device)
+    return found_inf.reshape(()).to(device) != 0
+
+
+def layerwise_sgd_step_(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    momentum_buffers: list[torch.Tensor],
+    lrs: torch.Tensor,
+    hyper: torch.Tensor,
+    masks: list[torch.Tensor | None],
+    grad_scale: torch.Tensor | None,
+    found_inf: torch.Tensor | None,
+) -> None:
+    """SGD (torch.optim.SGD semantics) with Apex-ASP masking, tensor by tensor, fp32 math.
+
+    g = grad / grad_scale; g *= mask; g += wd * p; buf = c_buf*buf + c_grad*g (if momentum);
+    d = c_dir_grad*g + c_dir_buf*buf (or g); p -= lr * d; p *= mask. Tensors with lr == 0
+    and wd == 0 are not touched; nothing is touched when found_inf != 0 (no host sync:
+    the new values are selected with torch.where).
+    """
+    for i, p in enumerate(params):
+        if p.numel() == 0:
+            continue
+        wd, mom, cb, cg, cdg, cdb = (float(v) for v in hyper[i].tolist())
+        lr = lrs[i].float()
+        skip = _skip_flag(found_inf, p.device) | ((lr == 0) & (wd == 0))
+        g = grads[i].float()
+        if grad_scale is not None:
+            g = g / grad_scale.float().reshape(())
+        m = masks[i]
+        if m is not None:
+            g = g * m.to(g.dtype)
+        pf = p.float()
+        if wd != 0:
+            g = g + wd * pf
+        if mom != 0:
+            buf = momentum_buffers[i]
+            new_buf = cb * buf + cg * g
+            d = cdg * g + cdb * new_buf
+            buf.copy_(torch.where(skip, buf, new_buf))
+        else:
+            d = g
+        new_p = pf - lr * d
+        if m is not None:
+            new_p = new_p * m.to(new_p.dtype)
+        p.copy_(torch.where(skip, pf, new_p).to(p.dtype))
+
+
+def layerwise_adamw_step_(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    lrs: torch.Tensor,
+    steps: torch.Tensor,
+    hyper: torch.Tensor,
+    masks: list[torch.Tensor | None],
+    grad_scale: torch.Tensor | None,
+    found_inf: torch.Tensor | None,
+) -> None:
+    """AdamW (torch.optim.AdamW semantics, amsgrad=False) with Apex-ASP masking, fp32 math.
+
+    ``steps`` [n] float32 holds each tensor's step count; it is incremented for every
+    tensor that is stepped (not frozen, no found_inf), and the bias corrections use the
+    incremented count.
+    """
+    for i, p in enumerate(params):
+        if p.numel() == 0:
+            continue
+        b1, b2, eps, wd = (float(v) for v in hyper[i].tolist())
+        lr = lrs[i].double()
+        skip = _skip_flag(found_inf, p.device) | ((lr == 0) & (wd == 0))
+        step = steps[i].double() + 1.0
+        g = grads[i].float()
+        if grad_scale is not None:
+            g = g / grad_scale.float().reshape(())
+        m = masks[i]
+        if m is not None:
+            g = g * m.to(g.dtype)
+        pf = p.float()
+        new_p = pf * (1.0 - lr * wd).float()
+        ea = exp_avgs[i].lerp(g, 1.0 - b1)
+        eas = exp_avg_sqs[i] * b2 + (1.0 - b2) * g * g
+        bc1 = 1.0 - b1**step
+        bc2_sqrt = (1.0 - b2**step).sqrt()
+        step_size = (lr / bc1).float()
+        denom = eas.sqrt() / bc2_sqrt.float() + eps
+        new_p = new_p - step_size * ea / denom
+        if m is not None:
+            new_p = new_p * m.to(new_p.dtype)
+        exp_avgs[i].copy_(torch.where(skip, exp_avgs[i], ea))
+        exp_avg_sqs[i].copy_(torch.where(skip, exp_avg_sqs[i], eas))
+        p.copy_(torch.where(skip, pf, new_p).to(p.dtype))
+        steps[i] = torch.where(skip, steps[i], steps[i] + 1)
+
+
+def weight_variation(params: list[torch.Tensor], snapshots: list[torch.Tensor]) -> torch.Tensor:
+    """Per-tensor sum of squared differences -> [len(params)] (float64 for float64
+    inputs, else float32; accumulated in float64 here)."""
+    dev = params[0].device if params else torch.device("cpu")
+    out_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+    vals = [((p.double() - s.double()) ** 2).sum() for p, s in zip(params, snapshots)]
+    if not vals:
+        return torch.zeros(0, dtype=out_dtype, device=dev)
+    return torch.stack(vals).to(out_dtype)
+
+
+# ---------------------------------------------------------------------------
+# family 2: exact kNN, k-nearest manifold averaging, k-Same
+# ---------------------------------------------------------------------------
+
+
+def knn(
+    queries: torch.Tensor, gallery: torch.Tensor, k: int, metric: str = "sqeuclidean", exclude_self: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Brute-force exact kNN from the full [Q, G] matrix, computed in float64.
+
+    Returns (values [Q, k], indices int64 [Q, k]). Distances ("sqeuclidean",
+    "euclidean", "cosine" = 1 - cos) ascend; "ip" (inner product, a
+    similarity) descends; ties go to the lower gallery index (stable sort).
+    ``exclude_self`` drops gallery item i from query i's candidates.
+    Values are float64 for float64 inputs, else float32.
+    """
+    out_dtype = torch.float64 if queries.dtype == torch.float64 else torch.float32
+    x = queries.double()
+    y = gallery.double()
+    if metric == "ip":
+        key = -(x @ y.T)
+    elif metric == "cosine":
+        xn = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        yn = y / y.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        key = (1.0 - xn @ yn.T).clamp(0.0, 2.0)
+    elif metric in ("sqeuclidean", "euclidean"):
+        key = ((x[:, None, :] - y[None, :, :]) ** 2).sum(-1)
+        if metric == "euclidean":
+            key = key.sqrt()
+    else:
+        raise ValueError(f"metric: unknown {metric!r}")
+    if exclude_self:
+        n = min(key.shape[0], key.shape[1])
+        key[torch.arange(n), torch.arange(n)] = float("inf")
+    vals, idx = torch.sort(key, dim=1, stable=True)
+    vals, idx = vals[:, :k], idx[:, :k]
+    if metric == "ip":
+        vals = -vals
+    return vals.to(out_dtype), idx
+
+
+def knn_average(
+    queries: torch.Tensor,
+    gallery: torch.Tensor,
+    k: int,
+    metric: str = "cosine",
+    spherical: bool = True,
+    weights: torch.Tensor | None = None,
+    exclude_self: bool = False,
+) -> torch.Tensor:
+    """Mean of each query's k nearest gallery rows -> [Q, D].
+
+    For metric "cosine" the neighbours are first put on the unit sphere.
+    ``weights`` ([k] per rank, or [Q, k]) weight the neighbours (default 1).
+    spherical=True returns the normalised weighted sum (the spherical mean);
+    otherwise the weighted sum divided by the sum of the weights.
+    """
+    out_dtype = torch.float64 if queries.dtype == torch.float64 else torch.float32
+    _, idx = knn(queries, gallery, k, metric, exclude_self)
+    nb = gallery.double()[idx]  # [Q, k, D]
+    if metric == "cosine":
+        nb = nb / nb.norm(dim=2, keepdim=True).clamp_min(1e-12)
+    w = torch.ones(idx.shape, dtype=torch.float64) if weights is None else weights.double().expand(idx.shape)
+    s = (w[..., None] * nb).sum(1)
+    if spherical:
+        s = s / s.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    else:
+        wsum = w.sum(1, keepdim=True)
+        s = s / torch.where(wsum == 0, torch.ones_like(wsum), wsum)
+    return s.to(out_dtype)
+
+
+def k_same(embeddings: torch.Tensor, k: int, metric: str = "cosine", seed: int = 0, method: str = "greedy"):
+    """The plain greedy k-Same partition (Newton, Sweeney, Malin 2005) on the full
+    float64 distance matrix. Returns int64 assignment [N] (cluster ids 0..C-1 in
+    creation order).
+
+    greedy: s = the next alive point of ``torch.randperm(N, seed)``;
+    mdav: s = the alive point farthest from the centroid of the alive points
+    (ties to the lower index). The cluster is s and its k-1 nearest alive points
+    (ties to the lower index); the last cluster takes the remaining k..2k-1.
+    "cosine" clusters the unit-normalised rows by Euclidean distance (same order).
+    """
+    x = embeddings.double()
+    if metric == "cosine":
+        x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    N = x.shape[0]
+    d = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
+    alive = torch.ones(N, dtype=torch.bool)
+    assign = torch.full((N,), -1, dtype=torch.int64)
+    order = torch.randperm(N, generator=torch.Generator().manual_seed(seed))
+    cluster = 0
+    pos = 0
+    while int(alive.sum()) >= 2 * k:
+        if method == "mdav":
+            c = x[alive].mean(0)
+            far = ((x - c) ** 2).sum(1)
+            far[~alive] = -float("inf")
+            s = int(torch.argmax(far))  # first maximum = lower index
+        else:
+            while not alive[order[pos]]:
+                pos += 1
+            s = int(order[pos])
+        row = d[s].clone()
+        row[~alive] = float("inf")
+        row[s] = float("inf")
+        nb = torch.sort(row, stable=True).indices[: k - 1]
+        members = torch.cat([torch.tensor([s]), nb])
+        assign[members] = cluster
+        alive[members] = False
+        cluster += 1
+    assign[alive] = cluster
+    return assign

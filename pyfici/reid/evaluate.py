@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pyfici.ops import pairwise_distance, reid_rank_stats
-from pyfici.ops.distance import METRICS, distance_tile, prepare_gallery
+from pyfici.ops.distance import METRICS, distance_tile, distance_tile_raw, prepare_gallery
 from pyfici.ops._validate import (
     as_tensor,
     check_finite,
@@ -228,9 +228,12 @@ def _scorer(gallery: torch.Tensor, metric: str, backend: str | None):
         raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
     be = backend or os.environ.get("PYFICI_BACKEND")
     if be in ("triton", "torch"):
-        return lambda q: pairwise_distance(q, gallery, metric, backend=be)
+        return lambda q: (pairwise_distance(q, gallery, metric, backend=be), 0, None)
     yp, yn = prepare_gallery(gallery, metric)
-    return lambda q: distance_tile(q, yp, yn, metric)
+    if gallery.device.type == "cpu" and be in (None, "cpu"):
+        # the CPU rank kernel applies the distance epilogue as it reads the tile
+        return lambda q: distance_tile_raw(q, yp, yn, metric)
+    return lambda q: (distance_tile(q, yp, yn, metric), 0, None)
 
 
 def _default_tile(G: int, budget_bytes: int = 64 << 20) -> int:
@@ -293,11 +296,15 @@ def evaluate(
     score = _scorer(gallery, metric, backend)
     for q0 in range(0, Q, tile):
         q1 = min(Q, q0 + tile)
-        d = score(query[q0:q1])
+        d, epi, qn = score(query[q0:q1])
         qp, qc = ids[0][q0:q1], ids[2][q0:q1]
-        st = reid_rank_stats(d, qp, ids[1], qc, ids[3], protocol=rank_protocol, check_finite_values=False, backend=backend)
+        st = reid_rank_stats(d, qp, ids[1], qc, ids[3], protocol=rank_protocol, check_finite_values=False,
+                             backend=backend, epilogue=epi, q_norms=qn)
         rows = None
         if protocol == "cuhk03":
+            from pyfici.ops.reference import apply_epilogue
+
+            d = apply_epilogue(d, epi, qn)
             q_idx = torch.arange(q0, q1, device=query.device)
             rows = _cuhk03_cmc_rows(d, q_idx, qp, ids[1], qc, ids[3], max_rank, num_repeats, seed)
         acc.add(*st, rows)
@@ -342,8 +349,9 @@ def recall_at_k(
     score = _scorer(feats, metric, backend)
     for q0 in range(0, N, tile):
         q1 = min(N, q0 + tile)
-        d = score(feats[q0:q1])
-        _, first, _, nm = reid_rank_stats(d, lab[q0:q1], lab, cams[q0:q1], cams, check_finite_values=False, backend=backend)
+        d, epi, qn = score(feats[q0:q1])
+        _, first, _, nm = reid_rank_stats(d, lab[q0:q1], lab, cams[q0:q1], cams, check_finite_values=False,
+                                          backend=backend, epilogue=epi, q_norms=qn)
         ok = nm > 0
         hits += ((first[:, None] <= kt[None, :]) & ok[:, None]).sum(0).double()
     rec = (hits / N).cpu().tolist()

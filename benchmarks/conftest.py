@@ -1,0 +1,49 @@
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--bench-size", default="small", choices=("small", "full"))
+    parser.addoption("--bench-device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def bench_size(request):
+    return request.config.getoption("--bench-size")
+
+
+@pytest.fixture
+def bench_device(request):
+    return request.config.getoption("--bench-device")
+
+
+def case_params(family):
+    """(case, impl) pairs for the small CPU size (the collected ids); the device
+    and size options are applied when the test runs."""
+    import importlib
+
+    mod = importlib.import_module(f"pyfici.benchcases.{family}")
+    return mod
+
+
+def run_case(benchmark, family, index, impl_index, size, device):
+    import importlib
+
+    mod = importlib.import_module(f"pyfici.benchcases.{family}")
+    cases = mod.cases(size, device)
+    if index >= len(cases):
+        pytest.skip(f"no case {index} for {device}/{size}")
+    case = cases[index]
+    fns = case.setup()
+    names = list(fns)
+    if impl_index >= len(names):
+        pytest.skip("implementation not available here")
+    name = names[impl_index]
+    benchmark.extra_info["case"] = case.name
+    benchmark.extra_info["impl"] = name
+    benchmark.pedantic(fns[name], rounds=case.repeats, warmup_rounds=case.warmup, iterations=1)

@@ -1,0 +1,172 @@
+"""``pyfici bench``: time every op against what users would use instead.
+
+Each op family has a module ``pyfici.benchcases.<family>`` with
+``cases(size, device) -> list[Case]``. A case's ``setup()`` builds its inputs
+once and returns zero-argument callables: ours first ("pyfici"), then the
+anchors. Every callable is warmed up, then timed ``repeats`` times (with
+``torch.cuda.synchronize`` on the GPU); the table shows medians and the
+ratio anchor / ours measured in the same run (> 1 means pyfici is faster).
+The pytest-benchmark suite in benchmarks/ runs the same cases.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+FAMILIES = ("reid", "optim", "knn", "rerank")
+
+
+@dataclass
+class Case:
+    family: str
+    name: str
+    setup: Callable[[], dict[str, Callable[[], object]]]
+    ours: str = "pyfici"
+    note: str = ""
+    repeats: int = 5
+    warmup: int = 1
+
+
+@dataclass
+class Row:
+    family: str
+    case: str
+    impl: str
+    median_s: float
+    runs: list[float] = field(default_factory=list)
+    ratio: float | None = None  # anchor time / ours time (None for ours)
+    note: str = ""
+
+
+def load_cases(families, size: str, device: str) -> list[Case]:
+    out: list[Case] = []
+    for fam in families:
+        try:
+            mod = importlib.import_module(f"pyfici.benchcases.{fam}")
+        except ModuleNotFoundError as e:
+            if e.name == f"pyfici.benchcases.{fam}":
+                print(f"[bench] no benchmark cases for family {fam!r} in this build", file=sys.stderr)
+                continue
+            raise
+        out.extend(mod.cases(size, device))
+    return out
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_call(fn: Callable[[], object], repeats: int, warmup: int, device: str) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    runs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        runs.append(time.perf_counter() - t0)
+    return runs
+
+
+def run_cases(cases: list[Case], device: str, repeats: int | None = None, progress: bool = True) -> list[Row]:
+    rows: list[Row] = []
+    for case in cases:
+        if progress:
+            print(f"[bench] {case.family}/{case.name} ...", file=sys.stderr, flush=True)
+        fns = case.setup()
+        ours_t = None
+        for impl, fn in fns.items():
+            runs = time_call(fn, repeats or case.repeats, case.warmup, device)
+            med = statistics.median(runs)
+            row = Row(case.family, case.name, impl, med, runs, note=case.note if impl == case.ours else "")
+            if impl == case.ours:
+                ours_t = med
+            elif ours_t:
+                row.ratio = med / ours_t
+            rows.append(row)
+            if progress:
+                print(f"[bench]   {impl:<40} {med * 1e3:10.2f} ms", file=sys.stderr, flush=True)
+        del fns
+    return rows
+
+
+def format_table(rows: list[Row]) -> str:
+    lines = [f"{'family':<8} {'case':<34} {'implementation':<44} {'median ms':>11} {'anchor/pyfici':>13}"]
+    lines.append("-" * len(lines[0]))
+    for r in rows:
+        ratio = "" if r.ratio is None else f"{r.ratio:.2f}x"
+        lines.append(f"{r.family:<8} {r.case:<34} {r.impl:<44} {r.median_s * 1e3:>11.2f} {ratio:>13}")
+    return "\n".join(lines)
+
+
+def machine_line(device: str) -> str:
+    if device == "cuda" and torch.cuda.is_available():
+        what = torch.cuda.get_device_name()
+    else:
+        what = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    return f"{what}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}"
+
+
+def plot_rows(rows: list[Row], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    anchors = [r for r in rows if r.ratio is not None]
+    if not anchors:
+        return
+    labels = [f"{r.family}/{r.case}\nvs {r.impl}" for r in anchors]
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(anchors) + 1.2))
+    ax.barh(range(len(anchors)), [r.ratio for r in anchors], color=["tab:green" if r.ratio >= 1 else "tab:red" for r in anchors])
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.set_yticks(range(len(anchors)))
+    ax.set_yticklabels(labels, fontsize=7)
+    ax.set_xlabel("speed-up of pyfici (anchor time / pyfici time)")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(families=FAMILIES, size: str = "small", device: str = "cpu", repeats: int | None = None, progress: bool = True) -> list[Row]:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is visible")
+    return run_cases(load_cases(families, size, device), device, repeats, progress)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--size", choices=("small", "full"), default="small", help="small: seconds; full: the sizes of the issues")
+    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
+    p.add_argument("--family", action="append", choices=FAMILIES, help="restrict to a family (repeatable)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per implementation")
+    p.add_argument("--json", metavar="PATH", help="write all rows to this JSON file")
+    p.add_argument("--plot", metavar="PATH", help="write a speed-up bar chart (PNG)")
+
+
+def main(args: argparse.Namespace) -> int:
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = run(tuple(args.family or FAMILIES), args.size, device, args.repeats)
+    print(f"pyfici bench --size {args.size} --device {device}: {machine_line(device)}")
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine_line(device), "size": args.size, "device": device,
+                       "rows": [r.__dict__ for r in rows]}, f, indent=2)
+    if args.plot:
+        plot_rows(rows, args.plot)
+    return 0
