@@ -11,3 +11,6 @@ from pyfici.ops.distance import pairwise_distance, reid_rank_stats
 
 __all__ = ["BACKENDS", "choose_backend", "reference", "pairwise_distance", "reid_rank_stats"]
 # Each op family appends its imports below (and extends __all__).
+from pyfici.ops.optim import layerwise_adamw_step_, layerwise_sgd_step_, weight_variation  # noqa: E402
+
+__all__ += ["layerwise_sgd_step_", "layerwise_adamw_step_", "weight_variation"]

@@ -336,3 +336,124 @@ def k_same(embeddings: torch.Tensor, k: int, metric: str = "cosine", seed: int =
         cluster += 1
     assign[alive] = cluster
     return assign
+
+
+# ---------------------------------------------------------------------------
+# family 2: fused layer-wise optimizer steps with pruning masks, weight variation
+# ---------------------------------------------------------------------------
+# Per-tensor hyper-parameter tables (float32 rows, one per tensor), shared by
+# every backend of pyfici.ops.optim:
+#   SGD   [n, 6]: weight_decay, momentum, c_buf, c_grad, c_dir_grad, c_dir_buf
+#         buf <- c_buf * buf + c_grad * g          (c_buf = 0, c_grad = 1 on the first step)
+#         d   <- c_dir_grad * g + c_dir_buf * buf  (nesterov: 1, momentum; else 0, 1)
+#   AdamW [n, 4]: beta1, beta2, eps, weight_decay
+
+
+def _skip_flag(found_inf: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    if found_inf is None:
+        return torch.zeros((), dtype=torch.bool, device=device)
+    return found_inf.reshape(()).to(device) != 0
+
+
+def layerwise_sgd_step_(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    momentum_buffers: list[torch.Tensor],
+    lrs: torch.Tensor,
+    hyper: torch.Tensor,
+    masks: list[torch.Tensor | None],
+    grad_scale: torch.Tensor | None,
+    found_inf: torch.Tensor | None,
+) -> None:
+    """SGD (torch.optim.SGD semantics) with Apex-ASP masking, tensor by tensor, fp32 math.
+
+    g = grad / grad_scale; g *= mask; g += wd * p; buf = c_buf*buf + c_grad*g (if momentum);
+    d = c_dir_grad*g + c_dir_buf*buf (or g); p -= lr * d; p *= mask. Tensors with lr == 0
+    and wd == 0 are not touched; nothing is touched when found_inf != 0 (no host sync:
+    the new values are selected with torch.where).
+    """
+    for i, p in enumerate(params):
+        if p.numel() == 0:
+            continue
+        wd, mom, cb, cg, cdg, cdb = (float(v) for v in hyper[i].tolist())
+        lr = lrs[i].float()
+        skip = _skip_flag(found_inf, p.device) | ((lr == 0) & (wd == 0))
+        g = grads[i].float()
+        if grad_scale is not None:
+            g = g / grad_scale.float().reshape(())
+        m = masks[i]
+        if m is not None:
+            g = g * m.to(g.dtype)
+        pf = p.float()
+        if wd != 0:
+            g = g + wd * pf
+        if mom != 0:
+            buf = momentum_buffers[i]
+            new_buf = cb * buf + cg * g
+            d = cdg * g + cdb * new_buf
+            buf.copy_(torch.where(skip, buf, new_buf))
+        else:
+            d = g
+        new_p = pf - lr * d
+        if m is not None:
+            new_p = new_p * m.to(new_p.dtype)
+        p.copy_(torch.where(skip, pf, new_p).to(p.dtype))
+
+
+def layerwise_adamw_step_(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    lrs: torch.Tensor,
+    steps: torch.Tensor,
+    hyper: torch.Tensor,
+    masks: list[torch.Tensor | None],
+    grad_scale: torch.Tensor | None,
+    found_inf: torch.Tensor | None,
+) -> None:
+    """AdamW (torch.optim.AdamW semantics, amsgrad=False) with Apex-ASP masking, fp32 math.
+
+    ``steps`` [n] float32 holds each tensor's step count; it is incremented for every
+    tensor that is stepped (not frozen, no found_inf), and the bias corrections use the
+    incremented count.
+    """
+    for i, p in enumerate(params):
+        if p.numel() == 0:
+            continue
+        b1, b2, eps, wd = (float(v) for v in hyper[i].tolist())
+        lr = lrs[i].double()
+        skip = _skip_flag(found_inf, p.device) | ((lr == 0) & (wd == 0))
+        step = steps[i].double() + 1.0
+        g = grads[i].float()
+        if grad_scale is not None:
+            g = g / grad_scale.float().reshape(())
+        m = masks[i]
+        if m is not None:
+            g = g * m.to(g.dtype)
+        pf = p.float()
+        new_p = pf * (1.0 - lr * wd).float()
+        ea = exp_avgs[i].lerp(g, 1.0 - b1)
+        eas = exp_avg_sqs[i] * b2 + (1.0 - b2) * g * g
+        bc1 = 1.0 - b1**step
+        bc2_sqrt = (1.0 - b2**step).sqrt()
+        step_size = (lr / bc1).float()
+        denom = eas.sqrt() / bc2_sqrt.float() + eps
+        new_p = new_p - step_size * ea / denom
+        if m is not None:
+            new_p = new_p * m.to(new_p.dtype)
+        exp_avgs[i].copy_(torch.where(skip, exp_avgs[i], ea))
+        exp_avg_sqs[i].copy_(torch.where(skip, exp_avg_sqs[i], eas))
+        p.copy_(torch.where(skip, pf, new_p).to(p.dtype))
+        steps[i] = torch.where(skip, steps[i], steps[i] + 1)
+
+
+def weight_variation(params: list[torch.Tensor], snapshots: list[torch.Tensor]) -> torch.Tensor:
+    """Per-tensor sum of squared differences -> [len(params)] (float64 for float64
+    inputs, else float32; accumulated in float64 here)."""
+    dev = params[0].device if params else torch.device("cpu")
+    out_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+    vals = [((p.double() - s.double()) ** 2).sum() for p, s in zip(params, snapshots)]
+    if not vals:
+        return torch.zeros(0, dtype=out_dtype, device=dev)
+    return torch.stack(vals).to(out_dtype)

@@ -1,0 +1,513 @@
+"""Family 2: fused layer-wise optimizer steps with pruning masks, and weight variation.
+
+``layerwise_sgd_step_`` / ``layerwise_adamw_step_`` update many tensors in one
+pass over memory: each tensor has its own learning rate (``lrs``, a tensor on
+the params' device, so changing it needs no recompile, host sync or graph
+recapture) and optionally its own momentum / weight decay / betas, an optional
+pruning mask (Apex ASP semantics: the gradient is multiplied by the mask, the
+usual step is taken, the param is multiplied by the mask, so a pruned weight
+stays exactly zero), and AMP ``grad_scale`` / ``found_inf`` handled inside the
+kernel without a host sync. A tensor whose lr is 0 and whose weight decay is 0
+is frozen: its memory is not touched at all (nor its optimizer state).
+
+``weight_variation(params, snapshots)`` gives each tensor's sum of squared
+differences in one fused pass (what AutoLR measures every epoch).
+
+Backends: ``cpu`` (C++/OpenMP over chunks of all tensors, csrc/cpu/optim.cpp),
+``cuda`` (multi-tensor apply with a device chunk table, kernels/cuda/optim.cu),
+``triton`` (one launch per tensor, kernels/optim.py) and ``torch``
+(pyfici.ops.reference). See docs/ops_optim.md.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from pyfici import _native
+from pyfici.ops import reference
+from pyfici.ops._backend import choose_backend
+
+PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MASK_DTYPES = (torch.bool, torch.uint8)
+SGD_HYPER_COLS = 6
+ADAMW_HYPER_COLS = 4
+
+# ---------------------------------------------------------------------------
+# helpers shared by the ops and pyfici.optim
+# ---------------------------------------------------------------------------
+
+
+def _per_tensor(name: str, value, n: int, *, finite: bool = True) -> list[float]:
+    """A float or a length-n sequence / 1-d tensor -> list of n floats."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0:
+            value = float(value)
+        else:
+            value = value.detach().cpu().tolist()
+    if isinstance(value, (bool, int, float, np.floating, np.integer)):
+        vals = [float(value)] * n
+    elif isinstance(value, Sequence):
+        if len(value) != n:
+            raise ValueError(f"{name}: expected a float or a sequence of {n} values (one per tensor), got {len(value)}")
+        vals = [float(v) for v in value]
+    else:
+        raise TypeError(f"{name}: expected a float or a sequence of floats, got {type(value).__name__}")
+    if finite:
+        for i, v in enumerate(vals):
+            if not math.isfinite(v):
+                raise ValueError(f"{name}: must be finite, got {v} (tensor {i})")
+    return vals
+
+
+def sgd_hyper(n: int, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, init_momentum=False) -> torch.Tensor:
+    """Per-tensor SGD table float32 [n, 6] (CPU); see pyfici.ops.reference for the columns.
+
+    Each argument is a scalar or a length-n sequence. ``init_momentum`` marks
+    tensors whose momentum buffer does not exist yet (torch's first step: the
+    buffer becomes the gradient, without dampening).
+    """
+    mom = _per_tensor("momentum", momentum, n)
+    damp = _per_tensor("dampening", dampening, n)
+    nest = _per_tensor("nesterov", nesterov, n)
+    wd = _per_tensor("weight_decay", weight_decay, n)
+    init = _per_tensor("init_momentum", init_momentum, n)
+    rows = []
+    for i in range(n):
+        m, d, ne, w, first = mom[i], damp[i], nest[i] != 0, wd[i], init[i] != 0
+        if m < 0:
+            raise ValueError(f"momentum: must be >= 0, got {m} (tensor {i})")
+        if w < 0:
+            raise ValueError(f"weight_decay: must be >= 0, got {w} (tensor {i})")
+        if ne and (m <= 0 or d != 0):
+            raise ValueError(f"nesterov: needs momentum > 0 and dampening == 0 (tensor {i}: momentum {m}, dampening {d})")
+        c_buf, c_grad = (0.0, 1.0) if first else (m, 1.0 - d)
+        c_dg, c_db = (1.0, m) if ne else (0.0, 1.0)
+        rows.append((w, m, c_buf, c_grad, c_dg, c_db))
+    return torch.tensor(rows, dtype=torch.float32).reshape(n, SGD_HYPER_COLS)
+
+
+def adamw_hyper(n: int, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2) -> torch.Tensor:
+    """Per-tensor AdamW table float32 [n, 4] (CPU): beta1, beta2, eps, weight_decay."""
+    b1 = _per_tensor("beta1", beta1, n)
+    b2 = _per_tensor("beta2", beta2, n)
+    e = _per_tensor("eps", eps, n)
+    wd = _per_tensor("weight_decay", weight_decay, n)
+    for i in range(n):
+        if not 0.0 <= b1[i] < 1.0:
+            raise ValueError(f"beta1: must be in [0, 1), got {b1[i]} (tensor {i})")
+        if not 0.0 <= b2[i] < 1.0:
+            raise ValueError(f"beta2: must be in [0, 1), got {b2[i]} (tensor {i})")
+        if e[i] < 0:
+            raise ValueError(f"eps: must be >= 0, got {e[i]} (tensor {i})")
+        if wd[i] < 0:
+            raise ValueError(f"weight_decay: must be >= 0, got {wd[i]} (tensor {i})")
+    return torch.tensor(list(zip(b1, b2, e, wd)), dtype=torch.float32).reshape(n, ADAMW_HYPER_COLS)
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None or t.numel() == 0 else t.data_ptr()
+
+
+def _meta(rows: list[list[int]]) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.int64).reshape(len(rows), -1)
+
+
+def _cuda_tables(meta: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, int]:
+    """meta [R, n] (row 0 = numel) + chunk table [2, nchunks] (tensor, start) in ONE
+    host->device copy. Returns (device int64 tensor [R*n + 2*nchunks], nchunks)."""
+    chunk = _native.cuda_module().optim_chunk_size()
+    numel = meta[0].numpy()
+    per = (numel + chunk - 1) // chunk
+    nchunks = int(per.sum())
+    tidx = np.repeat(np.arange(len(numel), dtype=np.int64), per)
+    first = np.repeat(np.cumsum(per) - per, per)
+    start = (np.arange(nchunks, dtype=np.int64) - first) * chunk
+    host = torch.cat([meta.reshape(-1), torch.from_numpy(tidx), torch.from_numpy(start)])
+    # pageable source: the copy is staged by the driver, no device synchronisation
+    return host.to(device, non_blocking=True), nchunks
+
+
+def _scalar_ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+# ---------------------------------------------------------------------------
+# validation
+# ---------------------------------------------------------------------------
+
+
+def _as_list(name: str, x, n: int | None = None, *, optional_items: bool = False) -> list:
+    if isinstance(x, torch.Tensor) or not isinstance(x, Sequence):
+        raise TypeError(f"{name}: expected a list of tensors, got {type(x).__name__}")
+    x = list(x)
+    if n is not None and len(x) != n:
+        raise ValueError(f"{name}: expected {n} tensors (one per param), got {len(x)}")
+    for i, t in enumerate(x):
+        if t is None and optional_items:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}[{i}]: expected a torch.Tensor, got {type(t).__name__}")
+    return x
+
+
+def _check_params(params: list[torch.Tensor]) -> tuple[torch.device, torch.dtype]:
+    if not params:
+        return torch.device("cpu"), torch.float32
+    dev, dt = params[0].device, params[0].dtype
+    for i, p in enumerate(params):
+        if p.dtype not in PARAM_DTYPES:
+            raise TypeError(f"params[{i}]: expected dtype in {[str(d) for d in PARAM_DTYPES]}, got {p.dtype}")
+        if p.dtype != dt:
+            raise TypeError(f"params[{i}]: all params must have one dtype ({dt}), got {p.dtype}; call once per dtype")
+        if p.device != dev:
+            raise ValueError(f"params[{i}]: all params must be on one device ({dev}), got {p.device}")
+        if not p.is_contiguous():
+            raise ValueError(f"params[{i}]: must be contiguous (shape {tuple(p.shape)}, stride {p.stride()})")
+    return dev, dt
+
+
+def _check_like(name: str, ts: list, params: list[torch.Tensor], dtypes, *, inplace: bool, skip=None) -> list:
+    out = []
+    for i, (t, p) in enumerate(zip(ts, params)):
+        if t is None or (skip is not None and skip[i]):
+            out.append(t)
+            continue
+        if t.shape != p.shape:
+            raise ValueError(f"{name}[{i}]: expected shape {tuple(p.shape)} (the param's), got {tuple(t.shape)}")
+        if t.device != p.device:
+            raise ValueError(f"{name}[{i}]: expected device {p.device} (the param's), got {t.device}")
+        want = [p.dtype] if dtypes is None else dtypes
+        if t.dtype not in want:
+            raise TypeError(f"{name}[{i}]: expected dtype in {[str(d) for d in want]}, got {t.dtype}")
+        if not t.is_contiguous():
+            if inplace:
+                raise ValueError(f"{name}[{i}]: must be contiguous (it is updated in place)")
+            t = t.contiguous()
+        out.append(t)
+    return out
+
+
+def _check_lrs(lrs, n: int, dev: torch.device) -> torch.Tensor:
+    if not isinstance(lrs, torch.Tensor):
+        lrs = torch.tensor(_per_tensor("lrs", lrs, n), dtype=torch.float32)
+    if lrs.dim() != 1 or lrs.shape[0] != n:
+        raise ValueError(f"lrs: expected a 1-d tensor of {n} learning rates (one per param), got shape {tuple(lrs.shape)}")
+    if not lrs.is_floating_point():
+        raise TypeError(f"lrs: expected a floating point tensor, got {lrs.dtype}")
+    if lrs.device != dev:
+        if lrs.device.type == "cpu":
+            lrs = lrs.to(dev, non_blocking=True)
+        else:
+            raise ValueError(f"lrs: expected device {dev} (the params') or cpu, got {lrs.device}")
+    elif dev.type == "cpu" and n and not bool(torch.isfinite(lrs).all()):
+        bad = torch.nonzero(~torch.isfinite(lrs)).flatten().tolist()
+        raise ValueError(f"lrs: must be finite, got non-finite values at tensors {bad[:10]}")
+    return lrs.to(torch.float32).contiguous()
+
+
+def _check_scalar(name: str, t: torch.Tensor | None, dev: torch.device) -> torch.Tensor | None:
+    if t is None:
+        return None
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a float32 tensor with one element, got {type(t).__name__}")
+    if t.numel() != 1 or t.dtype != torch.float32:
+        raise ValueError(f"{name}: expected a float32 tensor with one element, got {t.dtype} shape {tuple(t.shape)}")
+    if t.device != dev:
+        raise ValueError(f"{name}: expected device {dev} (the params'), got {t.device}")
+    return t.reshape(())
+
+
+# ---------------------------------------------------------------------------
+# layerwise_sgd_step_
+# ---------------------------------------------------------------------------
+
+
+def _triton():
+    from pyfici.kernels import optim as tk
+
+    return tk
+
+
+@torch.library.custom_op("pyfici::layerwise_sgd_step_", mutates_args=("params", "momentum_buffers"))
+def _sgd_op(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    momentum_buffers: list[torch.Tensor],
+    lrs: torch.Tensor,
+    hyper: torch.Tensor,
+    masks: list[torch.Tensor | None],
+    grad_scale: torch.Tensor | None,
+    found_inf: torch.Tensor | None,
+    backend: str,
+) -> None:
+    n = len(params)
+    if n == 0:
+        return
+    if backend == "torch":
+        return reference.layerwise_sgd_step_(params, grads, momentum_buffers, lrs, hyper.cpu(), masks, grad_scale, found_inf)
+    if backend == "triton":
+        return _triton().layerwise_sgd_step_(params, grads, momentum_buffers, lrs, hyper, masks, grad_scale, found_inf)
+    hyper_cpu = hyper.cpu() if hyper.device.type != "cpu" else hyper
+    mom = hyper_cpu[:, 1].tolist()
+    meta = _meta([
+        [p.numel() for p in params],
+        [_ptr(p) for p in params],
+        [_ptr(g) for g in grads],
+        [_ptr(b) if m != 0 else 0 for b, m in zip(momentum_buffers, mom)],
+        [_ptr(m) for m in masks],
+    ])
+    code = _native.DTYPE_CODES[params[0].dtype]
+    if backend == "cpu":
+        _native.cpu_module().layerwise_sgd_step(
+            n, meta.data_ptr(), lrs.data_ptr(), hyper_cpu.data_ptr(), code,
+            _scalar_ptr(grad_scale), _scalar_ptr(found_inf), _native.num_threads())
+        return
+    dev = params[0].device
+    with torch.cuda.device(dev):
+        tables, nchunks = _cuda_tables(meta, dev)
+        hyper_dev = hyper.to(dev, non_blocking=True)
+        _native.cuda_module().layerwise_sgd_step(
+            n, nchunks, tables.data_ptr(), lrs.data_ptr(), hyper_dev.data_ptr(), code,
+            _scalar_ptr(grad_scale), _scalar_ptr(found_inf), _native.stream_ptr(dev))
+
+
+@_sgd_op.register_fake
+def _(params, grads, momentum_buffers, lrs, hyper, masks, grad_scale, found_inf, backend):
+    return None
+
+
+def layerwise_sgd_step_(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    momentum_buffers: Sequence[torch.Tensor] | None,
+    lrs,
+    *,
+    momentum=0.0,
+    dampening=0.0,
+    nesterov=False,
+    weight_decay=0.0,
+    masks: Sequence[torch.Tensor | None] | None = None,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+    init_momentum=False,
+    backend: str | None = None,
+) -> None:
+    """One SGD step (torch.optim.SGD semantics) over n tensors, in place, in one pass.
+
+    params: n contiguous tensors of one dtype (float32, float16 or bfloat16) on one device.
+    grads: n tensors, each the shape and dtype of its param (read only, never modified).
+    momentum_buffers: n float32 tensors of the params' shapes (updated in place); an entry
+        is ignored where that tensor's momentum is 0, and the list may be None when every
+        momentum is 0.
+    lrs: float tensor [n] (on the params' device; a CPU tensor or a sequence is copied
+        there without a host sync), one learning rate per tensor.
+    momentum, dampening, weight_decay: float or n floats; nesterov: bool or n bools.
+    masks: None, or n entries each None or a bool/uint8 tensor of the param's shape:
+        g *= mask before the step, p *= mask after it (Apex ASP).
+    grad_scale, found_inf: float32 one-element tensors on the params' device (as from
+        torch.amp.GradScaler): grads are divided by grad_scale, and nothing is updated
+        when found_inf != 0; no host synchronisation.
+    init_momentum: bool or n bools: the buffer does not exist yet (torch's first step:
+        buf = g instead of momentum * buf + (1 - dampening) * g).
+
+    A tensor with lr == 0 and weight_decay == 0 is not touched (nor its buffer).
+    """
+    params = _as_list("params", params)
+    n = len(params)
+    grads = _as_list("grads", grads, n)
+    dev, _ = _check_params(params)
+    hyper = sgd_hyper(n, momentum, dampening, nesterov, weight_decay, init_momentum)
+    no_mom = [m == 0 for m in hyper[:, 1].tolist()]
+    if momentum_buffers is None:
+        if not all(no_mom):
+            raise ValueError("momentum_buffers: required (n float32 tensors) when momentum != 0")
+        momentum_buffers = [torch.empty(0, device=dev)] * n
+    momentum_buffers = _as_list("momentum_buffers", momentum_buffers, n)
+    grads = _check_like("grads", grads, params, None, inplace=False)
+    momentum_buffers = _check_like("momentum_buffers", momentum_buffers, params, [torch.float32], inplace=True, skip=no_mom)
+    masks = [None] * n if masks is None else _as_list("masks", masks, n, optional_items=True)
+    masks = _check_like("masks", masks, params, list(MASK_DTYPES), inplace=False)
+    lrs = _check_lrs(lrs, n, dev)
+    grad_scale = _check_scalar("grad_scale", grad_scale, dev)
+    found_inf = _check_scalar("found_inf", found_inf, dev)
+    be = choose_backend("layerwise_sgd_step_", dev, backend, cuda_default="cuda")
+    _sgd_op(params, grads, momentum_buffers, lrs, hyper, masks, grad_scale, found_inf, be)
+
+
+# ---------------------------------------------------------------------------
+# layerwise_adamw_step_
+# ---------------------------------------------------------------------------
+
+
+@torch.library.custom_op("pyfici::layerwise_adamw_step_", mutates_args=("params", "exp_avgs", "exp_avg_sqs", "steps"))
+def _adamw_op(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    lrs: torch.Tensor,
+    steps: torch.Tensor,
+    hyper: torch.Tensor,
+    masks: list[torch.Tensor | None],
+    grad_scale: torch.Tensor | None,
+    found_inf: torch.Tensor | None,
+    backend: str,
+) -> None:
+    n = len(params)
+    if n == 0:
+        return
+    if backend == "torch":
+        return reference.layerwise_adamw_step_(params, grads, exp_avgs, exp_avg_sqs, lrs, steps, hyper.cpu(), masks, grad_scale, found_inf)
+    if backend == "triton":
+        return _triton().layerwise_adamw_step_(params, grads, exp_avgs, exp_avg_sqs, lrs, steps, hyper, masks, grad_scale, found_inf)
+    meta = _meta([
+        [p.numel() for p in params],
+        [_ptr(p) for p in params],
+        [_ptr(g) for g in grads],
+        [_ptr(m) for m in exp_avgs],
+        [_ptr(v) for v in exp_avg_sqs],
+        [_ptr(m) for m in masks],
+    ])
+    code = _native.DTYPE_CODES[params[0].dtype]
+    if backend == "cpu":
+        hyper_cpu = hyper.cpu() if hyper.device.type != "cpu" else hyper
+        _native.cpu_module().layerwise_adamw_step(
+            n, meta.data_ptr(), lrs.data_ptr(), steps.data_ptr(), hyper_cpu.data_ptr(), code,
+            _scalar_ptr(grad_scale), _scalar_ptr(found_inf), _native.num_threads())
+        return
+    dev = params[0].device
+    with torch.cuda.device(dev):
+        tables, nchunks = _cuda_tables(meta, dev)
+        hyper_dev = hyper.to(dev, non_blocking=True)
+        _native.cuda_module().layerwise_adamw_step(
+            n, nchunks, tables.data_ptr(), lrs.data_ptr(), steps.data_ptr(), hyper_dev.data_ptr(), code,
+            _scalar_ptr(grad_scale), _scalar_ptr(found_inf), _native.stream_ptr(dev))
+
+
+@_adamw_op.register_fake
+def _(params, grads, exp_avgs, exp_avg_sqs, lrs, steps, hyper, masks, grad_scale, found_inf, backend):
+    return None
+
+
+def layerwise_adamw_step_(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    lrs,
+    steps: torch.Tensor,
+    *,
+    beta1=0.9,
+    beta2=0.999,
+    eps=1e-8,
+    weight_decay=1e-2,
+    masks: Sequence[torch.Tensor | None] | None = None,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> None:
+    """One AdamW step (torch.optim.AdamW semantics, amsgrad=False) over n tensors, in place.
+
+    params / grads / masks / lrs / grad_scale / found_inf: as in :func:`layerwise_sgd_step_`.
+    exp_avgs, exp_avg_sqs: n float32 tensors of the params' shapes (updated in place).
+    steps: float32 tensor [n] on the params' device, each tensor's step count so far; it is
+        incremented for every tensor that is stepped (bias corrections use the new count).
+    beta1, beta2, eps, weight_decay: float or n floats (decoupled weight decay).
+    A tensor with lr == 0 and weight_decay == 0 is not touched (nor its state or step).
+    """
+    params = _as_list("params", params)
+    n = len(params)
+    grads = _as_list("grads", grads, n)
+    exp_avgs = _as_list("exp_avgs", exp_avgs, n)
+    exp_avg_sqs = _as_list("exp_avg_sqs", exp_avg_sqs, n)
+    dev, _ = _check_params(params)
+    hyper = adamw_hyper(n, beta1, beta2, eps, weight_decay)
+    grads = _check_like("grads", grads, params, None, inplace=False)
+    exp_avgs = _check_like("exp_avgs", exp_avgs, params, [torch.float32], inplace=True)
+    exp_avg_sqs = _check_like("exp_avg_sqs", exp_avg_sqs, params, [torch.float32], inplace=True)
+    masks = [None] * n if masks is None else _as_list("masks", masks, n, optional_items=True)
+    masks = _check_like("masks", masks, params, list(MASK_DTYPES), inplace=False)
+    lrs = _check_lrs(lrs, n, dev)
+    if not isinstance(steps, torch.Tensor) or steps.dim() != 1 or steps.shape[0] != n or steps.dtype != torch.float32:
+        got = f"{steps.dtype} shape {tuple(steps.shape)}" if isinstance(steps, torch.Tensor) else type(steps).__name__
+        raise ValueError(f"steps: expected a float32 tensor [{n}] (one step count per param), got {got}")
+    if steps.device != dev or not steps.is_contiguous():
+        raise ValueError(f"steps: expected a contiguous tensor on {dev} (the params' device), got {steps.device}")
+    grad_scale = _check_scalar("grad_scale", grad_scale, dev)
+    found_inf = _check_scalar("found_inf", found_inf, dev)
+    be = choose_backend("layerwise_adamw_step_", dev, backend, cuda_default="cuda")
+    _adamw_op(params, grads, exp_avgs, exp_avg_sqs, lrs, steps, hyper, masks, grad_scale, found_inf, be)
+
+
+# ---------------------------------------------------------------------------
+# weight_variation
+# ---------------------------------------------------------------------------
+
+
+@torch.library.custom_op("pyfici::weight_variation", mutates_args=())
+def _weight_variation_op(params: list[torch.Tensor], snapshots: list[torch.Tensor], backend: str) -> torch.Tensor:
+    if backend == "torch":
+        return reference.weight_variation(params, snapshots)
+    if backend == "triton":
+        return _triton().weight_variation(params, snapshots)
+    n = len(params)
+    dev = params[0].device
+    out_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+    out = torch.zeros(n, dtype=torch.float64, device=dev)
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, p in enumerate(params):
+        by_dtype.setdefault(p.dtype, []).append(i)
+    for dt, idx in by_dtype.items():
+        meta = _meta([
+            [params[i].numel() for i in idx],
+            [_ptr(params[i]) for i in idx],
+            [_ptr(snapshots[i]) for i in idx],
+        ])
+        part = out if len(idx) == n else torch.zeros(len(idx), dtype=torch.float64, device=dev)
+        if backend == "cpu":
+            _native.cpu_module().weight_variation(len(idx), meta.data_ptr(), _native.DTYPE_CODES[dt], part.data_ptr(), _native.num_threads())
+        else:
+            with torch.cuda.device(dev):
+                tables, nchunks = _cuda_tables(meta, dev)
+                scratch = torch.empty(nchunks, dtype=torch.float64, device=dev)
+                _native.cuda_module().weight_variation(
+                    len(idx), nchunks, tables.data_ptr(), _native.DTYPE_CODES[dt], scratch.data_ptr(),
+                    part.data_ptr(), _native.stream_ptr(dev))
+        if part is not out:
+            out[torch.tensor(idx, device=dev)] = part
+    return out.to(out_dtype)
+
+
+@_weight_variation_op.register_fake
+def _(params, snapshots, backend):
+    out_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+    return params[0].new_empty(len(params), dtype=out_dtype)
+
+
+def weight_variation(params: Sequence[torch.Tensor], snapshots: Sequence[torch.Tensor], *, backend: str | None = None) -> torch.Tensor:
+    """Per-tensor sum of squared differences ``sum((p - s)**2)`` -> Tensor [len(params)].
+
+    params, snapshots: equal-length lists; each snapshot has its param's shape and dtype
+    (any floating dtype) and device. Output float64 if any param is float64, else float32,
+    on the params' device; accumulated in float64 (cpu, cuda) or float32 (triton).
+    Deterministic. An empty list gives an empty float32 CPU tensor.
+    """
+    params = [p.detach() for p in _as_list("params", params)]
+    n = len(params)
+    snapshots = [s.detach() for s in _as_list("snapshots", snapshots, n)]
+    if n == 0:
+        return torch.zeros(0, dtype=torch.float32)
+    dev = params[0].device
+    for i, p in enumerate(params):
+        if not p.is_floating_point():
+            raise TypeError(f"params[{i}]: expected a floating point tensor, got {p.dtype}")
+        if p.device != dev:
+            raise ValueError(f"params[{i}]: all params must be on one device ({dev}), got {p.device}")
+    params = [p.contiguous() for p in params]
+    snapshots = _check_like("snapshots", snapshots, params, None, inplace=False)
+    be = choose_backend("weight_variation", dev, backend, cuda_default="cuda")
+    return _weight_variation_op(params, snapshots, be)
