@@ -339,121 +339,61 @@ def k_same(embeddings: torch.Tensor, k: int, metric: str = "cosine", seed: int =
 
 
 # ---------------------------------------------------------------------------
-# family 2: fused layer-wise optimizer steps with pruning masks, weight variation
+# k-reciprocal re-ranking (pyfici.ops.rerank)
 # ---------------------------------------------------------------------------
-# Per-tensor hyper-parameter tables (float32 rows, one per tensor), shared by
-# every backend of pyfici.ops.optim:
-#   SGD   [n, 6]: weight_decay, momentum, c_buf, c_grad, c_dir_grad, c_dir_buf
-#         buf <- c_buf * buf + c_grad * g          (c_buf = 0, c_grad = 1 on the first step)
-#         d   <- c_dir_grad * g + c_dir_buf * buf  (nesterov: 1, momentum; else 0, 1)
-#   AdamW [n, 4]: beta1, beta2, eps, weight_decay
 
 
-def _skip_flag(found_inf: torch.Tensor | None, device: torch.device) -> torch.Tensor:
-    if found_inf is None:
-        return torch.zeros((), dtype=torch.bool, device=device)
-    return found_inf.reshape(()).to(device) != 0
+def rerank_distmat(
+    q_g: torch.Tensor, q_q: torch.Tensor, g_g: torch.Tensor, k1: int = 20, k2: int = 6, lambda_value: float = 0.3
+) -> torch.Tensor:
+    """Dense k-reciprocal re-ranking (Zhong et al., CVPR 2017), step by step
+    as the widely used numpy code: [Q, G] float32. Holds N x N matrices
+    (N = Q + G): for tests and small inputs only."""
+    dt = torch.float64 if torch.float64 in (q_g.dtype, q_q.dtype, g_g.dtype) else torch.float32
+    q_g, q_q, g_g = q_g.to(dt), q_q.to(dt), g_g.to(dt)
+    full = torch.cat([torch.cat([q_q, q_g], 1), torch.cat([q_g.T, g_g], 1)], 0)
+    full = (full * full).float()  # squared distances, cast to float32
+    dist = (full / full.max(0).values).T.contiguous()  # row r = column r over its max
+    n_all, n_q = dist.shape[0], q_g.shape[0]
+    ranks = torch.sort(dist, dim=1, stable=True).indices  # k-th neighbour lists, self included
+    k_rec = min(k1 + 1, n_all)
+    k_half = min(round(k1 / 2) + 1, n_all)  # Python's round is half-to-even, like np.around
+
+    def reciprocal(i: int, k: int) -> torch.Tensor:
+        fwd = ranks[i, :k]
+        return fwd[(ranks[fwd, :k] == i).any(1)]
+
+    V = torch.zeros(n_all, n_all, dtype=torch.float32, device=dist.device)
+    for i in range(n_all):
+        R = reciprocal(i, k_rec)
+        r_set = set(R.tolist())
+        parts = [R]
+        for c in R.tolist():
+            H = reciprocal(c, k_half)
+            if len(r_set & set(H.tolist())) > 2.0 / 3 * len(H):
+                parts.append(H)
+        E = torch.unique(torch.cat(parts))
+        w = torch.exp(-dist[i, E])
+        V[i, E] = w / w.sum()
+    if k2 != 1:
+        V = torch.stack([V[ranks[i, :k2]].mean(0) for i in range(n_all)])
+    Vg = V[n_q:]
+    jac = torch.empty(n_q, n_all - n_q, dtype=torch.float32, device=dist.device)
+    for i in range(n_q):
+        mins = torch.minimum(V[i][None, :], Vg).sum(1)
+        jac[i] = 1 - mins / (2 - mins)
+    return jac * (1 - lambda_value) + dist[:n_q, n_q:] * lambda_value
 
 
-def layerwise_sgd_step_(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    momentum_buffers: list[torch.Tensor],
-    lrs: torch.Tensor,
-    hyper: torch.Tensor,
-    masks: list[torch.Tensor | None],
-    grad_scale: torch.Tensor | None,
-    found_inf: torch.Tensor | None,
-) -> None:
-    """SGD (torch.optim.SGD semantics) with Apex-ASP masking, tensor by tensor, fp32 math.
-
-    g = grad / grad_scale; g *= mask; g += wd * p; buf = c_buf*buf + c_grad*g (if momentum);
-    d = c_dir_grad*g + c_dir_buf*buf (or g); p -= lr * d; p *= mask. Tensors with lr == 0
-    and wd == 0 are not touched; nothing is touched when found_inf != 0 (no host sync:
-    the new values are selected with torch.where).
-    """
-    for i, p in enumerate(params):
-        if p.numel() == 0:
-            continue
-        wd, mom, cb, cg, cdg, cdb = (float(v) for v in hyper[i].tolist())
-        lr = lrs[i].float()
-        skip = _skip_flag(found_inf, p.device) | ((lr == 0) & (wd == 0))
-        g = grads[i].float()
-        if grad_scale is not None:
-            g = g / grad_scale.float().reshape(())
-        m = masks[i]
-        if m is not None:
-            g = g * m.to(g.dtype)
-        pf = p.float()
-        if wd != 0:
-            g = g + wd * pf
-        if mom != 0:
-            buf = momentum_buffers[i]
-            new_buf = cb * buf + cg * g
-            d = cdg * g + cdb * new_buf
-            buf.copy_(torch.where(skip, buf, new_buf))
-        else:
-            d = g
-        new_p = pf - lr * d
-        if m is not None:
-            new_p = new_p * m.to(new_p.dtype)
-        p.copy_(torch.where(skip, pf, new_p).to(p.dtype))
-
-
-def layerwise_adamw_step_(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    exp_avgs: list[torch.Tensor],
-    exp_avg_sqs: list[torch.Tensor],
-    lrs: torch.Tensor,
-    steps: torch.Tensor,
-    hyper: torch.Tensor,
-    masks: list[torch.Tensor | None],
-    grad_scale: torch.Tensor | None,
-    found_inf: torch.Tensor | None,
-) -> None:
-    """AdamW (torch.optim.AdamW semantics, amsgrad=False) with Apex-ASP masking, fp32 math.
-
-    ``steps`` [n] float32 holds each tensor's step count; it is incremented for every
-    tensor that is stepped (not frozen, no found_inf), and the bias corrections use the
-    incremented count.
-    """
-    for i, p in enumerate(params):
-        if p.numel() == 0:
-            continue
-        b1, b2, eps, wd = (float(v) for v in hyper[i].tolist())
-        lr = lrs[i].double()
-        skip = _skip_flag(found_inf, p.device) | ((lr == 0) & (wd == 0))
-        step = steps[i].double() + 1.0
-        g = grads[i].float()
-        if grad_scale is not None:
-            g = g / grad_scale.float().reshape(())
-        m = masks[i]
-        if m is not None:
-            g = g * m.to(g.dtype)
-        pf = p.float()
-        new_p = pf * (1.0 - lr * wd).float()
-        ea = exp_avgs[i].lerp(g, 1.0 - b1)
-        eas = exp_avg_sqs[i] * b2 + (1.0 - b2) * g * g
-        bc1 = 1.0 - b1**step
-        bc2_sqrt = (1.0 - b2**step).sqrt()
-        step_size = (lr / bc1).float()
-        denom = eas.sqrt() / bc2_sqrt.float() + eps
-        new_p = new_p - step_size * ea / denom
-        if m is not None:
-            new_p = new_p * m.to(new_p.dtype)
-        exp_avgs[i].copy_(torch.where(skip, exp_avgs[i], ea))
-        exp_avg_sqs[i].copy_(torch.where(skip, exp_avg_sqs[i], eas))
-        p.copy_(torch.where(skip, pf, new_p).to(p.dtype))
-        steps[i] = torch.where(skip, steps[i], steps[i] + 1)
-
-
-def weight_variation(params: list[torch.Tensor], snapshots: list[torch.Tensor]) -> torch.Tensor:
-    """Per-tensor sum of squared differences -> [len(params)] (float64 for float64
-    inputs, else float32; accumulated in float64 here)."""
-    dev = params[0].device if params else torch.device("cpu")
-    out_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
-    vals = [((p.double() - s.double()) ** 2).sum() for p, s in zip(params, snapshots)]
-    if not vals:
-        return torch.zeros(0, dtype=out_dtype, device=dev)
-    return torch.stack(vals).to(out_dtype)
+def rerank(
+    query: torch.Tensor, gallery: torch.Tensor, k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
+    metric: str = "euclidean",
+) -> torch.Tensor:
+    """Re-ranking from features: :func:`rerank_distmat` of the three distance
+    matrices of ``metric`` (self distances 0)."""
+    return rerank_distmat(
+        pairwise_distance(query, gallery, metric),
+        pairwise_distance(query, query, metric, True),
+        pairwise_distance(gallery, gallery, metric, True),
+        k1, k2, lambda_value,
+    )

@@ -1,0 +1,441 @@
+// Family 2: exact batched kNN, fused k-nearest averaging, and the k-Same loop.
+//
+// knn_select_tile: the GEMM-side selection. Python computes a score tile
+// S = X_tile @ Y_tile^T with torch.mm (BLAS); for every row we keep the k best
+// scores seen so far (sorted, best first, ties to the lower gallery index).
+// The score of column j is  s_j * a_j + b_j  (a, b optional per-column
+// vectors: 1/||y|| for cosine, -||y||^2/2 for squared euclidean), so no
+// normalised copy of the gallery is needed. The scan is a branch-light
+// "any score in this block of 16 beats the k-th best?" test that the compiler
+// vectorises; the rare hits go into a small candidate buffer that is merged
+// into the sorted top-k list when it fills. Rows are spread over OpenMP
+// threads; the state ([rows, k] values and indices) lives across gallery tiles.
+//
+// knn_refine: exact distances of the k selected neighbours (double
+// accumulation), then a stable re-sort by (value, index).
+// knn_average_rows: the fused k-nearest average: gathers only the k selected
+// gallery rows per query (no [Q, k, D] buffer), optional weights, optional
+// per-row normalisation of the neighbours (cosine) and of the result (spherical).
+// k_same_sweep / k_same_mdav: the greedy k-Same partition over candidate lists.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <numeric>
+#include <stdexcept>
+#include <vector>
+
+#include <pybind11/stl.h>
+
+#include <string>
+#include <type_traits>
+#include <utility>
+
+#include "registry.h"
+
+namespace py = pybind11;
+
+namespace pyfici {
+namespace {
+
+constexpr int64_t kBlock = 16;
+
+template <typename T>
+struct Cand {
+  T v;
+  int64_t i;
+};
+
+template <typename T>
+inline bool better(T va, int64_t ia, T vb, int64_t ib) {
+  return va > vb || (va == vb && ia < ib);
+}
+
+// Merge `n` buffered candidates into the sorted top-k list (vals/idx, best first).
+template <typename T>
+inline void merge_into(T* __restrict vals, int64_t* __restrict idx, int64_t k, Cand<T>* buf, int64_t n,
+                       std::vector<Cand<T>>& tmp) {
+  std::sort(buf, buf + n, [](const Cand<T>& a, const Cand<T>& b) { return better(a.v, a.i, b.v, b.i); });
+  tmp.resize(static_cast<size_t>(k));
+  int64_t p = 0, q = 0;
+  for (int64_t o = 0; o < k; ++o) {
+    if (q < n && (p >= k || better(buf[q].v, buf[q].i, vals[p], idx[p]))) {
+      tmp[o] = buf[q++];
+    } else {
+      tmp[o] = Cand<T>{vals[p], idx[p]};
+      ++p;
+    }
+  }
+  for (int64_t o = 0; o < k; ++o) {
+    vals[o] = tmp[o].v;
+    idx[o] = tmp[o].i;
+  }
+}
+
+template <typename T, bool HasA, bool HasB>
+void select_tile_impl(const T* S, int64_t rows, int64_t cols, int64_t ld, int64_t col_offset, const T* a,
+                      const T* b, int64_t k, T* state_vals, int64_t* state_idx, int64_t self_offset,
+                      int nthreads) {
+  const int64_t cap = std::max<int64_t>(2 * k, 64);
+#pragma omp parallel num_threads(nthreads)
+  {
+    std::vector<Cand<T>> buf(static_cast<size_t>(cap));
+    std::vector<Cand<T>> tmp;
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* __restrict s = S + r * ld;
+      T* __restrict vals = state_vals + r * k;
+      int64_t* __restrict idx = state_idx + r * k;
+      const int64_t self_col = self_offset >= 0 ? self_offset + r - col_offset : -1;
+      T thresh = vals[k - 1];
+      int64_t n = 0;
+      auto score = [&](int64_t j) -> T {
+        T v = s[j];
+        if constexpr (HasA) v *= a[j];
+        if constexpr (HasB) v += b[j];
+        return v;
+      };
+      auto scalar_range = [&](int64_t j0, int64_t j1) {
+        for (int64_t j = j0; j < j1; ++j) {
+          const T v = score(j);
+          if (v > thresh && j != self_col) {
+            buf[n++] = Cand<T>{v, col_offset + j};
+            if (n == cap) {
+              merge_into(vals, idx, k, buf.data(), n, tmp);
+              n = 0;
+              thresh = vals[k - 1];
+            }
+          }
+        }
+      };
+      int64_t j = 0;
+      for (; j + kBlock <= cols; j += kBlock) {
+        int hit = 0;
+#pragma omp simd reduction(| : hit)
+        for (int64_t t = 0; t < kBlock; ++t) {
+          T v = s[j + t];
+          if constexpr (HasA) v *= a[j + t];
+          if constexpr (HasB) v += b[j + t];
+          hit |= (v > thresh);
+        }
+        if (hit) scalar_range(j, j + kBlock);
+      }
+      scalar_range(j, cols);
+      if (n) merge_into(vals, idx, k, buf.data(), n, tmp);
+    }
+  }
+}
+
+template <typename T>
+void select_tile(const T* S, int64_t rows, int64_t cols, int64_t ld, int64_t col_offset, const T* a, const T* b,
+                 int64_t k, T* vals, int64_t* idx, int64_t self_offset, int nthreads) {
+  if (a && b)
+    select_tile_impl<T, true, true>(S, rows, cols, ld, col_offset, a, b, k, vals, idx, self_offset, nthreads);
+  else if (a)
+    select_tile_impl<T, true, false>(S, rows, cols, ld, col_offset, a, b, k, vals, idx, self_offset, nthreads);
+  else if (b)
+    select_tile_impl<T, false, true>(S, rows, cols, ld, col_offset, a, b, k, vals, idx, self_offset, nthreads);
+  else
+    select_tile_impl<T, false, false>(S, rows, cols, ld, col_offset, a, b, k, vals, idx, self_offset, nthreads);
+}
+
+// metric codes shared with pyfici/ops/knn.py
+enum Metric : int { kSqEuclidean = 0, kEuclidean = 1, kCosine = 2, kIP = 3 };
+
+template <typename T>
+void refine_impl(const T* X, const T* Y, int64_t Q, int64_t D, int64_t k, int metric, int64_t* idx, T* out,
+                 int nthreads) {
+  const bool ascending = metric != kIP;
+#pragma omp parallel num_threads(nthreads)
+  {
+    std::vector<std::pair<double, int64_t>> row(static_cast<size_t>(k));
+#pragma omp for schedule(static)
+    for (int64_t q = 0; q < Q; ++q) {
+      const T* __restrict x = X + q * D;
+      double xx = 0.0;
+      if (metric == kCosine)
+        for (int64_t d = 0; d < D; ++d) xx += static_cast<double>(x[d]) * x[d];
+      int64_t* __restrict id = idx + q * k;
+      for (int64_t t = 0; t < k; ++t) {
+        const int64_t j = id[t];
+        double v = std::numeric_limits<double>::infinity();
+        if (j >= 0) {
+          const T* __restrict y = Y + j * D;
+          if (metric == kSqEuclidean || metric == kEuclidean) {
+            double acc = 0.0;
+            for (int64_t d = 0; d < D; ++d) {
+              const double e = static_cast<double>(x[d]) - static_cast<double>(y[d]);
+              acc += e * e;
+            }
+            v = metric == kEuclidean ? std::sqrt(acc) : acc;
+          } else {
+            double xy = 0.0, yy = 0.0;
+            for (int64_t d = 0; d < D; ++d) {
+              xy += static_cast<double>(x[d]) * y[d];
+              yy += static_cast<double>(y[d]) * y[d];
+            }
+            if (metric == kIP) {
+              v = xy;
+            } else {
+              const double den = std::max(std::sqrt(xx), 1e-12) * std::max(std::sqrt(yy), 1e-12);
+              v = std::min(2.0, std::max(0.0, 1.0 - xy / den));
+            }
+          }
+        } else if (!ascending) {
+          v = -std::numeric_limits<double>::infinity();
+        }
+        row[t] = {v, j < 0 ? std::numeric_limits<int64_t>::max() : j};
+      }
+      if (ascending)
+        std::sort(row.begin(), row.end(), [](const auto& p, const auto& r) {
+          return p.first < r.first || (p.first == r.first && p.second < r.second);
+        });
+      else
+        std::sort(row.begin(), row.end(), [](const auto& p, const auto& r) {
+          return p.first > r.first || (p.first == r.first && p.second < r.second);
+        });
+      for (int64_t t = 0; t < k; ++t) {
+        out[q * k + t] = static_cast<T>(row[t].first);
+        id[t] = row[t].second == std::numeric_limits<int64_t>::max() ? -1 : row[t].second;
+      }
+    }
+  }
+}
+
+// out[q] = sum_t w[q, t] * u(Y[idx[q, t]]),  u = y / ||y|| if normalize_rows else y;
+// then out[q] /= ||out[q]|| if spherical else out[q] /= sum_t w[q, t].
+// idx may hold indices into a shard: rows with idx < 0 or not in [lo, hi) are skipped
+// (partial sums for the distributed path; lo = 0, hi = G otherwise). finalize=false
+// leaves the raw weighted sum (the caller all-reduces and normalises).
+template <typename T>
+void average_impl(const T* Y, int64_t D, const int64_t* idx, const T* w, int64_t Q, int64_t k, int64_t lo,
+                  int64_t hi, bool normalize_rows, bool spherical, bool finalize, T* out, int nthreads) {
+#pragma omp parallel num_threads(nthreads)
+  {
+    std::vector<double> acc(static_cast<size_t>(D));
+#pragma omp for schedule(static)
+    for (int64_t q = 0; q < Q; ++q) {
+      std::fill(acc.begin(), acc.end(), 0.0);
+      double wsum = 0.0;
+      double* __restrict ac = acc.data();
+      for (int64_t t = 0; t < k; ++t) {
+        const int64_t j = idx[q * k + t];
+        const double wt = w ? static_cast<double>(w[q * k + t]) : 1.0;
+        wsum += wt;
+        if (j < lo || j >= hi) continue;
+        const T* __restrict y = Y + (j - lo) * D;
+        double scale = wt;
+        if (normalize_rows) {
+          double yy = 0.0;
+          for (int64_t d = 0; d < D; ++d) yy += static_cast<double>(y[d]) * y[d];
+          scale /= std::max(std::sqrt(yy), 1e-12);
+        }
+        for (int64_t d = 0; d < D; ++d) ac[d] += scale * static_cast<double>(y[d]);
+      }
+      double div = 1.0;
+      if (finalize) {
+        if (spherical) {
+          double nn = 0.0;
+          for (int64_t d = 0; d < D; ++d) nn += ac[d] * ac[d];
+          div = std::max(std::sqrt(nn), 1e-12);
+        } else {
+          div = wsum != 0.0 ? wsum : 1.0;
+        }
+      }
+      T* __restrict o = out + q * D;
+      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(ac[d] / div);
+    }
+  }
+}
+
+// Greedy k-Same sweep over candidate lists. cand: [N, W] neighbour lists
+// (nearest first, -1 padding; the point itself is skipped). Visits
+// visit[pos..M) in order; a visited alive point s with >= k-1 alive candidates
+// forms the cluster {s} + its first k-1 alive candidates (exactly its k-1
+// nearest alive points, because the list is a prefix of s's sorted neighbour
+// list and removals only delete from it). If s's list ran out the sweep stops
+// and reports s's position so the caller can refresh lists and call again:
+// the result is exactly the plain greedy algorithm. Returns
+// {status, pos, next_cluster, n_alive}: status 0 = fewer than 2k alive or the
+// visit list is done; 1 = refresh visit[pos].
+std::vector<int64_t> k_same_sweep_impl(const int64_t* cand, int64_t W, int64_t k, const int64_t* visit,
+                                       int64_t pos, int64_t M, uint8_t* alive, int64_t* assign,
+                                       int64_t next_cluster, int64_t n_alive) {
+  std::vector<int64_t> members;
+  members.reserve(static_cast<size_t>(k));
+  for (int64_t m = pos; m < M; ++m) {
+    if (n_alive < 2 * k) break;
+    const int64_t s = visit[m];
+    if (!alive[s]) continue;
+    members.clear();
+    const int64_t* c = cand + s * W;
+    for (int64_t t = 0; t < W && static_cast<int64_t>(members.size()) < k - 1; ++t) {
+      const int64_t j = c[t];
+      if (j >= 0 && j != s && alive[j]) members.push_back(j);
+    }
+    if (static_cast<int64_t>(members.size()) < k - 1) return {1, m, next_cluster, n_alive};
+    alive[s] = 0;
+    assign[s] = next_cluster;
+    for (int64_t j : members) {
+      alive[j] = 0;
+      assign[j] = next_cluster;
+    }
+    ++next_cluster;
+    n_alive -= k;
+  }
+  return {0, M, next_cluster, n_alive};
+}
+
+// MDAV-style k-Same: repeatedly take the alive point farthest from the centroid
+// of the alive points (ties to the lower index) and cluster it with its k-1
+// nearest alive points. X: [N, D] (already unit rows for cosine). sum: running
+// double sum of the alive rows (updated in place). Returns {status, value}:
+// status 0 = done (fewer than 2k alive), value = next_cluster;
+// status 1 = candidate list of point `value` ran out (caller refreshes it and calls again).
+template <typename T>
+std::vector<int64_t> k_same_mdav_impl(const T* X, int64_t N, int64_t D, const int64_t* cand, int64_t L, int64_t k,
+                                      uint8_t* alive, int64_t* assign, double* sum, int64_t next_cluster,
+                                      int64_t n_alive, int64_t* n_alive_out, int nthreads) {
+  std::vector<double> c(static_cast<size_t>(D));
+  std::vector<int64_t> members;
+  while (n_alive >= 2 * k) {
+    for (int64_t d = 0; d < D; ++d) c[d] = sum[d] / static_cast<double>(n_alive);
+    const double* __restrict cc = c.data();
+    double best = -std::numeric_limits<double>::infinity();
+    int64_t best_i = -1;
+#pragma omp parallel num_threads(nthreads)
+    {
+      double lb = -std::numeric_limits<double>::infinity();
+      int64_t li = -1;
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < N; ++i) {
+        if (!alive[i]) continue;
+        const T* __restrict x = X + i * D;
+        double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t d = 0; d < D; ++d) {
+          const double e = static_cast<double>(x[d]) - cc[d];
+          acc += e * e;
+        }
+        if (acc > lb || (acc == lb && i < li)) {
+          lb = acc;
+          li = i;
+        }
+      }
+#pragma omp critical
+      {
+        if (li >= 0 && (lb > best || (lb == best && li < best_i))) {
+          best = lb;
+          best_i = li;
+        }
+      }
+    }
+    const int64_t s = best_i;
+    members.clear();
+    const int64_t* cs = cand + s * L;
+    for (int64_t t = 0; t < L && static_cast<int64_t>(members.size()) < k - 1; ++t) {
+      const int64_t j = cs[t];
+      if (j >= 0 && j != s && alive[j]) members.push_back(j);
+    }
+    if (static_cast<int64_t>(members.size()) < k - 1) {
+      *n_alive_out = n_alive;
+      return {1, s, next_cluster};
+    }
+    members.push_back(s);
+    for (int64_t j : members) {
+      alive[j] = 0;
+      assign[j] = next_cluster;
+      const T* x = X + j * D;
+      for (int64_t d = 0; d < D; ++d) sum[d] -= static_cast<double>(x[d]);
+    }
+    ++next_cluster;
+    n_alive -= k;
+  }
+  *n_alive_out = n_alive;
+  return {0, -1, next_cluster};
+}
+
+template <typename F>
+void dispatch_float(int dtype, const char* what, F&& f) {
+  if (dtype == kFloat32)
+    f(static_cast<float*>(nullptr));
+  else if (dtype == kFloat64)
+    f(static_cast<double*>(nullptr));
+  else
+    throw std::invalid_argument(std::string(what) + ": dtype must be float32 or float64");
+}
+
+}  // namespace
+
+PYFICI_REGISTER(m) {
+  m.def(
+      "knn_select_tile",
+      [](std::uintptr_t S, int dtype, int64_t rows, int64_t cols, int64_t ld, int64_t col_offset, std::uintptr_t a,
+         std::uintptr_t b, int64_t k, std::uintptr_t vals, std::uintptr_t idx, int64_t self_offset, int nthreads) {
+        py::gil_scoped_release nogil;
+        dispatch_float(dtype, "knn_select_tile", [&](auto* tag) {
+          using T = std::remove_pointer_t<decltype(tag)>;
+          select_tile<T>(as_ptr<const T>(S), rows, cols, ld, col_offset, as_ptr<const T>(a), as_ptr<const T>(b), k,
+                         as_ptr<T>(vals), as_ptr<int64_t>(idx), self_offset, nthreads);
+        });
+      },
+      "Merge a [rows, cols] score tile (row stride ld; score = S*a[j] + b[j], a/b optional (0)) into the "
+      "running top-k state ([rows, k] values best-first, int64 indices). Column j has global index "
+      "col_offset + j; self_offset >= 0 excludes global index self_offset + row.");
+  m.def(
+      "knn_refine",
+      [](std::uintptr_t X, std::uintptr_t Y, int dtype, int64_t Q, int64_t D, int64_t k, int metric,
+         std::uintptr_t idx, std::uintptr_t out, int nthreads) {
+        py::gil_scoped_release nogil;
+        dispatch_float(dtype, "knn_refine", [&](auto* tag) {
+          using T = std::remove_pointer_t<decltype(tag)>;
+          refine_impl<T>(as_ptr<const T>(X), as_ptr<const T>(Y), Q, D, k, metric, as_ptr<int64_t>(idx),
+                         as_ptr<T>(out), nthreads);
+        });
+      },
+      "Exact values of the selected neighbours (double accumulation) and a re-sort by (value, index).");
+  m.def(
+      "knn_average_rows",
+      [](std::uintptr_t Y, int dtype, int64_t D, std::uintptr_t idx, std::uintptr_t w, int64_t Q, int64_t k,
+         int64_t lo, int64_t hi, bool normalize_rows, bool spherical, bool finalize, std::uintptr_t out,
+         int nthreads) {
+        py::gil_scoped_release nogil;
+        dispatch_float(dtype, "knn_average_rows", [&](auto* tag) {
+          using T = std::remove_pointer_t<decltype(tag)>;
+          average_impl<T>(as_ptr<const T>(Y), D, as_ptr<const int64_t>(idx), as_ptr<const T>(w), Q, k, lo, hi,
+                          normalize_rows, spherical, finalize, as_ptr<T>(out), nthreads);
+        });
+      },
+      "Weighted (spherical) mean of the k selected gallery rows per query, gathered in place.");
+  m.def(
+      "k_same_sweep",
+      [](std::uintptr_t cand, int64_t W, int64_t k, std::uintptr_t visit, int64_t pos, int64_t M,
+         std::uintptr_t alive, std::uintptr_t assign, int64_t next_cluster, int64_t n_alive) {
+        py::gil_scoped_release nogil;
+        return k_same_sweep_impl(as_ptr<const int64_t>(cand), W, k, as_ptr<const int64_t>(visit), pos, M,
+                                 as_ptr<uint8_t>(alive), as_ptr<int64_t>(assign), next_cluster, n_alive);
+      },
+      "Greedy k-Same sweep over candidate lists; returns [status, pos, next_cluster, n_alive].");
+  m.def(
+      "k_same_mdav",
+      [](std::uintptr_t X, int dtype, int64_t N, int64_t D, std::uintptr_t cand, int64_t L, int64_t k,
+         std::uintptr_t alive, std::uintptr_t assign, std::uintptr_t sum, int64_t next_cluster, int64_t n_alive,
+         int nthreads) {
+        py::gil_scoped_release nogil;
+        std::vector<int64_t> r;
+        int64_t na = n_alive;
+        dispatch_float(dtype, "k_same_mdav", [&](auto* tag) {
+          using T = std::remove_pointer_t<decltype(tag)>;
+          r = k_same_mdav_impl<T>(as_ptr<const T>(X), N, D, as_ptr<const int64_t>(cand), L, k,
+                                  as_ptr<uint8_t>(alive), as_ptr<int64_t>(assign), as_ptr<double>(sum),
+                                  next_cluster, n_alive, &na, nthreads);
+        });
+        r.push_back(na);
+        return r;
+      },
+      "MDAV-style k-Same loop; returns [status, point, next_cluster, n_alive] (status 1: refresh point).");
+}
+
+}  // namespace pyfici
