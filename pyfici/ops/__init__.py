@@ -17,3 +17,6 @@ __all__ += ["layerwise_sgd_step_", "layerwise_adamw_step_", "weight_variation"]
 from pyfici.ops.knn import knn, knn_average  # noqa: E402
 
 __all__ += ["knn", "knn_average"]
+from pyfici.ops.rerank import rerank_distmat, rerank_features  # noqa: E402
+
+__all__ += ["rerank_features", "rerank_distmat"]

@@ -4,3 +4,6 @@ from pyfici.reid.evaluate import PROTOCOLS, ReIDResult, evaluate, evaluate_distm
 
 __all__ = ["PROTOCOLS", "ReIDResult", "evaluate", "evaluate_distmat", "recall_at_k"]
 # re-ranking (pyfici.reid.rerank) is appended below when built.
+from pyfici.reid.rerank import rerank, rerank_distmat  # noqa: E402
+
+__all__ += ["rerank", "rerank_distmat"]
