@@ -88,7 +88,10 @@ def run_cases(cases: list[Case], device: str, repeats: int | None = None, progre
         fns = case.setup()
         ours_t = None
         for impl, fn in fns.items():
-            runs = time_call(fn, repeats or case.repeats, case.warmup, device)
+            reps, warm = repeats or case.repeats, case.warmup
+            if isinstance(fn, tuple):  # (fn, repeats) for a slow anchor: no warm-up, fewer runs
+                fn, reps, warm = fn[0], min(reps, fn[1]), 0
+            runs = time_call(fn, reps, warm, device)
             med = statistics.median(runs)
             row = Row(case.family, case.name, impl, med, runs, note=case.note if impl == case.ours else "")
             if impl == case.ours:

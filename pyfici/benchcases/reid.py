@@ -68,7 +68,7 @@ def cases(size: str, device: str) -> list[Case]:
             tr = torchreid_evaluator()
             if tr is not None:
                 name, fn = tr
-                fns[name] = lambda: fn(dn, qpn, gpn, qcn, gcn, 50)
+                fns[name] = (lambda: fn(dn, qpn, gpn, qcn, gcn, 50), 1)
             return fns
 
         out.append(Case("reid", f"eval from distmat {Q}x{G}", setup_distmat, ours="pyfici evaluate_distmat", repeats=3))
