@@ -150,7 +150,7 @@ def split():
 
 def _cfg(tmp_path, **kw):
     base = dict(dataset="builtin", backbone="tiny", epochs=2, batch_size=10, image_size=16, workers=0,
-                progress=False, prune="none", max_retries=2, out=str(tmp_path), eval_batch_size=32)
+                progress=False, prune="none", max_retries=2, out=str(tmp_path), eval_batch_size=32, plot=False)
     base.update(kw)
     return AutoLRConfig(**base)
 
@@ -161,7 +161,7 @@ def _run(cfg, split):
 
 
 def test_run_writes_metrics_plot_checkpoint(tmp_path, split):
-    r = _run(_cfg(tmp_path), split)
+    r = _run(_cfg(tmp_path, plot=True), split)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert len(metrics["epochs"]) == 2
     e1 = metrics["epochs"][1]
@@ -182,9 +182,9 @@ def test_run_writes_metrics_plot_checkpoint(tmp_path, split):
 
 
 def test_resume_after_interruption_gives_the_same_state(tmp_path, split):
-    full = _run(_cfg(tmp_path / "full", epochs=3), split)
+    full = _run(_cfg(tmp_path / "full", epochs=2), split)
     _run(_cfg(tmp_path / "part", epochs=1), split)
-    resumed = _run(_cfg(tmp_path / "part", epochs=3, resume=True), split)
+    resumed = _run(_cfg(tmp_path / "part", epochs=2, resume=True), split)
     sa, sb = full["model"].state_dict(), resumed["model"].state_dict()
     assert sa.keys() == sb.keys()
     for k in sa:
@@ -226,7 +226,7 @@ def test_auto_prune_leaves_model_optimizer_checkpoint(tmp_path, split):
 
 
 def test_baseline_is_one_lr_one_trial(tmp_path, split):
-    r = _run(_cfg(tmp_path, baseline=True, tau0=2.0), split)
+    r = _run(_cfg(tmp_path, epochs=1, baseline=True, tau0=2.0, plot=False), split)
     for h in r["history"]:
         assert h["retries"] == 0 and h["tau"] is None
         assert set(h["lrs"].values()) == {1e-3, 1e-2} and h["lrs"]["head"] == 1e-2
@@ -266,7 +266,7 @@ def test_cli_resnet18_builtin_runs(tmp_path, capsys):
     from pyfici.cli import main
 
     rc = main(["train", "autolr", "--dataset", "builtin", "--backbone", "resnet18", "--epochs", "1",
-               "--image-size", "32", "--per-class", "4", "--batch-size", "10", "--max-retries", "1",
+               "--image-size", "32", "--per-class", "2", "--batch-size", "10", "--max-retries", "0",
                "--workers", "0", "--out", str(tmp_path), "--no-progress", "--prune", "none"])
     assert rc == 0
     out = capsys.readouterr().out
