@@ -256,7 +256,8 @@ void finish_impl(const PairRaw<T, MODE>& pair, const FinishArgs& a) {
   float* topv = a.topv;
   int32_t* topi = a.topi;
 
-  // 1. the reference ranks normalised float32 values: re-sort by (value / rowmax, index)
+  // 1. the reference ranks normalised float32 values: re-sort by (value / rowmax, index);
+  //    from here on topv holds normalised values
 #pragma omp parallel for num_threads(nt) schedule(static)
   for (int64_t r = 0; r < N; ++r) {
     float* tv = topv + r * K;
@@ -329,7 +330,17 @@ void finish_impl(const PairRaw<T, MODE>& pair, const FinishArgs& a) {
       const int64_t m = static_cast<int64_t>(E.size());
       w.resize(static_cast<size_t>(m));
       const float rm = a.rowmax[i];
-      for (int64_t t = 0; t < m; ++t) w[t] = std::exp(-(pair(i, E[t]) / rm));
+      const float* tv = topv + i * K;
+      const int32_t* ti = topi + i * K;
+      for (int64_t t = 0; t < m; ++t) {
+        // normalised value: from the row's own list when there (the very value
+        // the scan saw), else recomputed
+        float o = 0.0f;
+        int64_t u = 0;
+        while (u < K && ti[u] != E[t]) ++u;
+        o = u < K ? tv[u] : pair(i, E[t]) / rm;
+        w[t] = std::exp(-o);
+      }
       const float s = pairwise_sum(w.data(), m);
       const int64_t st = i * cap;
       for (int64_t t = 0; t < m; ++t) {

@@ -1,0 +1,117 @@
+"""Benchmark cases for k-reciprocal re-ranking (issue 8).
+
+Anchor: the widely used dense numpy ``re_ranking`` (benchmarks/
+rerank_numpy_reference.py, importable here as a copy-free module path when
+run from the source tree), given the three euclidean distance matrices that
+torch computes first (included in its time, as ours includes the distances).
+
+``python -m pyfici.benchcases.rerank Q G D IMPL`` measures one run in this
+fresh process and prints the time and the peak RSS growth (ru_maxrss minus
+the RSS after the random features were made): IMPL is "pyfici",
+"pyfici-distmat" or "numpy-reference".
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from pyfici.bench import Case
+
+SIZES = {
+    "small": [(200, 800, 128)],
+    "full": [(1000, 4000, 2048), (2000, 8000, 2048), (3368, 15913, 2048)],
+}
+NUMPY_MAX_N = 10_000  # the dense anchor needs several N x N float32 matrices
+
+
+def numpy_reference():
+    """The dense numpy anchor, loaded from benchmarks/ in the source tree (None if absent)."""
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "rerank_numpy_reference.py"
+    if not path.exists():
+        return None
+    spec = importlib.util.spec_from_file_location("rerank_numpy_reference", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def features(Q: int, G: int, D: int, device: str = "cpu", seed: int = 0):
+    """Random unit-norm features with identity structure (clusters of ~8)."""
+    gen = torch.Generator().manual_seed(seed)
+    n_id = max(1, (Q + G) // 8)
+    centres = torch.randn(n_id, D, generator=gen)
+    ids = torch.randint(0, n_id, (Q + G,), generator=gen)
+    x = centres[ids] + 0.7 * torch.randn(Q + G, D, generator=gen)
+    x = x / x.norm(dim=1, keepdim=True)
+    return x[:Q].contiguous().to(device), x[Q:].contiguous().to(device)
+
+
+def _distances(q, g):
+    from pyfici.ops import pairwise_distance
+
+    return pairwise_distance(q, g), pairwise_distance(q), pairwise_distance(g)
+
+
+def cases(size: str, device: str) -> list[Case]:
+    from pyfici.reid import rerank, rerank_distmat
+
+    out = []
+    ref = numpy_reference()
+    for Q, G, D in SIZES[size]:
+        big = Q + G > 4000
+
+        def setup(Q=Q, G=G, D=D):
+            q, g = features(Q, G, D, device)
+            fns = {"pyfici": lambda: rerank(q, g)}
+            if Q + G <= NUMPY_MAX_N and device == "cpu" and ref is not None:
+                def anchor():
+                    qg, qq, gg = _distances(q, g)
+                    return ref.re_ranking(qg.numpy(), qq.numpy(), gg.numpy())
+
+                fns["numpy re_ranking (dense N x N)"] = anchor
+            elif device == "cpu":
+                fns["pyfici rerank_distmat"] = lambda: rerank_distmat(*_distances(q, g))
+            return fns
+
+        out.append(Case("rerank", f"{Q}x{G} D={D}", setup, repeats=1 if big else 3, warmup=0 if big else 1,
+                        note="k1=20 k2=6 lambda=0.3, euclidean"))
+    return out
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def measure(Q: int, G: int, D: int, impl: str) -> dict:
+    """Time and peak RSS growth of one run (call in a fresh process)."""
+    from pyfici.reid import rerank, rerank_distmat
+
+    q, g = features(Q, G, D)
+    base = _rss_bytes()
+    t0 = time.perf_counter()
+    if impl == "pyfici":
+        r = rerank(q, g)
+    elif impl == "pyfici-distmat":
+        r = rerank_distmat(*_distances(q, g))
+    elif impl == "numpy-reference":
+        qg, qq, gg = _distances(q, g)
+        r = numpy_reference().re_ranking(qg.numpy(), qq.numpy(), gg.numpy())
+    else:
+        raise ValueError(f"impl: unknown {impl!r}")
+    dt = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"Q": Q, "G": G, "D": D, "impl": impl, "seconds": dt, "peak_rss_growth_MB": (peak - base) / 2**20,
+            "out_shape": tuple(r.shape), "threads": torch.get_num_threads()}
+
+
+if __name__ == "__main__":
+    Q, G, D = (int(a) for a in sys.argv[1:4])
+    print(measure(Q, G, D, sys.argv[4]), flush=True)

@@ -1,0 +1,192 @@
+"""k-reciprocal re-ranking: every backend vs the dense numpy reference
+(benchmarks/rerank_numpy_reference.py) and a stored reference output."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import HAS_CUDA, backends_for
+
+import pyfici
+from pyfici.reid import evaluate, evaluate_distmat, rerank, rerank_distmat
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import rerank_numpy_reference as npref  # noqa: E402
+
+DATA = ROOT / "tests" / "data" / "rerank_expected.npz"
+TOL = 1e-5
+
+
+def _clustered(Q, G, D, seed, dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    n_id = max(1, (Q + G) // 6)
+    c = rng.standard_normal((n_id, D))
+    x = c[rng.integers(0, n_id, Q + G)] + 0.6 * rng.standard_normal((Q + G, D))
+    return x[:Q].astype(dtype), x[Q:].astype(dtype)
+
+
+def _dists(q, g):
+    qq, gg = npref.pairwise_euclidean(q, q), npref.pairwise_euclidean(g, g)
+    np.fill_diagonal(qq, 0.0)
+    np.fill_diagonal(gg, 0.0)
+    return npref.pairwise_euclidean(q, g), qq, gg
+
+
+def assert_matches(ours, ref, tol=TOL, tie=1e-6):
+    """Distances within tol and the same ranking of every row, except where
+    the reference's own consecutive values are closer than ``tie``."""
+    ours = np.asarray(ours, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    assert ours.shape == ref.shape
+    if ours.size == 0:
+        return
+    assert np.abs(ours - ref).max() <= tol
+    order = np.argsort(ref, axis=1, kind="stable")
+    s = np.take_along_axis(ours, order, 1)
+    gaps = np.diff(np.take_along_axis(ref, order, 1), axis=1)
+    assert ((np.diff(s, axis=1) >= 0) | (gaps < tie)).all()
+
+
+def _backends(device, tiny):
+    out = ["torch"] + backends_for(device)
+    if not tiny and not HAS_CUDA:
+        out = [b for b in out if b != "triton"]  # the Triton interpreter is slow: tiny sizes only
+    return out
+
+
+PARAMS = [(20, 6, 0.3), (5, 1, 0.0), (3, 3, 1.0), (4, 7, 0.5), (1, 2, 0.3)]
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 4), (3, 2), (5, 11), (13, 29), (31, 97), (60, 200)])
+@pytest.mark.parametrize("params", PARAMS)
+def test_distmat_matches_numpy_reference(device, shape, params):
+    Q, G = shape
+    k1, k2, lam = params
+    q, g = _clustered(Q, G, 6, Q * 1000 + G)
+    qg, qq, gg = _dists(q, g)
+    ref = npref.re_ranking(qg, qq, gg, k1, k2, lam)
+    tiny = Q + G <= 16
+    for be in _backends(device, tiny):
+        if be == "torch" and Q + G > 150 and params != PARAMS[0]:
+            continue  # the dense torch reference is slow
+        args = [torch.from_numpy(a).to(device) for a in (qg, qq, gg)]
+        out = rerank_distmat(*args, k1, k2, lam, backend=be)
+        assert out.dtype == torch.float32 and out.device.type == device
+        assert_matches(out.cpu().numpy(), ref)
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean", "cosine"])
+@pytest.mark.parametrize("shape", [(2, 3), (17, 43), (47, 151)])
+def test_features_match_numpy_reference(device, metric, shape):
+    Q, G = shape
+    q, g = _clustered(Q, G, 9, Q + 7 * G)
+    tq, tg = torch.from_numpy(q), torch.from_numpy(g)
+    d = [pyfici.ops.reference.pairwise_distance(a, b, metric, s).numpy() for a, b, s in ((tq, tg, False), (tq, tq, True), (tg, tg, True))]
+    ref = npref.re_ranking(*d)
+    for be in _backends(device, Q + G <= 16):
+        out = rerank(tq.to(device), tg.to(device), metric=metric, backend=be)
+        assert_matches(out.cpu().numpy(), ref)
+
+
+def test_float32_features_close_to_float32_distmat():
+    q, g = _clustered(40, 120, 32, 5, np.float32)
+    tq, tg = torch.from_numpy(q), torch.from_numpy(g)
+    a = rerank(tq, tg).numpy()
+    b = rerank_distmat(*_dists(q.astype(np.float64), g.astype(np.float64)))
+    assert a.dtype == np.float32 and b.dtype == np.float32
+    assert np.abs(a - b).max() < 1e-4
+
+
+@pytest.mark.parametrize("tile", [1, 7, 64, None])
+def test_tiles_do_not_change_the_result(tile):
+    q, g = _clustered(23, 71, 8, 3)
+    tq, tg = torch.from_numpy(q), torch.from_numpy(g)
+    base = rerank(tq, tg, k1=6, k2=3)
+    assert torch.equal(rerank(tq, tg, k1=6, k2=3, tile=tile), base)
+    dm = [torch.from_numpy(a) for a in _dists(q, g)]
+    base = rerank_distmat(*dm, 6, 3, 0.3)
+    assert torch.equal(rerank_distmat(*dm, 6, 3, 0.3, tile=tile), base)
+    assert torch.equal(rerank_distmat(*dm, 6, 3, 0.3), base)  # deterministic
+
+
+def test_non_symmetric_distmat_follows_reference():
+    rng = np.random.default_rng(11)
+    Q, G = 9, 23
+    qg, qq, gg = rng.random((Q, G)) + 0.1, rng.random((Q, Q)) + 0.1, rng.random((G, G)) + 0.1
+    np.fill_diagonal(qq, 0.0)
+    np.fill_diagonal(gg, 0.0)
+    ref = npref.re_ranking(qg, qq, gg, 4, 3, 0.3)
+    for be in ["torch"] + backends_for("cpu"):
+        assert_matches(rerank_distmat(torch.from_numpy(qg), torch.from_numpy(qq), torch.from_numpy(gg), 4, 3, 0.3, backend=be).numpy(), ref)
+
+
+def test_float32_distmat_and_numpy_io():
+    q, g = _clustered(12, 40, 5, 8)
+    qg, qq, gg = (a.astype(np.float32) for a in _dists(q, g))
+    ref = npref.re_ranking(qg, qq, gg)
+    out = rerank_distmat(qg, qq, gg)
+    assert isinstance(out, np.ndarray)
+    assert_matches(out, ref)
+
+
+def test_stored_reference_output():
+    z = np.load(DATA)
+    q, g, k1, k2, lam = z["query"], z["gallery"], int(z["k1"]), int(z["k2"]), float(z["lambda_value"])
+    for be in ["torch"] + backends_for("cpu"):
+        if be == "triton":
+            continue  # covered on tiny inputs above
+        out = rerank(torch.from_numpy(q), torch.from_numpy(g), k1=k1, k2=k2, lambda_value=lam, backend=be)
+        assert_matches(out.numpy(), z["expected"])
+
+
+def test_empty_and_defaults():
+    q = torch.randn(0, 4, dtype=torch.float64)
+    g = torch.randn(5, 4, dtype=torch.float64)
+    assert rerank(q, g).shape == (0, 5)
+    assert rerank(g, q).shape == (5, 0)
+    x = torch.randn(1, 3)
+    out = rerank(x, x + 1)
+    assert out.shape == (1, 1) and torch.isfinite(out).all()
+    # all distances 0: the reference divides 0 by a zero row max (NaN); so do we
+    assert torch.isnan(rerank(x, x)).all()
+
+
+def test_evaluate_with_rerank():
+    from pyfici.benchcases.rerank import features
+
+    q, g = features(30, 120, 16, seed=2)
+    gen = torch.Generator().manual_seed(0)
+    q_p, g_p = torch.randint(0, 10, (30,), generator=gen), torch.randint(0, 10, (120,), generator=gen)
+    q_c, g_c = torch.zeros(30, dtype=torch.long), torch.ones(120, dtype=torch.long)
+    r = evaluate(q, g, q_p, g_p, q_c, g_c, rerank=True, max_rank=5)
+    r2 = evaluate_distmat(rerank(q, g), q_p, g_p, q_c, g_c, max_rank=5)
+    assert r.mAP == pytest.approx(r2.mAP)
+
+
+def test_bad_inputs():
+    q, g = torch.randn(4, 3), torch.randn(6, 3)
+    with pytest.raises(ValueError, match="k1"):
+        rerank(q, g, k1=0)
+    with pytest.raises(ValueError, match="k2"):
+        rerank(q, g, k2=0)
+    with pytest.raises(ValueError, match="lambda_value"):
+        rerank(q, g, lambda_value=1.5)
+    with pytest.raises(ValueError, match="metric"):
+        rerank(q, g, metric="manhattan")
+    with pytest.raises(ValueError, match="gallery"):
+        rerank(q, torch.randn(6, 4))
+    with pytest.raises(ValueError, match="query"):
+        rerank(torch.tensor([[float("nan"), 0.0, 0.0]]), g)
+    with pytest.raises(TypeError, match="query"):
+        rerank(torch.ones(4, 3, dtype=torch.long), g)
+    with pytest.raises(ValueError, match="q_q"):
+        rerank_distmat(torch.rand(4, 6), torch.rand(3, 3), torch.rand(6, 6))
+    with pytest.raises(ValueError, match="g_g"):
+        rerank_distmat(torch.rand(4, 6), torch.rand(4, 4), torch.rand(5, 6))
+    with pytest.raises(ValueError, match="tile"):
+        rerank(q, g, tile=0)
+    with pytest.raises(ValueError, match="not implemented"):
+        rerank(q, g, backend="cuda")
