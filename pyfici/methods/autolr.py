@@ -505,7 +505,8 @@ def run_autolr(cfg: AutoLRConfig, model: nn.Module | None = None, groups=None, s
 
     cfg.check()
     rank, world, local_rank = distributed_info()
-    if world > 1 and not torch.distributed.is_initialized():
+    own_pg = world > 1 and not torch.distributed.is_initialized()
+    if own_pg:
         backend = "nccl" if cfg.device.startswith("cuda") else "gloo"
         torch.distributed.init_process_group(backend)
     device = resolve_device(cfg.device)
@@ -690,6 +691,8 @@ def run_autolr(cfg: AutoLRConfig, model: nn.Module | None = None, groups=None, s
                     _plot(st.history, out / "autolr_lrs.png")
         if world > 1:
             torch.distributed.barrier()
+    if own_pg:
+        torch.distributed.destroy_process_group()
     final = st.history[-1] if st.history else {}
     return {"history": st.history, "final": final, "pruned": st.pruned, "out": str(out) if out else None,
             "model": st.model, "groups": st.groups.names}
