@@ -9,7 +9,6 @@ import warnings
 
 import pytest
 import torch
-import torchvision
 
 from pyfici.data.reid import builtin_reid
 from pyfici.methods import rollback as rb
@@ -25,17 +24,53 @@ from pyfici.methods.rollback import (
     roll_back_,
     run,
 )
-from pyfici.models import ResNetRetrieval, groups_for
+from pyfici.models import groups_for, resnet_groups, retrieval_head
 
 SIZE = (32, 16)
 
 
+class TinyReIDNet(torch.nn.Module):
+    """A ResNet-shaped net (conv1, bn1, layer1..4 of one small block each) with the
+    rolling-back head; grouped by pyfici.models.resnet_groups."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        nn = torch.nn
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8)
+        chans = [8, 8, 16, 16, 16]
+        for i in range(4):
+            stride = 2 if i in (1, 2) else 1
+            block = nn.Sequential(nn.Conv2d(chans[i], chans[i + 1], 3, stride, 1, bias=False), nn.BatchNorm2d(chans[i + 1]),
+                                  nn.ReLU())
+            setattr(self, f"layer{i + 1}", nn.Sequential(block))
+        self.head = retrieval_head(16, num_classes, embed_dim=16)
+
+    def layer_groups(self):
+        return resnet_groups(self)
+
+    def features(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return x.mean((2, 3))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
 def tiny_model(num_classes: int) -> torch.nn.Module:
-    """ResNet with one BasicBlock per stage + the rolling-back head; deterministic init."""
-    torch.manual_seed(123)  # the "pre-trained" trunk: identical on every build
-    net = torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1])
-    torch.manual_seed(7)
-    return ResNetRetrieval(net, num_classes)
+    """Deterministic init: the "pre-trained" trunk is identical on every build."""
+    torch.manual_seed(123)
+    return TinyReIDNet(num_classes)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny convolutions are dominated by thread hand-offs; one thread is several times
+    faster here (and immune to a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -827,9 +827,11 @@ def eval_main(args: argparse.Namespace) -> int:
             cfg.root = args.root
         data = _load_dataset(cfg)
         device = resolve_device(args.device)
+        import contextlib
         import warnings
 
-        with warnings.catch_warnings():
+        # the weights come from the checkpoint: silence the builder's "randomly initialised" notes
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
             warnings.simplefilter("ignore")
             model, _ = _build_model(cfg, int(ck["num_classes"]), None)
         model.load_state_dict(ck["model"])
