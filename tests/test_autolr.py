@@ -273,3 +273,28 @@ def test_cli_resnet18_builtin_runs(tmp_path, capsys):
     assert "epoch 0: S=" in out and "R@1=" in out
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert len(m["epochs"][0]["lrs"]) == 1 + 8 + 1
+
+
+def test_query_gallery_protocol_inshop_style(tmp_path, split):
+    from pyfici.data import RetrievalSplit
+
+    test = split.test
+    query = [it for i, it in enumerate(test) if i % 3 == 0]
+    gallery = [it for i, it in enumerate(test) if i % 3 != 0]
+    qg = RetrievalSplit("qg", split.train, test, (1, 10, 20), query=query, gallery=gallery)
+    m, g = _tiny()
+    r = run_autolr(_cfg(tmp_path, epochs=1, max_retries=0), model=m, groups=g, split=qg)
+    rec = r["history"][0]["recall_at_k"]
+    assert set(rec) == {1, 10, 20} and 0 <= rec[1] <= rec[10] <= rec[20] == 1.0
+
+
+def test_demo_compare_small():
+    pytest.importorskip("torchvision")
+    from pyfici.methods.autolr import demo_compare
+
+    with pytest.warns(UserWarning):
+        res = demo_compare(epochs=1, image_size=32, per_class=2, backbone="resnet18", max_retries=0,
+                           prune="none", batch_size=10)
+    assert set(res) == {"autolr", "baseline"}
+    for r in res.values():
+        assert "model" not in r and 1 in r["history"][0]["recall_at_k"]
