@@ -19,6 +19,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 #include <stdexcept>
 #include <vector>
@@ -64,6 +65,19 @@ struct Chunk {
   int32_t tensor;
   int64_t begin, end;
 };
+
+// Threads worth waking for `total` elements: small steps run on the calling
+// thread (an OpenMP region costs more than it saves there, most of all on a
+// loaded machine).
+inline int threads_for(int64_t total, int nthreads) {
+  const int64_t useful = total / (int64_t(1) << 16);
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads, useful)));
+}
+inline int64_t total_of(const std::vector<Chunk>& cs) {
+  int64_t s = 0;
+  for (const Chunk& c : cs) s += c.end - c.begin;
+  return s;
+}
 
 // Chunks of the tensors flagged active, in tensor order.
 std::vector<Chunk> make_chunks(int64_t n, const int64_t* numel, const std::vector<char>& active) {
@@ -143,7 +157,8 @@ void sgd_step(int64_t n, const int64_t* meta, const float* lrs, const float* hyp
   for (int64_t t = 0; t < n; ++t) active[t] = (lrs[t] != 0.0f || hyper[t].wd != 0.0f) && meta[t] > 0;
   const std::vector<Chunk> chunks = make_chunks(n, meta, active);
   const int64_t nc = static_cast<int64_t>(chunks.size());
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+  const int nt = threads_for(total_of(chunks), nthreads);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
   for (int64_t k = 0; k < nc; ++k) {
     switch (pdtype) {
       case kFloat32: sgd_chunk<float>(chunks[k], meta, n, lrs, hyper, inv_scale); break;
@@ -228,7 +243,8 @@ void adamw_step(int64_t n, const int64_t* meta, const float* lrs, float* steps, 
   }
   const std::vector<Chunk> chunks = make_chunks(n, meta, active);
   const int64_t nc = static_cast<int64_t>(chunks.size());
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+  const int nt = threads_for(total_of(chunks), nthreads);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
   for (int64_t k = 0; k < nc; ++k) {
     switch (pdtype) {
       case kFloat32: adamw_chunk<float>(chunks[k], meta, n, hyper, der.data(), inv_scale); break;
@@ -269,7 +285,8 @@ void weight_variation(int64_t n, const int64_t* meta, int dtype, double* out, in
   const std::vector<Chunk> chunks = make_chunks(n, meta, active);
   const int64_t nc = static_cast<int64_t>(chunks.size());
   std::vector<double> part(nc);
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+  const int nt = threads_for(total_of(chunks), nthreads);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
   for (int64_t k = 0; k < nc; ++k) {
     const Chunk& c = chunks[k];
     const int64_t t = c.tensor, len = c.end - c.begin;
