@@ -78,6 +78,10 @@ def write_report(path: str | Path, title: str, sections: list[Section], intro: s
             else:
                 parts.append(f"<p class=note>missing image: {html.escape(str(p))}</p>")
         parts += [f"<pre>{html.escape(t)}</pre>" for t in s.pre]
+    # marks every image as loaded or not once the page has loaded (checked by the browser test)
+    parts.append("<script>window.addEventListener('load',function(){var n=0;for(var i of document.images)"
+                 "{var ok=i.complete&&i.naturalWidth>0;i.setAttribute('data-loaded',ok?'1':'0');n+=ok?1:0;}"
+                 "document.body.setAttribute('data-images-loaded',n+'/'+document.images.length);});</script>")
     parts.append("</body></html>")
     path = Path(path)
     atomic_write_text("\n".join(parts), path)
