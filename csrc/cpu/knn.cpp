@@ -42,6 +42,13 @@ namespace {
 
 constexpr int64_t kBlock = 16;
 
+// Threads worth starting for `work` element-operations: small calls stay on one
+// thread (an OpenMP region on a busy machine costs more than the work).
+inline int threads_for(int nthreads, int64_t work, int64_t rows) {
+  const int64_t by_work = std::max<int64_t>(1, work / (int64_t(1) << 15));
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({static_cast<int64_t>(nthreads), by_work, rows})));
+}
+
 template <typename T>
 struct Cand {
   T v;
@@ -79,6 +86,7 @@ void select_tile_impl(const T* S, int64_t rows, int64_t cols, int64_t ld, int64_
                       const T* b, int64_t k, T* state_vals, int64_t* state_idx, int64_t self_offset,
                       int nthreads) {
   const int64_t cap = std::max<int64_t>(2 * k, 64);
+  nthreads = threads_for(nthreads, rows * cols, rows);
 #pragma omp parallel num_threads(nthreads)
   {
     std::vector<Cand<T>> buf(static_cast<size_t>(cap));
@@ -148,6 +156,7 @@ template <typename T>
 void refine_impl(const T* X, const T* Y, int64_t Q, int64_t D, int64_t k, int metric, int64_t* idx, T* out,
                  int nthreads) {
   const bool ascending = metric != kIP;
+  nthreads = threads_for(nthreads, Q * k * D, Q);
 #pragma omp parallel num_threads(nthreads)
   {
     std::vector<std::pair<double, int64_t>> row(static_cast<size_t>(k));
@@ -212,6 +221,7 @@ void refine_impl(const T* X, const T* Y, int64_t Q, int64_t D, int64_t k, int me
 template <typename T>
 void average_impl(const T* Y, int64_t D, const int64_t* idx, const T* w, int64_t Q, int64_t k, int64_t lo,
                   int64_t hi, bool normalize_rows, bool spherical, bool finalize, T* out, int nthreads) {
+  nthreads = threads_for(nthreads, Q * k * D, Q);
 #pragma omp parallel num_threads(nthreads)
   {
     std::vector<double> acc(static_cast<size_t>(D));
@@ -305,7 +315,7 @@ std::vector<int64_t> k_same_mdav_impl(const T* X, int64_t N, int64_t D, const in
     const double* __restrict cc = c.data();
     double best = -std::numeric_limits<double>::infinity();
     int64_t best_i = -1;
-#pragma omp parallel num_threads(nthreads)
+#pragma omp parallel num_threads(threads_for(nthreads, n_alive * D, N))
     {
       double lb = -std::numeric_limits<double>::infinity();
       int64_t li = -1;

@@ -36,6 +36,8 @@ sums of the neighbours each rank owns.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from pyfici import _native
@@ -54,6 +56,7 @@ METRICS = ("sqeuclidean", "euclidean", "cosine", "ip")
 METRIC_CODES = {"sqeuclidean": 0, "euclidean": 1, "cosine": 2, "ip": 3}
 DEFAULT_TILE = 1 << 23  # score-tile elements (32 MB in float32)
 MAX_TILE_ROWS = 1024
+MAX_K = {"cuda": 1024, "triton": 128}  # the cpu and torch backends take any k <= G
 
 
 def _compute_dtype(*ts: torch.Tensor) -> torch.dtype:
@@ -61,7 +64,7 @@ def _compute_dtype(*ts: torch.Tensor) -> torch.dtype:
 
 
 def _tile_shape(Q: int, G: int, tile: int) -> tuple[int, int]:
-    tq = max(1, min(Q, MAX_TILE_ROWS, tile // 1024 if tile >= 1024 else 1))
+    tq = max(1, min(Q, MAX_TILE_ROWS, max(tile // min(G, 8192), math.isqrt(tile) // 4)))
     tg = max(1, min(G, tile // tq))
     return tq, tg
 
@@ -280,6 +283,11 @@ def _validate(queries, gallery, k, metric, exclude_self, tile, check_values, sha
     return x, y, dev
 
 
+def _check_backend_k(be: str, k: int) -> None:
+    if be in MAX_K and k > MAX_K[be]:
+        raise ValueError(f"k: the {be} backend handles k <= {MAX_K[be]}, got {k} (use backend='cpu' or 'torch')")
+
+
 def _check_weights(weights, Q: int, k: int, dev: torch.device, dtype: torch.dtype):
     if weights is None:
         return None
@@ -326,6 +334,7 @@ def knn(
     """
     x, y, dev = _validate(queries, gallery, k, metric, exclude_self, tile, check_values, sharded)
     be = choose_backend("knn", dev, backend, cuda_default="cuda")
+    _check_backend_k(be, k)
     if sharded:
         return _knn_sharded(x, y, k, metric, exclude_self, tile, be, group)
     return _knn_op(x, y, k, metric, exclude_self, tile, be)
@@ -358,6 +367,7 @@ def knn_average(
     """
     x, y, dev = _validate(queries, gallery, k, metric, exclude_self, tile, check_values, sharded)
     be = choose_backend("knn_average", dev, backend, cuda_default="cuda")
+    _check_backend_k(be, k)
     w = _check_weights(weights, x.shape[0], k, dev, _compute_dtype(x, y))
     if sharded:
         return _knn_average_sharded(x, y, k, metric, spherical, w, exclude_self, tile, be, group)
