@@ -221,13 +221,13 @@ def test_state_dict_round_trip_and_torch_state():
 
 def test_sgd_one_call_per_device_dtype(monkeypatch):
     calls = []
-    orig = pyfici.ops.optim._sgd_op
+    orig = pyfici.ops.optim._sgd_impl
 
     def spy(*args):
         calls.append(len(args[0]))
         return orig(*args)
 
-    monkeypatch.setattr(pyfici.ops.optim, "_sgd_op", spy)
+    monkeypatch.setattr(pyfici.ops.optim, "_sgd_impl", spy)
     ps = [torch.nn.Parameter(torch.randn(3)) for _ in range(6)]
     opt = LayerwiseSGD([{"params": ps[i:i + 2], "lr": 0.1 * (i + 1)} for i in range(0, 6, 2)], momentum=0.9)
     for p in ps:
@@ -298,3 +298,50 @@ def test_bad_inputs():
     q.grad = torch.randn(3)
     with pytest.raises(ValueError, match=r"param_groups\[0\]\['lr'\]: must be finite"):
         opt.step()
+
+
+def test_custom_ops_pass_opcheck():
+    from pyfici.ops import optim as o
+
+    ps = [torch.randn(5), torch.randn(2, 3)]
+    gs = [torch.randn(5), torch.randn(2, 3)]
+    bufs = [torch.zeros(5), torch.zeros(2, 3)]
+    masks = [None, torch.rand(2, 3) > 0.5]
+    lrs = torch.tensor([0.1, 0.2])
+    torch.library.opcheck(o._sgd_op, (ps, gs, bufs, lrs, o.sgd_hyper(2, momentum=0.9), masks, None, None, "cpu"))
+    steps = torch.zeros(2)
+    torch.library.opcheck(o._adamw_op, (ps, gs, [b.clone() for b in bufs], [b.clone() for b in bufs], lrs, steps,
+                                        o.adamw_hyper(2), masks, None, None, "cpu"))
+    torch.library.opcheck(o._weight_variation_op, (ps, gs, "cpu"))
+
+
+def test_chunk_table_layout():
+    import numpy as np
+
+    from pyfici.ops.optim import chunk_table
+
+    numel = np.array([0, 5, 8, 0, 17, 1])
+    tidx, start = chunk_table(numel, 4)
+    assert tidx.tolist() == [1, 1, 2, 2, 4, 4, 4, 4, 4, 5]
+    assert start.tolist() == [0, 4, 0, 4, 0, 4, 8, 12, 16, 0]
+    tidx, start = chunk_table(np.array([0, 0]), 4)
+    assert tidx.size == 0 and start.size == 0
+
+
+def test_mixed_dtypes_one_call_each(monkeypatch):
+    calls = []
+    orig = pyfici.ops.optim._sgd_impl
+
+    def spy(*args):
+        calls.append((len(args[0]), args[0][0].dtype))
+        return orig(*args)
+
+    monkeypatch.setattr(pyfici.ops.optim, "_sgd_impl", spy)
+    ps = [torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(4).bfloat16()),
+          torch.nn.Parameter(torch.randn(2)), torch.nn.Parameter(torch.randn(5).bfloat16())]
+    opt = LayerwiseSGD([{"params": ps[:2], "lr": 0.1}, {"params": ps[2:], "lr": 0.2}], momentum=0.9)
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert sorted(calls, key=str) == sorted([(2, torch.float32), (2, torch.bfloat16)], key=str)
+    assert all(opt.state[p]["momentum_buffer"].dtype == torch.float32 for p in ps)

@@ -116,19 +116,26 @@ def _meta(rows: list[list[int]]) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.int64).reshape(len(rows), -1)
 
 
-def _cuda_tables(meta: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, int]:
-    """meta [R, n] (row 0 = numel) + chunk table [2, nchunks] (tensor, start) in ONE
-    host->device copy. Returns (device int64 tensor [R*n + 2*nchunks], nchunks)."""
-    chunk = _native.cuda_module().optim_chunk_size()
-    numel = meta[0].numpy()
+def chunk_table(numel: np.ndarray, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """Chunks of ``chunk`` elements over tensors with ``numel`` elements, in tensor
+    order: (tensor index [nchunks], first element [nchunks]), int64. Empty tensors
+    have no chunk."""
+    numel = np.asarray(numel, dtype=np.int64)
     per = (numel + chunk - 1) // chunk
     nchunks = int(per.sum())
     tidx = np.repeat(np.arange(len(numel), dtype=np.int64), per)
     first = np.repeat(np.cumsum(per) - per, per)
     start = (np.arange(nchunks, dtype=np.int64) - first) * chunk
+    return tidx, start
+
+
+def _cuda_tables(meta: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, int]:
+    """meta [R, n] (row 0 = numel) + chunk table [2, nchunks] (tensor, start) in ONE
+    host->device copy. Returns (device int64 tensor [R*n + 2*nchunks], nchunks)."""
+    tidx, start = chunk_table(meta[0].numpy(), _native.cuda_module().optim_chunk_size())
     host = torch.cat([meta.reshape(-1), torch.from_numpy(tidx), torch.from_numpy(start)])
     # pageable source: the copy is staged by the driver, no device synchronisation
-    return host.to(device, non_blocking=True), nchunks
+    return host.to(device, non_blocking=True), len(tidx)
 
 
 def _scalar_ptr(t: torch.Tensor | None) -> int:
@@ -198,14 +205,14 @@ def _check_lrs(lrs, n: int, dev: torch.device) -> torch.Tensor:
         raise ValueError(f"lrs: expected a 1-d tensor of {n} learning rates (one per param), got shape {tuple(lrs.shape)}")
     if not lrs.is_floating_point():
         raise TypeError(f"lrs: expected a floating point tensor, got {lrs.dtype}")
-    if lrs.device != dev:
-        if lrs.device.type == "cpu":
-            lrs = lrs.to(dev, non_blocking=True)
-        else:
-            raise ValueError(f"lrs: expected device {dev} (the params') or cpu, got {lrs.device}")
-    elif dev.type == "cpu" and n and not bool(torch.isfinite(lrs).all()):
+    if lrs.device.type == "cpu" and n and not bool(torch.isfinite(lrs).all()):
+        # checked only where it costs no device sync (GPU lrs are trusted)
         bad = torch.nonzero(~torch.isfinite(lrs)).flatten().tolist()
         raise ValueError(f"lrs: must be finite, got non-finite values at tensors {bad[:10]}")
+    if lrs.device != dev:
+        if lrs.device.type != "cpu":
+            raise ValueError(f"lrs: expected device {dev} (the params') or cpu, got {lrs.device}")
+        lrs = lrs.to(torch.float32).to(dev, non_blocking=True)
     return lrs.to(torch.float32).contiguous()
 
 
@@ -232,18 +239,7 @@ def _triton():
     return tk
 
 
-@torch.library.custom_op("pyfici::layerwise_sgd_step_", mutates_args=("params", "momentum_buffers"))
-def _sgd_op(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    momentum_buffers: list[torch.Tensor],
-    lrs: torch.Tensor,
-    hyper: torch.Tensor,
-    masks: list[torch.Tensor | None],
-    grad_scale: torch.Tensor | None,
-    found_inf: torch.Tensor | None,
-    backend: str,
-) -> None:
+def _sgd_impl(params, grads, momentum_buffers, lrs, hyper, masks, grad_scale, found_inf, backend) -> None:
     n = len(params)
     if n == 0:
         return
@@ -255,10 +251,10 @@ def _sgd_op(
     mom = hyper_cpu[:, 1].tolist()
     meta = _meta([
         [p.numel() for p in params],
-        [_ptr(p) for p in params],
-        [_ptr(g) for g in grads],
-        [_ptr(b) if m != 0 else 0 for b, m in zip(momentum_buffers, mom)],
-        [_ptr(m) for m in masks],
+        [p.data_ptr() for p in params],
+        [g.data_ptr() for g in grads],
+        [b.data_ptr() if m != 0 else 0 for b, m in zip(momentum_buffers, mom)],
+        [0 if m is None else m.data_ptr() for m in masks],
     ])
     code = _native.DTYPE_CODES[params[0].dtype]
     if backend == "cpu":
@@ -275,9 +271,34 @@ def _sgd_op(
             _scalar_ptr(grad_scale), _scalar_ptr(found_inf), _native.stream_ptr(dev))
 
 
+@torch.library.custom_op("pyfici::layerwise_sgd_step_", mutates_args=("params", "momentum_buffers"))
+def _sgd_op(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    momentum_buffers: list[torch.Tensor],
+    lrs: torch.Tensor,
+    hyper: torch.Tensor,
+    masks: list[torch.Tensor | None],
+    grad_scale: torch.Tensor | None,
+    found_inf: torch.Tensor | None,
+    backend: str,
+) -> None:
+    _sgd_impl(params, grads, momentum_buffers, lrs, hyper, masks, grad_scale, found_inf, backend)
+
+
 @_sgd_op.register_fake
 def _(params, grads, momentum_buffers, lrs, hyper, masks, grad_scale, found_inf, backend):
     return None
+
+
+def sgd_step_packed(params, grads, momentum_buffers, lrs, hyper, masks, grad_scale, found_inf, backend) -> None:
+    """Entry for pyfici.optim (inputs already validated): the registered op under
+    torch.compile; in eager mode the implementation directly plus ONE version-counter
+    bump for everything written (the custom-op wrapper bumps tensor by tensor)."""
+    if torch.compiler.is_compiling():
+        return _sgd_op(params, grads, momentum_buffers, lrs, hyper, masks, grad_scale, found_inf, backend)
+    _sgd_impl(params, grads, momentum_buffers, lrs, hyper, masks, grad_scale, found_inf, backend)
+    torch.autograd.graph.increment_version(params + momentum_buffers)
 
 
 def layerwise_sgd_step_(
@@ -343,20 +364,7 @@ def layerwise_sgd_step_(
 # ---------------------------------------------------------------------------
 
 
-@torch.library.custom_op("pyfici::layerwise_adamw_step_", mutates_args=("params", "exp_avgs", "exp_avg_sqs", "steps"))
-def _adamw_op(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    exp_avgs: list[torch.Tensor],
-    exp_avg_sqs: list[torch.Tensor],
-    lrs: torch.Tensor,
-    steps: torch.Tensor,
-    hyper: torch.Tensor,
-    masks: list[torch.Tensor | None],
-    grad_scale: torch.Tensor | None,
-    found_inf: torch.Tensor | None,
-    backend: str,
-) -> None:
+def _adamw_impl(params, grads, exp_avgs, exp_avg_sqs, lrs, steps, hyper, masks, grad_scale, found_inf, backend) -> None:
     n = len(params)
     if n == 0:
         return
@@ -366,11 +374,11 @@ def _adamw_op(
         return _triton().layerwise_adamw_step_(params, grads, exp_avgs, exp_avg_sqs, lrs, steps, hyper, masks, grad_scale, found_inf)
     meta = _meta([
         [p.numel() for p in params],
-        [_ptr(p) for p in params],
-        [_ptr(g) for g in grads],
-        [_ptr(m) for m in exp_avgs],
-        [_ptr(v) for v in exp_avg_sqs],
-        [_ptr(m) for m in masks],
+        [p.data_ptr() for p in params],
+        [g.data_ptr() for g in grads],
+        [m.data_ptr() for m in exp_avgs],
+        [v.data_ptr() for v in exp_avg_sqs],
+        [0 if m is None else m.data_ptr() for m in masks],
     ])
     code = _native.DTYPE_CODES[params[0].dtype]
     if backend == "cpu":
@@ -388,9 +396,34 @@ def _adamw_op(
             _scalar_ptr(grad_scale), _scalar_ptr(found_inf), _native.stream_ptr(dev))
 
 
+@torch.library.custom_op("pyfici::layerwise_adamw_step_", mutates_args=("params", "exp_avgs", "exp_avg_sqs", "steps"))
+def _adamw_op(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    lrs: torch.Tensor,
+    steps: torch.Tensor,
+    hyper: torch.Tensor,
+    masks: list[torch.Tensor | None],
+    grad_scale: torch.Tensor | None,
+    found_inf: torch.Tensor | None,
+    backend: str,
+) -> None:
+    _adamw_impl(params, grads, exp_avgs, exp_avg_sqs, lrs, steps, hyper, masks, grad_scale, found_inf, backend)
+
+
 @_adamw_op.register_fake
 def _(params, grads, exp_avgs, exp_avg_sqs, lrs, steps, hyper, masks, grad_scale, found_inf, backend):
     return None
+
+
+def adamw_step_packed(params, grads, exp_avgs, exp_avg_sqs, lrs, steps, hyper, masks, grad_scale, found_inf, backend) -> None:
+    """Entry for pyfici.optim; see :func:`sgd_step_packed`."""
+    if torch.compiler.is_compiling():
+        return _adamw_op(params, grads, exp_avgs, exp_avg_sqs, lrs, steps, hyper, masks, grad_scale, found_inf, backend)
+    _adamw_impl(params, grads, exp_avgs, exp_avg_sqs, lrs, steps, hyper, masks, grad_scale, found_inf, backend)
+    torch.autograd.graph.increment_version(params + exp_avgs + exp_avg_sqs + [steps])
 
 
 def layerwise_adamw_step_(

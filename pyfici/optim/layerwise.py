@@ -169,21 +169,17 @@ class _LayerwiseOptimizer(Optimizer):
         return t if b.device.type == "cpu" else t.to(b.device, non_blocking=True)
 
     def _grads(self, b: _Bucket) -> tuple[list[torch.Tensor], list[bool]]:
-        grads, has = [], []
+        # torch checks shape, dtype and device when .grad is assigned; only layout is ours to check
         ph = _placeholder(b.device)
-        for p in b.params:
-            g = p.grad
+        grads = [p.grad for p in b.params]
+        has = [g is not None for g in grads]
+        for i, g in enumerate(grads):
             if g is None:
-                grads.append(ph)
-                has.append(False)
-                continue
-            if g.is_sparse:
-                raise ValueError("grads: sparse gradients are not supported")
-            if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
-                raise ValueError(f"grads: a grad ({g.dtype}, {tuple(g.shape)}, {g.device}) does not match its param "
-                                 f"({p.dtype}, {tuple(p.shape)}, {p.device})")
-            grads.append(g if g.is_contiguous() else g.contiguous())
-            has.append(True)
+                grads[i] = ph
+            elif not g.is_contiguous():
+                if g.is_sparse:
+                    raise ValueError("grads: sparse gradients are not supported")
+                grads[i] = g.contiguous()
         return grads, has
 
     def _amp(self, dev: torch.device):
@@ -275,7 +271,7 @@ class LayerwiseSGD(_LayerwiseOptimizer):
             b.hyper_key = key
         lrs = self._lrs(b, has)
         gs, fi = self._amp(b.device)
-        ops._sgd_op(b.params, grads, b.state_a, lrs, b.hyper, b.masks, gs, fi, b.backend)
+        ops.sgd_step_packed(b.params, grads, b.state_a, lrs, b.hyper, b.masks, gs, fi, b.backend)
         if any(b.init):
             for i, gi in enumerate(b.group_of):
                 g = groups[gi]
@@ -343,4 +339,4 @@ class LayerwiseAdamW(_LayerwiseOptimizer):
             b.hyper_key = key
         lrs = self._lrs(b, has)
         gs, fi = self._amp(b.device)
-        ops._adamw_op(b.params, grads, b.state_a, b.state_b, lrs, b.steps, b.hyper, b.masks, gs, fi, b.backend)
+        ops.adamw_step_packed(b.params, grads, b.state_a, b.state_b, lrs, b.steps, b.hyper, b.masks, gs, fi, b.backend)
