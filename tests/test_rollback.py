@@ -213,7 +213,7 @@ def test_baseline_same_epochs_one_period(tmp_path, data):
     assert res["total_epochs"] == 2 and res["rollback_epochs"] == []
     assert {e["period"] for e in res["epochs"]} == {1}
     assert res["epochs"][0]["lr"]["head"] == 0.1
-    assert len(res["evaluations"]) == 1 and 0.0 <= res["final"]["mAP"] <= 1.0
+    assert [e["epoch"] for e in res["evaluations"]] == [0, 2] and 0.0 <= res["final"]["mAP"] <= 1.0
 
 
 def test_batch_hard_triplet_matches_brute_force():
@@ -260,3 +260,16 @@ def test_cli_train_eval_and_bad_inputs(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["train", "rollback", "--dataset", "market1501", "--out", str(tmp_path / "x")]) == 2
     assert "--root" in capsys.readouterr().err
+
+
+def test_demo_helper_returns_both_runs(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = rb.demo(out=tmp_path, epochs_per_period=1, image_size=SIZE, model_fn=tiny_model,
+                      builtin_ids=8, builtin_cams=2, builtin_images_per_cam=2, batch_size=8)
+    assert set(res) == {"rollback", "baseline"}
+    for r in res.values():
+        assert r["total_epochs"] == 4 and len(r["cmc"]) > 0 and "model" not in r
+        assert {"mAP", "rank1"} <= set(r["final"]) and r["seconds_per_epoch"] > 0
+    assert res["rollback"]["rollback_epochs"] == [1, 2, 3] and res["baseline"]["rollback_epochs"] == []
+    assert (tmp_path / "rollback" / "metrics.json").is_file() and (tmp_path / "baseline" / "curves.png").is_file()

@@ -346,7 +346,7 @@ class RollbackConfig:
     triplet_weight: float = 1.0
     p: int = 8  # identities per batch with --triplet (PK sampling)
     k: int = 4  # images per identity with --triplet
-    eval_every: int = 10  # evaluate every N epochs (and always at the end); 0 = only at the end
+    eval_every: int = 10  # evaluate before training, every N epochs and at the end; 0 = only at the end
     protocol: str = "market1501"
     max_rank: int = 50
     seed: int = 0
@@ -593,7 +593,9 @@ def run(cfg: RollbackConfig, *, model_fn: Callable[[int], nn.Module] | None = No
             s = PKSampler(train_pids, cfg.p, cfg.k, seed=cfg.seed, rank=rank, world_size=world)
             s.set_epoch(epoch)
             return torch.utils.data.DataLoader(train_set, batch_sampler=s, **kw)
-        drop = len(train_set) // world > cfg.batch_size
+        n_rank = len(train_set) // world
+        # drop the ragged last batch when there are full ones, and always a batch of 1 (BatchNorm1d cannot train on it)
+        drop = n_rank > cfg.batch_size or n_rank % cfg.batch_size == 1
         if distributed:
             s = torch.utils.data.distributed.DistributedSampler(train_set, num_replicas=world, rank=rank,
                                                                 shuffle=True, seed=cfg.seed, drop_last=True)
@@ -628,6 +630,8 @@ def run(cfg: RollbackConfig, *, model_fn: Callable[[int], nn.Module] | None = No
     stop_at = total if cfg.stop_after_epochs is None else min(total, cfg.stop_after_epochs)
     mode = "baseline (fine-tune at once)" if cfg.baseline else f"rolling-back, {len(periods)} periods"
     say(f"{mode}: {total} epochs, {num_classes} training identities, {len(data.train)} images, device {device}")
+    if start_epoch == 0 and cfg.eval_every > 0 and stop_at > 0:
+        evaluate_now(-1, 0)  # the pre-trained backbone (epoch 0): the reference every curve starts from
     for epoch in range(start_epoch, stop_at):
         period_idx, in_period = divmod(epoch, period_epochs)
         period = periods[period_idx]
@@ -728,7 +732,8 @@ def _write_outputs(out: Path, history: dict, conf: dict, baseline: bool) -> None
 
 
 def demo(out: str | os.PathLike = "runs/rollback_demo", epochs_per_period: int = 2, backbone: str = "efficientnet_lite0",
-         image_size: tuple[int, int] = (96, 48), seed: int = 0, quiet: bool = True, **overrides: Any) -> dict:
+         image_size: tuple[int, int] = (96, 48), seed: int = 0, quiet: bool = True,
+         model_fn: Callable[[int], nn.Module] | None = None, **overrides: Any) -> dict:
     """A short rolling-back run and the same-epoch baseline on the built-in data.
 
     Returns ``{"rollback": result, "baseline": result}`` (see :func:`run`; each
@@ -736,7 +741,7 @@ def demo(out: str | os.PathLike = "runs/rollback_demo", epochs_per_period: int =
     ``seconds_per_epoch``). EfficientNet-Lite0 with its ImageNet weights from
     pip, 32 built-in identities (16 train), 96x48 images, 4 periods x 2 epochs
     vs 8 epochs at once: a few minutes on 2 busy CPU cores (see docs/rollback.md).
-    ``overrides`` go to :class:`RollbackConfig` (e.g. ``threads=1``).
+    ``overrides`` go to :class:`RollbackConfig` (e.g. ``threads=1``); ``model_fn`` as in :func:`run`.
     """
     res = {}
     for name, base in (("rollback", False), ("baseline", True)):
@@ -744,7 +749,7 @@ def demo(out: str | os.PathLike = "runs/rollback_demo", epochs_per_period: int =
                              baseline=base, image_size=image_size, seed=seed, out=str(Path(out) / name),
                              eval_every=epochs_per_period, workers=0, quiet=quiet, device="cpu",
                              **{"batch_size": 32, **overrides})
-        r = run(cfg)
+        r = run(cfg, model_fn=model_fn)
         r.pop("model", None)
         res[name] = r
     return res
@@ -773,7 +778,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--triplet-margin", type=float, default=d.triplet_margin)
     p.add_argument("--p", type=int, default=d.p, help="identities per batch with --triplet")
     p.add_argument("--k", type=int, default=d.k, help="images per identity with --triplet")
-    p.add_argument("--eval-every", type=int, default=d.eval_every)
+    p.add_argument("--eval-every", type=int, default=d.eval_every,
+                   help="evaluate before training, every N epochs and at the end (0: only at the end)")
     p.add_argument("--protocol", default=d.protocol, choices=["market1501", "torchreid", "cuhk03"])
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device)
@@ -829,6 +835,7 @@ def eval_main(args: argparse.Namespace) -> int:
         known = {f.name for f in fields(RollbackConfig)}
         cfg = RollbackConfig(**{k: v for k, v in conf.items() if k in known})
         cfg.image_size = tuple(cfg.image_size)
+        cfg.pretrained = "none"  # every weight comes from the checkpoint
         if args.dataset:
             cfg.dataset = args.dataset
         if args.root:
