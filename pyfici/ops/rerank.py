@@ -241,7 +241,7 @@ def _device_sparse_v(nn, rowmax, pair_raw, N: int, k1: int):
         raw = pair_raw(torch.arange(a, b, device=dev), ids.clamp(max=N - 1))
         w = torch.exp(-(raw / rowmax[a:b, None]))
         w = torch.where(valid, w, 0.0)
-        vals[a:b] = w / w.sum(1, keepdim=True)
+        vals[a:b] = torch.where(valid, w / w.sum(1, keepdim=True), 0.0)  # padding stays 0 even for an empty set
     return idx_all, vals
 
 
@@ -446,8 +446,9 @@ def rerank_features(
     if query.shape[1] != gallery.shape[1]:
         raise ValueError(f"gallery: feature dimension {gallery.shape[1]} differs from query's {query.shape[1]}")
     dev = check_same_device(query=query, gallery=gallery)
-    check_finite("query", query)
-    check_finite("gallery", gallery)
+    if not torch.compiler.is_compiling():  # data-dependent check: skipped inside torch.compile graphs
+        check_finite("query", query)
+        check_finite("gallery", gallery)
     be = choose_backend("rerank", dev, backend, cuda_default="triton", supported=_SUPPORTED)
     return _rerank_op(query, gallery, int(k1), int(k2), float(lambda_value), metric, int(tile or 0), be)
 
@@ -484,8 +485,9 @@ def rerank_distmat(
     if tuple(g_g.shape) != (G, G):
         raise ValueError(f"g_g: expected shape [{G}, {G}] (G from q_g), got {tuple(g_g.shape)}")
     dev = check_same_device(q_g=q_g, q_q=q_q, g_g=g_g)
-    for name, t in (("q_g", q_g), ("q_q", q_q), ("g_g", g_g)):
-        check_finite(name, t)
+    if not torch.compiler.is_compiling():
+        for name, t in (("q_g", q_g), ("q_q", q_q), ("g_g", g_g)):
+            check_finite(name, t)
     dt = torch.float64 if torch.float64 in (q_g.dtype, q_q.dtype, g_g.dtype) else torch.float32
     q_g, q_q, g_g = (t.to(dt).contiguous() for t in (q_g, q_q, g_g))
     be = choose_backend("rerank_distmat", dev, backend, cuda_default="triton", supported=_SUPPORTED)
