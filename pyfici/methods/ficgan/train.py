@@ -226,8 +226,8 @@ def train_ficgan(data: str = "builtin", size: int = 64, steps: int = 300, out: s
         done = step + 1
         if not all(math.isfinite(float(v.detach())) for v in (g_loss, d_loss)):
             raise FloatingPointError(f"non-finite loss at step {done}: g={float(g_loss)} d={float(d_loss)}")
-        last = {"step": done, "d_loss": float(d_loss), "r1": float(r1), "g_adv": float(adv), "id_loss": float(id_loss),
-                "rec_l1": float(rec), "attr_mse": float(attr), "sec": round(time.time() - t0, 2)}
+        last = {"step": done, "d_loss": float(d_loss.detach()), "r1": float(r1.detach()), "g_adv": float(adv.detach()),
+                "id_loss": float(id_loss.detach()), "rec_l1": float(rec.detach()), "attr_mse": float(attr.detach()), "sec": round(time.time() - t0, 2)}
         if rank == 0:
             if done % log_every == 0 or done == steps:
                 history.append(last)

@@ -1,0 +1,248 @@
+"""FICGAN: model shapes, training + exact resume, de-identification with
+k-anonymity on real (built-in) faces, controls, photos, bad inputs.
+
+Uses the real default identity encoder (pyfici's dlib port) with tiny widths
+so that the whole file runs in about a minute on 2 CPU cores.
+"""
+
+import hashlib
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+if importlib.util.find_spec("face_recognition_models") is None:
+    pytest.skip("pip install face-recognition-models", allow_module_level=True)
+pytest.importorskip("skimage")
+
+from pyfici.methods.ficgan import FICGAN, FICGANConfig, level_groups, slerp  # noqa: E402
+from pyfici.methods.ficgan.data import builtin_face_images, save_png, to_rgb_float  # noqa: E402
+from pyfici.methods.ficgan.deid import (  # noqa: E402
+    DeidError,
+    _k_same_private,
+    deidentify,
+    load_checkpoint_for_deid,
+)
+from pyfici.methods.ficgan.train import load_ficgan, train_ficgan  # noqa: E402
+
+TINY = dict(size=64, base_channels=4, max_channels=8, attr_channels=2, batch_size=2, lr=1e-3,
+            sample_every=2, checkpoint_every=2, log_every=1, progress=False)
+
+
+def _digest(folder: Path) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    m = train_ficgan("builtin", steps=4, out=str(out), **TINY)
+    return out, m
+
+
+@pytest.fixture(scope="module")
+def faces_dir(tmp_path_factory):
+    """12 built-in faces as PNG files, plus awkward variants of one of them."""
+    d = tmp_path_factory.mktemp("faces")
+    items = builtin_face_images()
+    for it in items[:10] + items[-2:]:
+        save_png((it.image * 255).round().astype(np.uint8), d / it.name)
+    from PIL import Image
+
+    g = (items[3].image.mean(-1) * 255).astype(np.uint8)
+    Image.fromarray(g).save(d / "gray.png")  # grayscale
+    rgba = np.concatenate([(items[4].image * 255).astype(np.uint8), np.full((25, 25, 1), 200, np.uint8)], -1)
+    Image.fromarray(rgba).save(d / "rgba.png")  # RGBA
+    import imageio.v3 as iio
+
+    iio.imwrite(d / "deep16.png", (items[5].image.mean(-1) * 65535).astype(np.uint16))  # 16-bit grey PNG
+    return d
+
+
+def test_model_shapes_and_groups():
+    for size in (64, 128):
+        cfg = FICGANConfig(size=size, base_channels=4, max_channels=8, attr_channels=2)
+        m = FICGAN(cfg, identity_encoder=lambda x: torch.nn.functional.normalize(torch.ones(len(x), 128), dim=1))
+        x = torch.rand(2, 3, size, size) * 2 - 1
+        attrs = m.E_attr(x)
+        assert [a.shape[-1] for a in attrs] == cfg.resolutions
+        z = torch.nn.functional.normalize(torch.randn(2, 128), dim=1)
+        y = m.G(attrs, z)
+        assert y.shape == x.shape and y.abs().max() <= 1
+        y2 = m.G(attrs, {"coarse": z, "middle": z, "fine": z})
+        torch.testing.assert_close(y, y2)
+        assert m.D(x).shape == (2, 1, 8, 8)
+    assert level_groups(4) == {"coarse": [0, 1], "middle": [2], "fine": [3]}
+    assert level_groups(6) == {"coarse": [0, 1], "middle": [2, 3], "fine": [4, 5]}
+    with pytest.raises(ValueError, match="power of two"):
+        FICGANConfig(size=96).validate()
+    with pytest.raises(ValueError, match="between 64 and 256"):
+        FICGANConfig(size=32).validate()
+
+
+def test_slerp_endpoints_and_norm():
+    a, b = torch.nn.functional.normalize(torch.randn(5, 16), dim=1), torch.nn.functional.normalize(torch.randn(5, 16), dim=1)
+    torch.testing.assert_close(slerp(a, b, 0.0), a)
+    torch.testing.assert_close(slerp(a, b, 1.0), b)
+    mid = slerp(a, b, 0.5)
+    torch.testing.assert_close(mid.norm(dim=1), torch.ones(5))
+    torch.testing.assert_close((mid * a).sum(1), (mid * b).sum(1), atol=1e-5, rtol=0)
+
+
+def test_private_k_same_is_a_partition():
+    emb = torch.randn(23, 8)
+    for k in (1, 2, 5, 11, 23):
+        p = _k_same_private(emb, k)
+        assert p.assignment.min() >= 0 and int(p.sizes.sum()) == 23
+        assert int(p.sizes.min()) >= k and int(p.sizes.max()) <= 2 * k - 1 or len(p.sizes) == 1
+        torch.testing.assert_close(p.surrogates.norm(dim=1), torch.ones(len(p.sizes)))
+
+
+def test_training_writes_everything(trained):
+    out, m = trained
+    for f in ("last.pt", "checkpoint.pt", "metrics.json", "samples/step_000002.png", "samples/step_000004.png"):
+        assert (out / f).is_file(), f
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps_done"] == 4 and len(metrics["history"]) == 4
+    assert metrics["optimizer"] in ("torch.optim.AdamW", "pyfici.optim.LayerwiseAdamW")
+    assert all(np.isfinite(h["id_loss"]) for h in metrics["history"])
+    ck = torch.load(out / "last.pt", weights_only=True)
+    assert ck["config"]["size"] == 64
+
+
+def test_resume_continues_exactly(trained, tmp_path):
+    out, _ = trained
+    part = tmp_path / "part"
+    train_ficgan("builtin", steps=2, out=str(part), **TINY)
+    train_ficgan("builtin", steps=4, out=str(part), resume="auto", **TINY)
+    a = torch.load(out / "last.pt", weights_only=True)["weights"]
+    b = torch.load(part / "last.pt", weights_only=True)["weights"]
+    for net in ("E_attr", "G", "D"):
+        for k in a[net]:
+            torch.testing.assert_close(a[net][k], b[net][k], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="another configuration"):
+        train_ficgan("builtin", steps=6, out=str(part), resume="auto", **{**TINY, "lr": 5e-4})
+
+
+def test_deid_k_anonymity_and_controls(trained, faces_dir, tmp_path):
+    out, _ = trained
+    model = load_ficgan(out / "last.pt")
+    before = _digest(faces_dir)
+    r = deidentify(model, str(faces_dir), 3, tmp_path / "k3")
+    assert r["k_anonymous"] is True and r["partition_is_k_anonymous"] is True
+    assert min(r["cluster_sizes"]) >= 3 and sum(r["cluster_sizes"]) == r["n_identities"] == 15
+    assert 0.0 <= r["reidentification_rate"] <= 1.0 and "LBPH" in r["recognizer"]
+    assert all(f["keeps_guarantee"] for f in r["faces"])
+    assert set(r["conversions"]) >= {"gray.png", "rgba.png", "deep16.png"}
+    report = json.loads((tmp_path / "k3" / "report.json").read_text())
+    for key in ("k", "k_anonymous", "cluster_sizes", "reidentification_rate", "recognizer"):
+        assert key in report
+    assert (tmp_path / "k3" / "report.md").read_text().startswith("# De-identification report")
+    assert (tmp_path / "k3" / "grid.png").is_file() and len(list((tmp_path / "k3" / "images").glob("*.png"))) == 15
+    # degree < 1 and partial levels are flagged as not k-anonymous
+    r2 = deidentify(model, str(faces_dir), 3, tmp_path / "half", degree=0.5)
+    assert r2["k_anonymous"] is False and any("degree" in s for s in r2["not_k_anonymous_because"])
+    assert not any(f["keeps_guarantee"] for f in r2["faces"])
+    r3 = deidentify(model, str(faces_dir), 3, tmp_path / "lv", levels="coarse,middle")
+    assert r3["k_anonymous"] is False and any("fine" in s for s in r3["not_k_anonymous_because"])
+    # example-based: one surrogate for all, still k-anonymous
+    r4 = deidentify(model, str(faces_dir), 3, tmp_path / "ex", example=str(faces_dir / "lfw_000.png"))
+    assert r4["k_anonymous"] is True and r4["example_cluster"] is not None
+    # identities, not images, are partitioned when labels are given
+    names = sorted(p.name for p in faces_dir.iterdir())
+    (tmp_path / "labels.txt").write_text("\n".join(f"{n} person{i // 2}" for i, n in enumerate(names)))
+    r5 = deidentify(model, str(faces_dir), 3, tmp_path / "lab", labels=str(tmp_path / "labels.txt"))
+    assert r5["n_identities"] == 8 and sum(r5["cluster_sizes"]) == 8 and min(r5["cluster_sizes"]) >= 3
+    assert _digest(faces_dir) == before  # inputs never modified
+
+
+def test_deid_photo_detects_pastes_and_blurs(trained, tmp_path):
+    import skimage.data as sd
+    from skimage.transform import resize
+
+    model = load_ficgan(trained[0] / "last.pt")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    ast = sd.astronaut()
+    save_png(ast, photos / "astronaut.png")
+    small = (resize(ast, (120, 120), anti_aliasing=True) * 255).astype(np.uint8)  # face ~ 23-28 px
+    canvas = np.full((300, 420, 3), 90, np.uint8)
+    canvas[100:220, 150:270] = small
+    save_png(canvas, photos / "small.png")
+    rng = np.random.default_rng(0)
+    save_png(rng.integers(0, 255, (300, 400, 3), dtype=np.uint8), photos / "noise.png")
+    before = _digest(photos)
+    r = deidentify(model, str(photos), 1, tmp_path / "out", min_face=40)
+    assert r["n_faces"] >= 1
+    assert any(s["image"] == "noise.png" for s in r["no_face"]) or all(f["image"] != "noise.png" for f in r["faces"])
+    out = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(tmp_path / "out" / "images" / "astronaut.png"))
+    assert out.shape == ast.shape
+    f = next(f for f in r["faces"] if f["image"] == "astronaut.png")["box"]
+    face_diff = np.abs(out[f["r"]:f["r"] + f["h"], f["c"]:f["c"] + f["w"]].astype(int) - ast[f["r"]:f["r"] + f["h"], f["c"]:f["c"] + f["w"]]).mean()
+    assert face_diff > 5  # the face region was replaced
+    assert np.abs(out[450:, :60].astype(int) - ast[450:, :60]).max() <= 1  # far from faces: untouched
+    assert _digest(photos) == before
+
+
+def test_bad_inputs(trained, faces_dir, tmp_path):
+    model = load_ficgan(trained[0] / "last.pt")
+    with pytest.raises(DeidError, match="larger than the number of identities"):
+        deidentify(model, str(faces_dir), 100, tmp_path / "o1")
+    with pytest.raises(DeidError, match="no such file"):
+        deidentify(model, str(tmp_path / "missing"), 2, tmp_path / "o2")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "broken.png").write_bytes(b"not an image at all")
+    with pytest.raises(DeidError, match="could be read"):
+        deidentify(model, str(bad), 1, tmp_path / "o3")
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "broken.jpg").write_bytes(b"\xff\xd8garbage")
+    save_png((builtin_face_images()[0].image * 255).astype(np.uint8), mixed / "ok.png")
+    r = deidentify(model, str(mixed), 1, tmp_path / "o4")
+    assert len(r["skipped_files"]) == 1 and "broken.jpg" in r["skipped_files"][0]["file"]
+    assert (mixed / "broken.jpg").read_bytes() == b"\xff\xd8garbage"
+    with pytest.raises(DeidError, match="inside"):
+        deidentify(model, str(mixed), 1, mixed / "out")
+    with pytest.raises(DeidError, match="degree"):
+        deidentify(model, str(mixed), 1, tmp_path / "o5", degree=1.5)
+    with pytest.raises(DeidError, match="levels"):
+        deidentify(model, str(mixed), 1, tmp_path / "o6", levels="coarse,eyes")
+    # checkpoint of another size / not a checkpoint
+    with pytest.raises(DeidError, match="image size 64"):
+        load_checkpoint_for_deid(str(trained[0] / "last.pt"), 128)
+    junk = tmp_path / "junk.pt"
+    torch.save({"hello": torch.zeros(1)}, junk)
+    with pytest.raises(DeidError, match="not a FICGAN checkpoint"):
+        load_checkpoint_for_deid(str(junk), None)
+    with pytest.raises(DeidError, match="not found"):
+        load_checkpoint_for_deid(str(tmp_path / "nope.pt"), None)
+
+
+def test_image_conversions():
+    g16 = (np.arange(100, dtype=np.uint16).reshape(10, 10) * 600)
+    img, notes = to_rgb_float(g16)
+    assert img.shape == (10, 10, 3) and img.dtype == np.float32 and img.max() <= 1
+    assert "16-bit converted to float" in notes and "grayscale converted to RGB" in notes
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    img, notes = to_rgb_float(rgba)
+    assert img.shape == (4, 4, 3) and any("alpha" in n for n in notes)
+    with pytest.raises(ValueError, match="unsupported image shape"):
+        to_rgb_float(np.zeros((5, 5, 7)))
+
+
+def test_cli(trained, faces_dir, tmp_path, capsys):
+    from pyfici.cli import main
+
+    rc = main(["deid", "--checkpoint", str(trained[0] / "last.pt"), "--input", str(faces_dir), "--k", "5",
+               "--out", str(tmp_path / "cli")])
+    assert rc == 0 and "k_anonymous=True" in capsys.readouterr().out
+    rc = main(["deid", "--checkpoint", str(trained[0] / "last.pt"), "--input", str(faces_dir), "--k", "99",
+               "--out", str(tmp_path / "cli2")])
+    assert rc == 2 and "larger than the number of identities" in capsys.readouterr().out
+    rc = main(["deid", "--checkpoint", str(trained[0] / "last.pt"), "--input", str(faces_dir), "--k", "2",
+               "--size", "128", "--out", str(tmp_path / "cli3")])
+    assert rc == 2 and "trained at image size 64" in capsys.readouterr().out
