@@ -372,6 +372,10 @@ def deidentify(model: FICGAN, input: str, k: int, out: str | os.PathLike, *, deg
             "attribute_preservation": {kk: v for kk, v in M.attribute_preservation(x, outputs).items() if kk != "per_image"},
             "reconstruction_quality": M.reconstruction_quality(x, recon),
         })
+        # flat aliases used by pyfici.demo's table
+        report["num_identities"] = len(id_names)
+        report["identity_distance"] = report["identity_distance_to_source"]["mean"]
+        report["ssim_outside"] = report["attribute_preservation"]["ssim_outside"]
     else:
         report.update({"k_anonymous": True, "not_k_anonymous_because": [], "cluster_sizes": [],
                        "reidentification_rate": 0.0, "recognizer": "none (no face large enough to generate)"})
