@@ -6,11 +6,12 @@ run from the source tree), given the three euclidean distance matrices that
 torch computes first (included in its time, as ours includes the distances).
 
 ``python -m pyfici.benchcases.rerank Q G D IMPL`` measures one run in this
-fresh process and prints the time and the peak RSS growth (ru_maxrss minus
-the RSS after the random features were made; pyfici is warmed up on a tiny
-input first, since the first custom-op call of a process imports
-torch._dynamo, about 1-2 s): IMPL is "pyfici",
-"pyfici-distmat" or "numpy-reference".
+fresh process and prints its wall time, its process CPU seconds (a
+load-independent cost on a shared machine) and the peak RSS growth
+(ru_maxrss minus the RSS once the random features exist). pyfici is warmed
+up on a tiny input first: the first custom-op call of a process imports
+torch._dynamo (1-2 s). IMPL is "pyfici", "pyfici-distmat" or
+"numpy-reference".
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ def measure(Q: int, G: int, D: int, impl: str) -> dict:
         rerank(q[:2], g[:3])
         rerank_distmat(*_distances(q[:2], g[:3]))
     base = _rss_bytes()
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     if impl == "pyfici":
         r = rerank(q, g)
@@ -112,8 +114,10 @@ def measure(Q: int, G: int, D: int, impl: str) -> dict:
     else:
         raise ValueError(f"impl: unknown {impl!r}")
     dt = time.perf_counter() - t0
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"Q": Q, "G": G, "D": D, "impl": impl, "seconds": dt, "peak_rss_growth_MB": (peak - base) / 2**20,
+    return {"Q": Q, "G": G, "D": D, "impl": impl, "seconds": dt, "cpu_seconds": cpu, "peak_rss_growth_MB": (peak - base) / 2**20,
             "out_shape": tuple(r.shape), "threads": torch.get_num_threads()}
 
 

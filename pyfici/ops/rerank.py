@@ -38,6 +38,15 @@ METRICS = ("euclidean", "sqeuclidean", "cosine")
 _MODES = {"distmat": 0, "euclidean": 1, "sqeuclidean": 2, "cosine": 3}
 _SUPPORTED = ("cpu", "triton", "torch")
 TILE_BYTES = 128 << 20  # default budget for one distance panel
+PROGRESS_MIN_N = 50_000  # show a progress bar (tqdm, stderr) for graphs at least this large
+
+
+def _progress(it, N: int, total: int):
+    if N < PROGRESS_MIN_N:
+        return it
+    from tqdm import tqdm
+
+    return tqdm(it, total=total, desc=f"rerank scan (N={N})", unit="panel", leave=False)
 
 
 def panel_rows(n: int, itemsize: int, tile: int | None) -> int:
@@ -107,7 +116,7 @@ def _cpu_rerank_features(query, gallery, k1, k2, lambda_value, metric, tile):
     nptr = norms.data_ptr() if norms is not None else 0
     rows = panel_rows(N, x.element_size(), tile)
     buf = torch.empty(min(rows, N) * N, dtype=x.dtype)
-    for r0 in range(0, N, rows):
+    for r0 in _progress(range(0, N, rows), N, -(-N // rows)):
         r1 = min(N, r0 + rows)
         w = N - r0
         t = buf[: (r1 - r0) * w].view(r1 - r0, w)
