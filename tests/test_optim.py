@@ -141,14 +141,14 @@ def test_frozen_and_found_inf_and_grad_scale():
 
 def test_adamw_op_steps_and_frozen():
     for be in backends_for("cpu") + ["torch"]:
-        ps = [torch.randn(4), torch.randn(2, 2)]
-        m = [torch.zeros(4), torch.zeros(2, 2)]
-        v = [torch.zeros(4), torch.zeros(2, 2)]
-        steps = torch.tensor([3.0, 0.0])
+        ps = [torch.randn(4), torch.randn(2, 2), torch.randn(0)]
+        m = [torch.zeros(4), torch.zeros(2, 2), torch.zeros(0)]
+        v = [torch.zeros(4), torch.zeros(2, 2), torch.zeros(0)]
+        steps = torch.tensor([3.0, 0.0, 0.0])
         p0 = ps[0].clone()
-        layerwise_adamw_step_(ps, [torch.randn(4), torch.randn(2, 2)], m, v, torch.tensor([0.0, 1e-3]), steps,
-                              weight_decay=0.0, backend=be)
-        assert steps.tolist() == [3.0, 1.0], be
+        layerwise_adamw_step_(ps, [torch.randn(4), torch.randn(2, 2), torch.randn(0)], m, v,
+                              torch.tensor([0.0, 1e-3, 1e-3]), steps, weight_decay=0.0, backend=be)
+        assert steps.tolist() == [3.0, 1.0, 0.0], be
         assert torch.equal(ps[0], p0), be
 
 

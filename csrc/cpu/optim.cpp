@@ -233,7 +233,7 @@ void adamw_step(int64_t n, const int64_t* meta, const float* lrs, float* steps, 
   for (int64_t t = 0; t < n; ++t) {
     const AdamHyper& h = hyper[t];
     const double lr = lrs[t];
-    active[t] = (lr != 0.0 || h.wd != 0.0f);
+    active[t] = (lr != 0.0 || h.wd != 0.0f) && meta[t] > 0;  // empty tensors keep their step
     if (!active[t]) continue;
     const double step = static_cast<double>(steps[t]) + 1.0;
     steps[t] = static_cast<float>(step);
