@@ -273,3 +273,18 @@ def test_demo_helper_returns_both_runs(tmp_path):
         assert {"mAP", "rank1"} <= set(r["final"]) and r["seconds_per_epoch"] > 0
     assert res["rollback"]["rollback_epochs"] == [1, 2, 3] and res["baseline"]["rollback_epochs"] == []
     assert (tmp_path / "rollback" / "metrics.json").is_file() and (tmp_path / "baseline" / "curves.png").is_file()
+
+
+def test_efficientnet_default_schedule():
+    pytest.importorskip("efficientnet_lite_pytorch")
+    from pyfici.models import build_backbone
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = build_backbone("efficientnet_lite0", "none", 4)
+    groups = groups_for(model)
+    periods = resolve_schedule(default_schedule(groups), groups)
+    assert [len(p.reset) for p in periods] == [0, 17, 13, 9]
+    assert periods[2].kept == ("stem", "blocks.0", "blocks.1", "blocks.2", "blocks.3", "head")
+    assert periods[3].reset[0] == "blocks.8" and periods[3].reset[-1] == "top"
+    assert periods[1].lr["stem"] == 0.001 and periods[1].lr["top"] == 0.01 and periods[0].lr["head"] == 0.1

@@ -218,7 +218,11 @@ def msmt17(root: str | Path) -> ReIDDataset:
 def _source_images() -> list[Any]:
     """Real RGB images that ship with scikit-image (no download), as PIL images."""
     from PIL import Image
-    from skimage import data
+
+    try:
+        from skimage import data
+    except ImportError as e:
+        raise ImportError("the built-in ReID data needs scikit-image: pip install 'pyfici[data]'") from e
 
     names = ["astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
              "retina", "colorwheel", "camera", "coins", "horse", "clock", "moon", "brick", "grass", "gravel"]

@@ -375,7 +375,10 @@ class RollbackConfig:
 
 
 def _transforms(image_size: Sequence[int], train: bool):
-    from torchvision import transforms as T
+    try:
+        from torchvision import transforms as T
+    except ImportError as e:
+        raise ImportError("rolling-back needs torchvision for its image transforms: pip install 'pyfici[vision]'") from e
 
     t = [T.Resize(tuple(image_size), interpolation=T.InterpolationMode.BICUBIC)]
     if train:
