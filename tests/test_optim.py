@@ -267,6 +267,14 @@ def test_bad_inputs():
         layerwise_sgd_step_(p, g, [torch.zeros(3), torch.zeros(4)], [0.1, 0.1], momentum=0.9)
     with pytest.raises(ValueError, match=r"masks\[0\]: expected shape \(3,\)"):
         layerwise_sgd_step_(p, g, b, [0.1, 0.1], momentum=0.9, masks=[torch.ones(4, dtype=torch.bool), None])
+    with pytest.raises(ValueError, match=r"masks\[1\]: expected device cpu"):
+        layerwise_sgd_step_(p, g, b, [0.1, 0.1], masks=[None, torch.ones(2, 2, dtype=torch.bool, device="meta")])
+    with pytest.raises(ValueError, match=r"grads\[0\]: expected shape \(3,\)"):
+        layerwise_sgd_step_(p, [torch.randn(4), g[1]], b, [0.1, 0.1])
+    with pytest.raises(TypeError, match=r"params\[1\]: all params must have one dtype"):
+        layerwise_sgd_step_([p[0], p[1].bfloat16()], g, b, [0.1, 0.1])
+    with pytest.raises(ValueError, match="found_inf: expected a float32 tensor with one element"):
+        layerwise_sgd_step_(p, g, b, [0.1, 0.1], found_inf=torch.zeros(2))
     with pytest.raises(TypeError, match=r"masks\[0\]: expected dtype"):
         layerwise_sgd_step_(p, g, b, [0.1, 0.1], masks=[torch.ones(3), None])
     with pytest.raises(ValueError, match="lrs: must be finite"):
