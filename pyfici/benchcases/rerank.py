@@ -11,7 +11,8 @@ load-independent cost on a shared machine) and the peak RSS growth
 (ru_maxrss minus the RSS once the random features exist). pyfici is warmed
 up on a tiny input first: the first custom-op call of a process imports
 torch._dynamo (1-2 s). IMPL is "pyfici", "pyfici-distmat" or
-"numpy-reference".
+"numpy-reference"; an optional 5th argument "cuda" runs on the GPU
+(default backend there: triton).
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ def cases(size: str, device: str) -> list[Case]:
 
         def setup(Q=Q, G=G, D=D):
             q, g = features(Q, G, D, device)
+            rerank(q[:2], g[:3])  # the first custom-op call of a process imports torch._dynamo: not timed
             fns = {"pyfici": lambda: rerank(q, g)}
             if Q + G <= NUMPY_MAX_N and device == "cpu" and ref is not None:
                 def anchor():
@@ -93,14 +95,18 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def measure(Q: int, G: int, D: int, impl: str) -> dict:
-    """Time and peak RSS growth of one run (call in a fresh process)."""
+def measure(Q: int, G: int, D: int, impl: str, device: str = "cpu") -> dict:
+    """Time and peak RSS growth of one run (call in a fresh process); on
+    "cuda" also the peak GPU memory allocated by torch."""
     from pyfici.reid import rerank, rerank_distmat
 
-    q, g = features(Q, G, D)
+    q, g = features(Q, G, D, device)
     if impl.startswith("pyfici"):  # one-time import cost of torch.library dispatch (torch._dynamo), not the op's
         rerank(q[:2], g[:3])
         rerank_distmat(*_distances(q[:2], g[:3]))
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     base = _rss_bytes()
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
@@ -110,17 +116,20 @@ def measure(Q: int, G: int, D: int, impl: str) -> dict:
         r = rerank_distmat(*_distances(q, g))
     elif impl == "numpy-reference":
         qg, qq, gg = _distances(q, g)
-        r = numpy_reference().re_ranking(qg.numpy(), qq.numpy(), gg.numpy())
+        r = numpy_reference().re_ranking(qg.cpu().numpy(), qq.cpu().numpy(), gg.cpu().numpy())
     else:
         raise ValueError(f"impl: unknown {impl!r}")
+    if device == "cuda":
+        torch.cuda.synchronize()
     dt = time.perf_counter() - t0
     ru1 = resource.getrusage(resource.RUSAGE_SELF)
     cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"Q": Q, "G": G, "D": D, "impl": impl, "seconds": dt, "cpu_seconds": cpu, "peak_rss_growth_MB": (peak - base) / 2**20,
-            "out_shape": tuple(r.shape), "threads": torch.get_num_threads()}
+            "out_shape": tuple(r.shape), "threads": torch.get_num_threads(), "device": device,
+            "peak_gpu_MB": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None}
 
 
 if __name__ == "__main__":
     Q, G, D = (int(a) for a in sys.argv[1:4])
-    print(measure(Q, G, D, sys.argv[4]), flush=True)
+    print(measure(Q, G, D, sys.argv[4], sys.argv[5] if len(sys.argv) > 5 else "cpu"), flush=True)
