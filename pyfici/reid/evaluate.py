@@ -287,7 +287,8 @@ def evaluate(
     if rerank:
         from pyfici.reid.rerank import rerank as _rerank
 
-        dist = _rerank(query, gallery, **(rerank_kwargs or {}))
+        kw = {"metric": metric, **(rerank_kwargs or {})}
+        dist = _rerank(query, gallery, **kw)
         return evaluate_distmat(dist, *ids, max_rank=max_rank, protocol=protocol, num_repeats=num_repeats, seed=seed, backend=backend)
     tile = tile or _default_tile(G)
     check_int_range("tile", tile, 1)
