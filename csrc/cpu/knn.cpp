@@ -7,8 +7,9 @@
 // vectors: 1/||y|| for cosine, -||y||^2/2 for squared euclidean), so no
 // normalised copy of the gallery is needed. The scan is a branch-light
 // "any score in this block of 16 beats the k-th best?" test that the compiler
-// vectorises; the rare hits go into a small candidate buffer that is merged
-// into the sorted top-k list when it fills. Rows are spread over OpenMP
+// vectorises; the rare hits replace the root of a k-entry binary heap whose
+// root is the worst kept score (so the test is one comparison against a
+// register, and an insertion costs O(log k)). Rows are spread over OpenMP
 // threads; the state ([rows, k] values and indices) lives across gallery tiles.
 //
 // knn_refine: exact distances of the k selected neighbours (double
@@ -41,6 +42,7 @@ namespace pyfici {
 namespace {
 
 constexpr int64_t kBlock = 16;
+constexpr int64_t kOuter = 64;
 
 // Threads worth starting for `work` element-operations: small calls stay on one
 // thread (an OpenMP region on a busy machine costs more than the work).
@@ -50,88 +52,111 @@ inline int threads_for(int nthreads, int64_t work, int64_t rows) {
 }
 
 template <typename T>
-struct Cand {
-  T v;
-  int64_t i;
-};
-
-template <typename T>
 inline bool better(T va, int64_t ia, T vb, int64_t ib) {
   return va > vb || (va == vb && ia < ib);
 }
 
-// Merge `n` buffered candidates into the sorted top-k list (vals/idx, best first).
+// Binary heap of the k best (value, index) pairs seen so far; the root is the
+// worst kept pair, so a new score is tested against one register value.
 template <typename T>
-inline void merge_into(T* __restrict vals, int64_t* __restrict idx, int64_t k, Cand<T>* buf, int64_t n,
-                       std::vector<Cand<T>>& tmp) {
-  std::sort(buf, buf + n, [](const Cand<T>& a, const Cand<T>& b) { return better(a.v, a.i, b.v, b.i); });
-  tmp.resize(static_cast<size_t>(k));
-  int64_t p = 0, q = 0;
-  for (int64_t o = 0; o < k; ++o) {
-    if (q < n && (p >= k || better(buf[q].v, buf[q].i, vals[p], idx[p]))) {
-      tmp[o] = buf[q++];
-    } else {
-      tmp[o] = Cand<T>{vals[p], idx[p]};
-      ++p;
-    }
+inline bool worse(T va, int64_t ia, T vb, int64_t ib) {
+  return va < vb || (va == vb && ia > ib);
+}
+
+template <typename T>
+inline void heap_sift_down(T* __restrict hv, int64_t* __restrict hi, int64_t k, int64_t p) {
+  const T v = hv[p];
+  const int64_t i = hi[p];
+  for (;;) {
+    int64_t c = 2 * p + 1;
+    if (c >= k) break;
+    if (c + 1 < k && worse(hv[c + 1], hi[c + 1], hv[c], hi[c])) ++c;
+    if (!worse(hv[c], hi[c], v, i)) break;
+    hv[p] = hv[c];
+    hi[p] = hi[c];
+    p = c;
   }
-  for (int64_t o = 0; o < k; ++o) {
-    vals[o] = tmp[o].v;
-    idx[o] = tmp[o].i;
-  }
+  hv[p] = v;
+  hi[p] = i;
 }
 
 template <typename T, bool HasA, bool HasB>
 void select_tile_impl(const T* S, int64_t rows, int64_t cols, int64_t ld, int64_t col_offset, const T* a,
                       const T* b, int64_t k, T* state_vals, int64_t* state_idx, int64_t self_offset,
                       int nthreads) {
-  const int64_t cap = std::max<int64_t>(2 * k, 64);
+  constexpr int64_t kEmpty = std::numeric_limits<int64_t>::max();
   nthreads = threads_for(nthreads, rows * cols, rows);
 #pragma omp parallel num_threads(nthreads)
   {
-    std::vector<Cand<T>> buf(static_cast<size_t>(cap));
-    std::vector<Cand<T>> tmp;
-#pragma omp for schedule(static)
+    std::vector<T> hv_buf(static_cast<size_t>(k));
+    std::vector<int64_t> hi_buf(static_cast<size_t>(k));
+    std::vector<std::pair<T, int64_t>> sorted(static_cast<size_t>(k));
+    // dynamic: on a busy machine a descheduled thread does not hold the others up
+#pragma omp for schedule(dynamic, 16)
     for (int64_t r = 0; r < rows; ++r) {
       const T* __restrict s = S + r * ld;
       T* __restrict vals = state_vals + r * k;
       int64_t* __restrict idx = state_idx + r * k;
+      T* __restrict hv = hv_buf.data();
+      int64_t* __restrict hi = hi_buf.data();
       const int64_t self_col = self_offset >= 0 ? self_offset + r - col_offset : -1;
-      T thresh = vals[k - 1];
-      int64_t n = 0;
-      auto score = [&](int64_t j) -> T {
-        T v = s[j];
-        if constexpr (HasA) v *= a[j];
-        if constexpr (HasB) v += b[j];
-        return v;
-      };
+      // the state is sorted best first: reversed, it is already a valid heap (worst at the root)
+      for (int64_t t = 0; t < k; ++t) {
+        hv[t] = vals[k - 1 - t];
+        hi[t] = idx[k - 1 - t] < 0 ? kEmpty : idx[k - 1 - t];
+      }
+      T thresh = hv[0];
       auto scalar_range = [&](int64_t j0, int64_t j1) {
         for (int64_t j = j0; j < j1; ++j) {
-          const T v = score(j);
+          T v = s[j];
+          if constexpr (HasA) v *= a[j];
+          if constexpr (HasB) v += b[j];
+          // columns arrive in increasing index order: an equal score never displaces a kept one
           if (v > thresh && j != self_col) {
-            buf[n++] = Cand<T>{v, col_offset + j};
-            if (n == cap) {
-              merge_into(vals, idx, k, buf.data(), n, tmp);
-              n = 0;
-              thresh = vals[k - 1];
-            }
+            hv[0] = v;
+            hi[0] = col_offset + j;
+            heap_sift_down(hv, hi, k, 0);
+            thresh = hv[0];
           }
         }
       };
       int64_t j = 0;
-      for (; j + kBlock <= cols; j += kBlock) {
-        int hit = 0;
-#pragma omp simd reduction(| : hit)
-        for (int64_t t = 0; t < kBlock; ++t) {
+      for (; j + kOuter <= cols; j += kOuter) {
+        // one max over 64 scores (vertical vmaxps, a single horizontal step), then
+        // 16-lane bitmasks only where the block holds a score above the k-th best
+        T m = thresh;
+#pragma omp simd reduction(max : m)
+        for (int64_t t = 0; t < kOuter; ++t) {
           T v = s[j + t];
           if constexpr (HasA) v *= a[j + t];
           if constexpr (HasB) v += b[j + t];
-          hit |= (v > thresh);
+          m = v > m ? v : m;
         }
-        if (hit) scalar_range(j, j + kBlock);
+        if (!(m > thresh)) continue;
+        for (int64_t j16 = j; j16 < j + kOuter; j16 += kBlock) {
+          uint32_t hit = 0;
+#pragma omp simd reduction(| : hit)
+          for (int64_t t = 0; t < kBlock; ++t) {
+            T v = s[j16 + t];
+            if constexpr (HasA) v *= a[j16 + t];
+            if constexpr (HasB) v += b[j16 + t];
+            hit |= static_cast<uint32_t>(v > thresh) << t;
+          }
+          while (hit) {  // only the lanes that beat the k-th best (re-checked: it may have risen)
+            const int t = __builtin_ctz(hit);
+            hit &= hit - 1;
+            scalar_range(j16 + t, j16 + t + 1);
+          }
+        }
       }
       scalar_range(j, cols);
-      if (n) merge_into(vals, idx, k, buf.data(), n, tmp);
+      for (int64_t t = 0; t < k; ++t) sorted[t] = {hv[t], hi[t]};
+      std::sort(sorted.begin(), sorted.end(),
+                [](const auto& p, const auto& q) { return better(p.first, p.second, q.first, q.second); });
+      for (int64_t t = 0; t < k; ++t) {
+        vals[t] = sorted[t].first;
+        idx[t] = sorted[t].second == kEmpty ? -1 : sorted[t].second;
+      }
     }
   }
 }

@@ -17,8 +17,9 @@ kernel merges each tile into a running per-row top-k list (C++ on the CPU with
 OpenMP over rows, a block-per-row CUDA kernel on the GPU). The ranking score of
 gallery item j is ``x.y_j * a_j + b_j`` with ``a = 1/||y||`` (cosine) or
 ``b = -||y||^2 / 2`` ((sq)euclidean), so no normalised copy of the gallery is
-made. Extra memory is one score tile (``tile`` elements, default 8M = 32 MB in
-float32) plus [tile rows, k] state, independent of Q and G. On the CPU the
+made. Extra memory is two score tiles on the CPU (``tile`` elements each,
+default 8M = 32 MB in float32; the selection of one tile runs on a helper
+thread while BLAS fills the other), one on CUDA, independent of Q and G. On the CPU the
 selected neighbours' values are recomputed exactly (double accumulation) and
 re-sorted; on CUDA / Triton they are derived from the float32 scores.
 
@@ -117,36 +118,69 @@ def _select_tiles(
     code = _native.DTYPE_CODES[dt]
     a, b = column_terms(y, metric)
     tq, tg = _tile_shape(Q, G, tile)
-    buf = torch.empty(tq * tg, dtype=dt, device=dev)
     out_s = torch.empty((Q, k), dtype=dt, device=dev)
     out_i = torch.empty((Q, k), dtype=torch.int64, device=dev)
-    nthreads = _native.num_threads()
+    # CPU: two score buffers, so the selection of tile t (one helper thread, GIL
+    # released) runs while BLAS computes tile t + 1; the memory-bound scan then
+    # hides under the compute-bound GEMM. CUDA: one buffer, stream-ordered.
+    pipelined = backend == "cpu" and Q * G > tq * tg
+    bufs = [torch.empty(tq * tg, dtype=dt, device=dev) for _ in range(2 if pipelined else 1)]
+    nthreads = 1 if pipelined else _native.num_threads()
     mod = _native.cpu_module() if backend == "cpu" else _native.cuda_module()
-    for q0 in range(0, Q, tq):
-        q1 = min(Q, q0 + tq)
-        rows = q1 - q0
-        vals = out_s[q0:q1]
-        idx = out_i[q0:q1]
-        vals.fill_(float("-inf"))
-        idx.fill_(-1)
-        xq = x[q0:q1]
-        for g0 in range(0, G, tg):
-            g1 = min(G, g0 + tg)
-            cols = g1 - g0
-            S = buf[: rows * cols].view(rows, cols)
-            torch.mm(xq, y[g0:g1].T, out=S)
-            a_ptr = a[g0:g1].data_ptr() if a is not None else 0
-            b_ptr = b[g0:g1].data_ptr() if b is not None else 0
-            self_off = (self_offset + q0) if exclude_self else -1
-            args = (S.data_ptr(), code, rows, cols, cols, col_offset + g0, a_ptr, b_ptr, k,
-                    vals.data_ptr(), idx.data_ptr(), self_off)
-            if backend == "cpu":
-                mod.knn_select_tile(*args, nthreads)
-            else:
-                mod.knn_select_tile(*args, _native.stream_ptr(dev))
-        if on_rows is not None:
-            on_rows(q0, q1, idx)
+    pending = None
+    which = 0
+    try:
+        for q0 in range(0, Q, tq):
+            q1 = min(Q, q0 + tq)
+            rows = q1 - q0
+            vals = out_s[q0:q1]
+            idx = out_i[q0:q1]
+            vals.fill_(float("-inf"))
+            idx.fill_(-1)
+            xq = x[q0:q1]
+            for g0 in range(0, G, tg):
+                g1 = min(G, g0 + tg)
+                cols = g1 - g0
+                S = bufs[which][: rows * cols].view(rows, cols)
+                which = (which + 1) % len(bufs)
+                torch.mm(xq, y[g0:g1].T, out=S)
+                a_ptr = a[g0:g1].data_ptr() if a is not None else 0
+                b_ptr = b[g0:g1].data_ptr() if b is not None else 0
+                self_off = (self_offset + q0) if exclude_self else -1
+                args = (S.data_ptr(), code, rows, cols, cols, col_offset + g0, a_ptr, b_ptr, k,
+                        vals.data_ptr(), idx.data_ptr(), self_off)
+                if pending is not None:
+                    pending.result()
+                    pending = None
+                if pipelined:
+                    pending = _selector().submit(mod.knn_select_tile, *args, nthreads)
+                elif backend == "cpu":
+                    mod.knn_select_tile(*args, nthreads)
+                else:
+                    mod.knn_select_tile(*args, _native.stream_ptr(dev))
+            if on_rows is not None:
+                if pending is not None:
+                    pending.result()
+                    pending = None
+                on_rows(q0, q1, idx)
+    finally:
+        if pending is not None:
+            pending.result()
     return out_s, out_i
+
+
+_SELECTOR: tuple[int, object] | None = None
+
+
+def _selector():
+    """One helper thread for pipelined CPU selection (re-created after a fork)."""
+    global _SELECTOR
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    if _SELECTOR is None or _SELECTOR[0] != os.getpid():
+        _SELECTOR = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="pyfici-knn-select"))
+    return _SELECTOR[1]
 
 
 def _knn_native(x, y, k, metric, exclude_self, tile, backend):
