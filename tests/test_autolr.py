@@ -238,6 +238,9 @@ def test_impossible_tau_hits_the_retry_cap(tmp_path, split):
     assert h["retries"] == 2 and h["cap_reached"] and h["trials"] == 3
     assert h["score"] == max(h["trial_scores"])  # the best trial is kept
     assert "target" in h["guards"]
+    # the LRs carried on are the accepted (best) trial's, not the last update's
+    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ck["lrs"].tolist() == list(h["lrs"].values())
 
 
 def test_bn_eval_flag_keeps_running_stats(tmp_path, split):

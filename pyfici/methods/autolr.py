@@ -31,7 +31,8 @@ Decisions where the paper / code are silent or unsafe (docs/autolr.md):
   ``[lr_min, lr_max]``; a group whose variation is 0 keeps its LR. Every clamp is
   reported in the epoch's ``guards``.
 - Retry cap: at most ``max_retries`` (10) retries per epoch; when the cap is hit
-  the trial with the best score is accepted and ``cap_reached`` is reported.
+  the trial with the best score is accepted (with the LRs it used, which the
+  next epoch starts from) and ``cap_reached`` is reported.
 - BN: trials train in train mode (BN statistics update). ``bn_eval=True``
   reproduces the released behaviour (BN layers in eval mode during trials).
 - Pruning: ``prune="released"`` drops ResNet-50's layer4[1], layer4[2] (the
@@ -661,6 +662,8 @@ def run_autolr(cfg: AutoLRConfig, model: nn.Module | None = None, groups=None, s
         trial, rec, v = accepted
         st.model = trial
         lrs_used = rec["lrs"]
+        # carry the accepted trial's LRs (differs from the last update when the cap picks an earlier trial)
+        st.lrs.copy_(torch.tensor(list(lrs_used.values()), dtype=st.lrs.dtype))
         if e == cfg.lr_decay_epoch - 1:
             st.lrs.mul_(cfg.lr_gamma)
         # evaluation (rank 0) and logging
