@@ -203,6 +203,13 @@ def test_resume_mid_period_and_config_mismatch(tmp_path, data):
     run(cfg(tmp_path / "b", epochs_per_period=2, stop_after_epochs=3), model_fn=tiny_model, data=data, schedule=sched)
     with pytest.raises(ValueError, match="lr_gamma: checkpoint has 0.1, this run has 0.5"):
         run(cfg(tmp_path / "b", epochs_per_period=2, resume=True, lr_gamma=0.5), model_fn=tiny_model, data=data, schedule=sched)
+
+    def other_pretrained(n):
+        torch.manual_seed(999)
+        return TinyReIDNet(n)
+
+    with pytest.raises(ValueError, match="pre-trained weights differ"):
+        run(cfg(tmp_path / "b", epochs_per_period=2, resume=True), model_fn=other_pretrained, data=data, schedule=sched)
     res = run(cfg(tmp_path / "b", epochs_per_period=2, resume=True), model_fn=tiny_model, data=data, schedule=sched)
     for k, v in full["model"].state_dict().items():
         assert torch.equal(v, res["model"].state_dict()[k]), k
