@@ -353,3 +353,16 @@ def test_mixed_dtypes_one_call_each(monkeypatch):
     opt.step()
     assert sorted(calls, key=str) == sorted([(2, torch.float32), (2, torch.bfloat16)], key=str)
     assert all(opt.state[p]["momentum_buffer"].dtype == torch.float32 for p in ps)
+
+
+def test_loading_unsupported_torch_flags_raises():
+    p = torch.nn.Parameter(torch.randn(3))
+    t = torch.optim.AdamW([p], lr=1e-3, amsgrad=True)
+    p.grad = torch.randn(3)
+    t.step()
+    q = torch.nn.Parameter(p.detach().clone())
+    o = LayerwiseAdamW([q], lr=1e-3)
+    o.load_state_dict(t.state_dict())
+    q.grad = torch.randn(3)
+    with pytest.raises(NotImplementedError, match="amsgrad"):
+        o.step()

@@ -291,6 +291,14 @@ def _(params, grads, momentum_buffers, lrs, hyper, masks, grad_scale, found_inf,
     return None
 
 
+def _bump_versions(tensors: list[torch.Tensor]) -> None:
+    try:  # one call for the whole list (torch >= 2.5)
+        torch.autograd.graph.increment_version(tensors)
+    except TypeError:  # pragma: no cover - older torch takes one tensor at a time
+        for t in tensors:
+            torch.autograd.graph.increment_version(t)
+
+
 def sgd_step_packed(params, grads, momentum_buffers, lrs, hyper, masks, grad_scale, found_inf, backend) -> None:
     """Entry for pyfici.optim (inputs already validated): the registered op under
     torch.compile; in eager mode the implementation directly plus ONE version-counter
@@ -298,7 +306,7 @@ def sgd_step_packed(params, grads, momentum_buffers, lrs, hyper, masks, grad_sca
     if torch.compiler.is_compiling():
         return _sgd_op(params, grads, momentum_buffers, lrs, hyper, masks, grad_scale, found_inf, backend)
     _sgd_impl(params, grads, momentum_buffers, lrs, hyper, masks, grad_scale, found_inf, backend)
-    torch.autograd.graph.increment_version(params + momentum_buffers)
+    _bump_versions(params + momentum_buffers)
 
 
 def layerwise_sgd_step_(
@@ -423,7 +431,7 @@ def adamw_step_packed(params, grads, exp_avgs, exp_avg_sqs, lrs, steps, hyper, m
     if torch.compiler.is_compiling():
         return _adamw_op(params, grads, exp_avgs, exp_avg_sqs, lrs, steps, hyper, masks, grad_scale, found_inf, backend)
     _adamw_impl(params, grads, exp_avgs, exp_avg_sqs, lrs, steps, hyper, masks, grad_scale, found_inf, backend)
-    torch.autograd.graph.increment_version(params + exp_avgs + exp_avg_sqs + [steps])
+    _bump_versions(params + exp_avgs + exp_avg_sqs + [steps])
 
 
 def layerwise_adamw_step_(

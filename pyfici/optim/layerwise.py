@@ -60,7 +60,7 @@ class _Bucket:
 
 class _LayerwiseOptimizer(Optimizer):
     _step_supports_amp_scaling = True
-    _hyper_names: tuple[str, ...] = ()
+    _unsupported_flags: tuple[str, ...] = ()
     _fp32_state_keys: tuple[str, ...] = ()
 
     def __init__(self, params, defaults, backend: str | None):
@@ -135,6 +135,9 @@ class _LayerwiseOptimizer(Optimizer):
     def _pack(self) -> list[_Bucket]:
         buckets: dict[tuple, _Bucket] = {}
         for gi, g in enumerate(self.param_groups):
+            for flag in self._unsupported_flags:
+                if g.get(flag):
+                    raise NotImplementedError(f"param_groups[{gi}]['{flag}'] = True is not supported by {type(self).__name__}")
             for p in g["params"]:
                 if p.is_sparse:
                     raise ValueError("params: sparse params are not supported")
@@ -217,6 +220,7 @@ class LayerwiseSGD(_LayerwiseOptimizer):
     """
 
     _op_name = "layerwise_sgd_step_"
+    _unsupported_flags = ("maximize", "differentiable")
     _fp32_state_keys = ("momentum_buffer",)
 
     def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
@@ -291,6 +295,7 @@ class LayerwiseAdamW(_LayerwiseOptimizer):
     """
 
     _op_name = "layerwise_adamw_step_"
+    _unsupported_flags = ("amsgrad", "maximize", "differentiable")
     _fp32_state_keys = ("exp_avg", "exp_avg_sq")
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
