@@ -781,8 +781,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr-gamma", type=float, default=d.lr_gamma)
     p.add_argument("--triplet", action="store_true", help="add a batch-hard triplet loss (PK sampling)")
     p.add_argument("--triplet-margin", type=float, default=d.triplet_margin)
-    p.add_argument("--p", type=int, default=d.p, help="identities per batch with --triplet")
-    p.add_argument("--k", type=int, default=d.k, help="images per identity with --triplet")
+    p.add_argument("--ids-per-batch", dest="p", type=int, default=d.p, metavar="P",
+                   help="identities per batch with --triplet (PK sampling)")
+    p.add_argument("--images-per-id", dest="k", type=int, default=d.k, metavar="K",
+                   help="images per identity with --triplet (PK sampling)")
     p.add_argument("--eval-every", type=int, default=d.eval_every,
                    help="evaluate before training, every N epochs and at the end (0: only at the end)")
     p.add_argument("--protocol", default=d.protocol, choices=["market1501", "torchreid", "cuhk03"])
