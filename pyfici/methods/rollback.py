@@ -521,8 +521,19 @@ def run(cfg: RollbackConfig, *, model_fn: Callable[[int], nn.Module] | None = No
     ``cfg.out``/``last.pt`` (atomic, every epoch), ``metrics.json`` and
     ``curves.png``. Returns ``{"evaluations": [...], "epochs": [...],
     "rollback_epochs": [...], "final": {...}, "cmc": [...], "config": {...},
-    "seconds_per_epoch": float}``.
+    "seconds_per_epoch": float, "model": nn.Module}``. ``cfg.threads`` applies
+    to this call only.
     """
+    threads = torch.get_num_threads()
+    try:
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        return _run(cfg, model_fn, data, schedule)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cfg: RollbackConfig, model_fn, data, schedule) -> dict:
     rank, world, local = distributed_info()
     distributed = world > 1
     if distributed and not torch.distributed.is_initialized():
@@ -539,8 +550,6 @@ def run(cfg: RollbackConfig, *, model_fn: Callable[[int], nn.Module] | None = No
     if cfg.protocol not in ("market1501", "torchreid", "cuhk03"):
         raise ValueError(f"--protocol must be market1501, torchreid or cuhk03, got {cfg.protocol!r}")
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
     data = data if data is not None else _load_dataset(cfg)
     num_classes = data.num_train_pids
