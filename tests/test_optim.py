@@ -366,3 +366,25 @@ def test_loading_unsupported_torch_flags_raises():
     q.grad = torch.randn(3)
     with pytest.raises(NotImplementedError, match="amsgrad"):
         o.step()
+
+
+def test_changing_momentum_and_missing_grads_match_torch():
+    torch.manual_seed(3)
+    base = [torch.randn(4, 3), torch.randn(5), torch.randn(7)]
+    a = [torch.nn.Parameter(t.clone()) for t in base]
+    b = [torch.nn.Parameter(t.clone()) for t in base]
+    oa = LayerwiseSGD([{"params": a[:2], "lr": 0.1}, {"params": a[2:], "lr": 0.05}], dampening=0.2)
+    ob = torch.optim.SGD([{"params": b[:2], "lr": 0.1}, {"params": b[2:], "lr": 0.05}], dampening=0.2, foreach=False)
+    for it in range(8):
+        if it == 3:  # momentum switched on mid-training: buffers start as torch's do
+            for g in oa.param_groups + ob.param_groups:
+                g["momentum"] = 0.9
+        for k, (x, y) in enumerate(zip(a, b)):
+            if (it + k) % 3 == 0:  # this param has no grad at this step
+                x.grad = y.grad = None
+            else:
+                g = torch.randn(x.shape)
+                x.grad, y.grad = g.clone(), g.clone()
+        oa.step()
+        ob.step()
+    assert _rel_err(a, b) < 1e-6

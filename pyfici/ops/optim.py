@@ -129,10 +129,53 @@ def chunk_table(numel: np.ndarray, chunk: int) -> tuple[np.ndarray, np.ndarray]:
     return tidx, start
 
 
-def _cuda_tables(meta: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, int]:
-    """meta [R, n] (row 0 = numel) + chunk table [2, nchunks] (tensor, start) in ONE
-    host->device copy. Returns (device int64 tensor [R*n + 2*nchunks], nchunks)."""
-    tidx, start = chunk_table(meta[0].numpy(), _native.cuda_module().optim_chunk_size())
+def _ptrs(ts) -> np.ndarray:
+    return np.fromiter(map(torch.Tensor.data_ptr, ts), dtype=np.int64, count=len(ts))
+
+
+class StepPlan:
+    """What stays the same between the steps of a packed optimizer: the element
+    counts, the state and mask pointer rows (pyfici.optim re-plans whenever it
+    creates state or re-packs), the chunk table and the device copy of the hyper
+    table. Param and grad pointers are read at every step."""
+
+    def __init__(self, params, state_rows: list[list[int]], masks, hyper: torch.Tensor):
+        self.numel = np.fromiter(map(torch.Tensor.numel, params), dtype=np.int64, count=len(params))
+        self.state_rows = [np.asarray(r, dtype=np.int64).reshape(len(params)) for r in state_rows]
+        self.mask_row = np.asarray([0 if m is None else m.data_ptr() for m in masks], dtype=np.int64).reshape(len(params))
+        self.hyper = hyper if hyper.device.type == "cpu" else hyper.cpu()
+        self._chunks: tuple[np.ndarray, np.ndarray] | None = None
+        self._hyper_dev: dict = {}
+
+    def meta(self, params, grads) -> torch.Tensor:
+        """int64 [R, n]: numel, param, grad, state rows..., mask."""
+        return torch.from_numpy(np.stack([self.numel, _ptrs(params), _ptrs(grads), *self.state_rows, self.mask_row]))
+
+    def chunks(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._chunks is None:
+            self._chunks = chunk_table(self.numel, _native.cuda_module().optim_chunk_size())
+        return self._chunks
+
+    def hyper_on(self, dev: torch.device) -> torch.Tensor:
+        h = self._hyper_dev.get(dev)
+        if h is None:
+            h = self._hyper_dev[dev] = self.hyper.to(dev, non_blocking=True)
+        return h
+
+
+def sgd_plan(params, momentum_buffers, hyper, masks) -> StepPlan:
+    mom = hyper[:, 1].tolist()
+    return StepPlan(params, [[b.data_ptr() if m != 0 else 0 for b, m in zip(momentum_buffers, mom)]], masks, hyper)
+
+
+def adamw_plan(params, exp_avgs, exp_avg_sqs, hyper, masks) -> StepPlan:
+    return StepPlan(params, [list(_ptrs(exp_avgs)), list(_ptrs(exp_avg_sqs))], masks, hyper)
+
+
+def _cuda_tables(meta: torch.Tensor, device: torch.device, chunks: tuple[np.ndarray, np.ndarray]) -> tuple[torch.Tensor, int]:
+    """meta [R, n] + chunk table (tensor index, start) in ONE host->device copy.
+    Returns (device int64 tensor [R*n + 2*nchunks], nchunks)."""
+    tidx, start = chunks
     host = torch.cat([meta.reshape(-1), torch.from_numpy(tidx), torch.from_numpy(start)])
     # pageable source: the copy is staged by the driver, no device synchronisation
     return host.to(device, non_blocking=True), len(tidx)
@@ -239,7 +282,7 @@ def _triton():
     return tk
 
 
-def _sgd_impl(params, grads, momentum_buffers, lrs, hyper, masks, grad_scale, found_inf, backend) -> None:
+def _sgd_impl(params, grads, momentum_buffers, lrs, hyper, masks, grad_scale, found_inf, backend, plan=None) -> None:
     n = len(params)
     if n == 0:
         return
@@ -247,27 +290,20 @@ def _sgd_impl(params, grads, momentum_buffers, lrs, hyper, masks, grad_scale, fo
         return reference.layerwise_sgd_step_(params, grads, momentum_buffers, lrs, hyper.cpu(), masks, grad_scale, found_inf)
     if backend == "triton":
         return _triton().layerwise_sgd_step_(params, grads, momentum_buffers, lrs, hyper, masks, grad_scale, found_inf)
-    hyper_cpu = hyper.cpu() if hyper.device.type != "cpu" else hyper
-    mom = hyper_cpu[:, 1].tolist()
-    meta = _meta([
-        [p.numel() for p in params],
-        [p.data_ptr() for p in params],
-        [g.data_ptr() for g in grads],
-        [b.data_ptr() if m != 0 else 0 for b, m in zip(momentum_buffers, mom)],
-        [0 if m is None else m.data_ptr() for m in masks],
-    ])
+    if plan is None:
+        plan = sgd_plan(params, momentum_buffers, hyper, masks)
+    meta = plan.meta(params, grads)
     code = _native.DTYPE_CODES[params[0].dtype]
     if backend == "cpu":
         _native.cpu_module().layerwise_sgd_step(
-            n, meta.data_ptr(), lrs.data_ptr(), hyper_cpu.data_ptr(), code,
+            n, meta.data_ptr(), lrs.data_ptr(), plan.hyper.data_ptr(), code,
             _scalar_ptr(grad_scale), _scalar_ptr(found_inf), _native.num_threads())
         return
     dev = params[0].device
     with torch.cuda.device(dev):
-        tables, nchunks = _cuda_tables(meta, dev)
-        hyper_dev = hyper.to(dev, non_blocking=True)
+        tables, nchunks = _cuda_tables(meta, dev, plan.chunks())
         _native.cuda_module().layerwise_sgd_step(
-            n, nchunks, tables.data_ptr(), lrs.data_ptr(), hyper_dev.data_ptr(), code,
+            n, nchunks, tables.data_ptr(), lrs.data_ptr(), plan.hyper_on(dev).data_ptr(), code,
             _scalar_ptr(grad_scale), _scalar_ptr(found_inf), _native.stream_ptr(dev))
 
 
@@ -299,13 +335,14 @@ def _bump_versions(tensors: list[torch.Tensor]) -> None:
             torch.autograd.graph.increment_version(t)
 
 
-def sgd_step_packed(params, grads, momentum_buffers, lrs, hyper, masks, grad_scale, found_inf, backend) -> None:
+def sgd_step_packed(params, grads, momentum_buffers, lrs, hyper, masks, grad_scale, found_inf, backend,
+                    plan: StepPlan | None = None) -> None:
     """Entry for pyfici.optim (inputs already validated): the registered op under
     torch.compile; in eager mode the implementation directly plus ONE version-counter
     bump for everything written (the custom-op wrapper bumps tensor by tensor)."""
     if torch.compiler.is_compiling():
         return _sgd_op(params, grads, momentum_buffers, lrs, hyper, masks, grad_scale, found_inf, backend)
-    _sgd_impl(params, grads, momentum_buffers, lrs, hyper, masks, grad_scale, found_inf, backend)
+    _sgd_impl(params, grads, momentum_buffers, lrs, hyper, masks, grad_scale, found_inf, backend, plan)
     _bump_versions(params + momentum_buffers)
 
 
@@ -372,7 +409,8 @@ def layerwise_sgd_step_(
 # ---------------------------------------------------------------------------
 
 
-def _adamw_impl(params, grads, exp_avgs, exp_avg_sqs, lrs, steps, hyper, masks, grad_scale, found_inf, backend) -> None:
+def _adamw_impl(params, grads, exp_avgs, exp_avg_sqs, lrs, steps, hyper, masks, grad_scale, found_inf, backend,
+                plan=None) -> None:
     n = len(params)
     if n == 0:
         return
@@ -380,27 +418,20 @@ def _adamw_impl(params, grads, exp_avgs, exp_avg_sqs, lrs, steps, hyper, masks, 
         return reference.layerwise_adamw_step_(params, grads, exp_avgs, exp_avg_sqs, lrs, steps, hyper.cpu(), masks, grad_scale, found_inf)
     if backend == "triton":
         return _triton().layerwise_adamw_step_(params, grads, exp_avgs, exp_avg_sqs, lrs, steps, hyper, masks, grad_scale, found_inf)
-    meta = _meta([
-        [p.numel() for p in params],
-        [p.data_ptr() for p in params],
-        [g.data_ptr() for g in grads],
-        [m.data_ptr() for m in exp_avgs],
-        [v.data_ptr() for v in exp_avg_sqs],
-        [0 if m is None else m.data_ptr() for m in masks],
-    ])
+    if plan is None:
+        plan = adamw_plan(params, exp_avgs, exp_avg_sqs, hyper, masks)
+    meta = plan.meta(params, grads)
     code = _native.DTYPE_CODES[params[0].dtype]
     if backend == "cpu":
-        hyper_cpu = hyper.cpu() if hyper.device.type != "cpu" else hyper
         _native.cpu_module().layerwise_adamw_step(
-            n, meta.data_ptr(), lrs.data_ptr(), steps.data_ptr(), hyper_cpu.data_ptr(), code,
+            n, meta.data_ptr(), lrs.data_ptr(), steps.data_ptr(), plan.hyper.data_ptr(), code,
             _scalar_ptr(grad_scale), _scalar_ptr(found_inf), _native.num_threads())
         return
     dev = params[0].device
     with torch.cuda.device(dev):
-        tables, nchunks = _cuda_tables(meta, dev)
-        hyper_dev = hyper.to(dev, non_blocking=True)
+        tables, nchunks = _cuda_tables(meta, dev, plan.chunks())
         _native.cuda_module().layerwise_adamw_step(
-            n, nchunks, tables.data_ptr(), lrs.data_ptr(), steps.data_ptr(), hyper_dev.data_ptr(), code,
+            n, nchunks, tables.data_ptr(), lrs.data_ptr(), steps.data_ptr(), plan.hyper_on(dev).data_ptr(), code,
             _scalar_ptr(grad_scale), _scalar_ptr(found_inf), _native.stream_ptr(dev))
 
 
@@ -426,11 +457,12 @@ def _(params, grads, exp_avgs, exp_avg_sqs, lrs, steps, hyper, masks, grad_scale
     return None
 
 
-def adamw_step_packed(params, grads, exp_avgs, exp_avg_sqs, lrs, steps, hyper, masks, grad_scale, found_inf, backend) -> None:
+def adamw_step_packed(params, grads, exp_avgs, exp_avg_sqs, lrs, steps, hyper, masks, grad_scale, found_inf, backend,
+                      plan: StepPlan | None = None) -> None:
     """Entry for pyfici.optim; see :func:`sgd_step_packed`."""
     if torch.compiler.is_compiling():
         return _adamw_op(params, grads, exp_avgs, exp_avg_sqs, lrs, steps, hyper, masks, grad_scale, found_inf, backend)
-    _adamw_impl(params, grads, exp_avgs, exp_avg_sqs, lrs, steps, hyper, masks, grad_scale, found_inf, backend)
+    _adamw_impl(params, grads, exp_avgs, exp_avg_sqs, lrs, steps, hyper, masks, grad_scale, found_inf, backend, plan)
     _bump_versions(params + exp_avgs + exp_avg_sqs + [steps])
 
 
@@ -513,7 +545,7 @@ def _weight_variation_op(params: list[torch.Tensor], snapshots: list[torch.Tenso
             _native.cpu_module().weight_variation(len(idx), meta.data_ptr(), _native.DTYPE_CODES[dt], part.data_ptr(), _native.num_threads())
         else:
             with torch.cuda.device(dev):
-                tables, nchunks = _cuda_tables(meta, dev)
+                tables, nchunks = _cuda_tables(meta, dev, chunk_table(meta[0].numpy(), _native.cuda_module().optim_chunk_size()))
                 scratch = torch.empty(nchunks, dtype=torch.float64, device=dev)
                 _native.cuda_module().weight_variation(
                     len(idx), nchunks, tables.data_ptr(), _native.DTYPE_CODES[dt], scratch.data_ptr(),

@@ -42,7 +42,7 @@ def _placeholder(dev: torch.device) -> torch.Tensor:
 
 class _Bucket:
     __slots__ = ("device", "dtype", "params", "group_of", "masks", "state_a", "state_b", "steps",
-                 "init", "hyper_key", "hyper", "backend")
+                 "init", "hyper_key", "hyper", "backend", "plan")
 
     def __init__(self, device, dtype):
         self.device, self.dtype = device, dtype
@@ -56,6 +56,7 @@ class _Bucket:
         self.hyper_key = None
         self.hyper: torch.Tensor | None = None
         self.backend = ""
+        self.plan: ops.StepPlan | None = None
 
 
 class _LayerwiseOptimizer(Optimizer):
@@ -273,9 +274,10 @@ class LayerwiseSGD(_LayerwiseOptimizer):
                 init_momentum=b.init,
             )
             b.hyper_key = key
+            b.plan = ops.sgd_plan(b.params, b.state_a, b.hyper, b.masks)
         lrs = self._lrs(b, has)
         gs, fi = self._amp(b.device)
-        ops.sgd_step_packed(b.params, grads, b.state_a, lrs, b.hyper, b.masks, gs, fi, b.backend)
+        ops.sgd_step_packed(b.params, grads, b.state_a, lrs, b.hyper, b.masks, gs, fi, b.backend, b.plan)
         if any(b.init):
             for i, gi in enumerate(b.group_of):
                 g = groups[gi]
@@ -342,6 +344,7 @@ class LayerwiseAdamW(_LayerwiseOptimizer):
                 weight_decay=[r["weight_decay"] if h else 0.0 for r, h in zip(rows, has)],
             )
             b.hyper_key = key
+            b.plan = ops.adamw_plan(b.params, b.state_a, b.state_b, b.hyper, b.masks)
         lrs = self._lrs(b, has)
         gs, fi = self._amp(b.device)
-        ops.adamw_step_packed(b.params, grads, b.state_a, b.state_b, lrs, b.steps, b.hyper, b.masks, gs, fi, b.backend)
+        ops.adamw_step_packed(b.params, grads, b.state_a, b.state_b, lrs, b.steps, b.hyper, b.masks, gs, fi, b.backend, b.plan)
