@@ -246,6 +246,9 @@ def _knn_op(
         from pyfici.kernels import knn as tk
 
         return tk.knn(queries, gallery, k, metric, exclude_self)
+    if backend == "cuda":
+        with torch.cuda.device(queries.device):
+            return _knn_native(queries, gallery, k, metric, exclude_self, tile, backend)
     return _knn_native(queries, gallery, k, metric, exclude_self, tile, backend)
 
 
@@ -274,6 +277,9 @@ def _knn_average_op(
         from pyfici.kernels import knn as tk
 
         return tk.knn_average(queries, gallery, k, metric, spherical, weights, exclude_self)
+    if backend == "cuda":
+        with torch.cuda.device(queries.device):
+            return _knn_average_native(queries, gallery, k, metric, spherical, weights, exclude_self, tile, backend)
     return _knn_average_native(queries, gallery, k, metric, spherical, weights, exclude_self, tile, backend)
 
 
@@ -413,6 +419,12 @@ def knn_average(
 # ---------------------------------------------------------------------------
 
 
+def _device_ctx(be: str, dev: torch.device):
+    import contextlib
+
+    return torch.cuda.device(dev) if be == "cuda" else contextlib.nullcontext()
+
+
 def _shard_offsets(G_local: int, dev: torch.device, group) -> tuple[int, int, int]:
     import torch.distributed as dist
 
@@ -444,7 +456,8 @@ def _local_topk(x, y, k, metric, exclude_self, tile, be, offset, dt):
     kk = min(k, G)
     if be in ("cpu", "cuda"):
         xs, ys = x.to(dt).contiguous(), y.to(dt).contiguous()
-        scores, i = _select_tiles(xs, ys, kk, metric, exclude_self, tile, be, col_offset=offset, self_offset=0)
+        with _device_ctx(be, x.device):
+            scores, i = _select_tiles(xs, ys, kk, metric, exclude_self, tile, be, col_offset=offset, self_offset=0)
         if be == "cpu":
             il = torch.where(i < 0, i, i - offset)
             v = torch.empty_like(scores)
@@ -501,7 +514,8 @@ def _knn_average_sharded(x, y, k, metric, spherical, w, exclude_self, tile, be, 
     lo, hi = offset, offset + y.shape[0]
     native = be in ("cpu", "cuda") and y.shape[0] > 0
     if native:
-        _average_rows(be, yl, idx.contiguous(), w, 0, Q, lo, hi, metric == "cosine", spherical, False, part)
+        with _device_ctx(be, x.device):
+            _average_rows(be, yl, idx.contiguous(), w, 0, Q, lo, hi, metric == "cosine", spherical, False, part)
     elif y.shape[0] > 0:
         own = (idx >= lo) & (idx < hi)
         nb = yl[(idx - lo).clamp(0, y.shape[0] - 1)]
