@@ -37,9 +37,18 @@ def _digest(folder: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def train_dir(tmp_path_factory):
+    """8 built-in faces as files (a folder of aligned crops, as --data takes)."""
+    d = tmp_path_factory.mktemp("train")
+    for it in builtin_face_images()[:8]:
+        save_png((it.image * 255).round().astype(np.uint8), d / it.name)
+    return d
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, train_dir):
     out = tmp_path_factory.mktemp("run")
-    m = train_ficgan("builtin", steps=4, out=str(out), **TINY)
+    m = train_ficgan(str(train_dir), steps=4, out=str(out), **TINY)
     return out, m
 
 
@@ -113,18 +122,18 @@ def test_training_writes_everything(trained):
     assert ck["config"]["size"] == 64
 
 
-def test_resume_continues_exactly(trained, tmp_path):
+def test_resume_continues_exactly(trained, train_dir, tmp_path):
     out, _ = trained
     part = tmp_path / "part"
-    train_ficgan("builtin", steps=2, out=str(part), **TINY)
-    train_ficgan("builtin", steps=4, out=str(part), resume="auto", **TINY)
+    train_ficgan(str(train_dir), steps=2, out=str(part), **TINY)
+    train_ficgan(str(train_dir), steps=4, out=str(part), resume="auto", **TINY)
     a = torch.load(out / "last.pt", weights_only=True)["weights"]
     b = torch.load(part / "last.pt", weights_only=True)["weights"]
     for net in ("E_attr", "G", "D"):
         for k in a[net]:
             torch.testing.assert_close(a[net][k], b[net][k], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="another configuration"):
-        train_ficgan("builtin", steps=6, out=str(part), resume="auto", **{**TINY, "lr": 5e-4})
+        train_ficgan(str(train_dir), steps=6, out=str(part), resume="auto", **{**TINY, "lr": 5e-4})
 
 
 def test_deid_k_anonymity_and_controls(trained, faces_dir, tmp_path):

@@ -116,7 +116,8 @@ def _identity_gallery(emb: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
 
 
 def reidentification_rate(originals: torch.Tensor, outputs: torch.Tensor, labels: Sequence[int] | torch.Tensor | None = None,
-                          recognizer: Recognizer = "lbph", return_matches: bool = False):
+                          recognizer: Recognizer = "lbph", return_matches: bool = False,
+                          features: tuple[torch.Tensor, torch.Tensor] | None = None):
     """Fraction of ``outputs[i]`` whose nearest original identity (gallery: one
     entry per identity, the mean feature of its originals) is ``labels[i]``.
 
@@ -127,8 +128,14 @@ def reidentification_rate(originals: torch.Tensor, outputs: torch.Tensor, labels
     if len(outputs) != n:
         raise ValueError(f"outputs: expected {n} images (one per original), got {len(outputs)}")
     lab = torch.arange(n) if labels is None else torch.as_tensor(labels).long().cpu()
-    embed, dist = _resolve(recognizer)
-    eo, eq = embed(originals), embed(outputs)
+    if features is not None:
+        eo, eq = (F.normalize(f.float().cpu(), dim=1) for f in features)
+
+        def dist(a, b):
+            return 1 - a @ b.T
+    else:
+        embed, dist = _resolve(recognizer)
+        eo, eq = embed(originals), embed(outputs)
     gal, ids = _identity_gallery(eo, lab)
     d = dist(eq, gal)
     pred = ids[d.argmin(dim=1)]

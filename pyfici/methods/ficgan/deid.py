@@ -348,11 +348,16 @@ def deidentify(model: FICGAN, input: str, k: int, out: str | os.PathLike, *, deg
         rr_eval, hits = M.reidentification_rate(x, outputs, id_of_face, recognizer=recognizer, return_matches=True)
         rr = {recognizer: rr_eval}
         other = "dlib" if recognizer != "dlib" else "lbph"
+        z_out = _embed(model, outputs, dev)
+        from pyfici.models.dlib_face import DlibFaceEncoder
+
+        same_encoder = other == "dlib" and isinstance(model.E_id, DlibFaceEncoder)
         try:
-            rr[other] = M.reidentification_rate(x, outputs, id_of_face, recognizer=other)
+            rr[other] = M.reidentification_rate(x, outputs, id_of_face, recognizer=other,
+                                                features=(z_face, z_out) if same_encoder else None)
         except Exception as e:  # noqa: BLE001 - the second recognizer is informative only
             rr[other] = f"unavailable: {e}"
-        id_dist = (1 - (z_face * _embed(model, outputs, dev)).sum(1)).tolist()
+        id_dist = (1 - (z_face * z_out).sum(1)).tolist()
         rr_recon = M.reidentification_rate(x, recon, id_of_face, recognizer=recognizer)
         report.update({
             "k_anonymous": k_anon,
