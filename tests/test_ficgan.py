@@ -145,6 +145,9 @@ def test_deid_k_anonymity_and_controls(trained, faces_dir, tmp_path):
     assert min(r["cluster_sizes"]) >= 3 and sum(r["cluster_sizes"]) == r["n_identities"] == 15
     assert 0.0 <= r["reidentification_rate"] <= 1.0 and "LBPH" in r["recognizer"]
     assert all(f["keeps_guarantee"] for f in r["faces"])
+    # a measured rate above 1/k (+ noise) must be called out, not hidden behind k_anonymous
+    assert isinstance(r["reidentification_within_bound"], bool)
+    assert bool(r["warnings"]) == (not r["reidentification_within_bound"])
     assert set(r["conversions"]) >= {"gray.png", "rgba.png", "deep16.png"}
     report = json.loads((tmp_path / "k3" / "report.json").read_text())
     for key in ("k", "k_anonymous", "cluster_sizes", "reidentification_rate", "recognizer"):
