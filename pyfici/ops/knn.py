@@ -38,6 +38,7 @@ sums of the neighbours each rank owns.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -123,7 +124,7 @@ def _select_tiles(
     # CPU: two score buffers, so the selection of tile t (one helper thread, GIL
     # released) runs while BLAS computes tile t + 1; the memory-bound scan then
     # hides under the compute-bound GEMM. CUDA: one buffer, stream-ordered.
-    pipelined = backend == "cpu" and Q * G > tq * tg
+    pipelined = backend == "cpu" and Q * G > tq * tg and _PIPELINE
     bufs = [torch.empty(tq * tg, dtype=dt, device=dev) for _ in range(2 if pipelined else 1)]
     nthreads = 1 if pipelined else _native.num_threads()
     mod = _native.cpu_module() if backend == "cpu" else _native.cuda_module()
@@ -169,13 +170,13 @@ def _select_tiles(
     return out_s, out_i
 
 
+_PIPELINE = os.environ.get("PYFICI_KNN_PIPELINE", "1") != "0"
 _SELECTOR: tuple[int, object] | None = None
 
 
 def _selector():
     """One helper thread for pipelined CPU selection (re-created after a fork)."""
     global _SELECTOR
-    import os
     from concurrent.futures import ThreadPoolExecutor
 
     if _SELECTOR is None or _SELECTOR[0] != os.getpid():
