@@ -2,15 +2,24 @@
 (FICGAN, k-Same), layer-wise fine-tuning (AutoLR, rolling-back) and person
 re-identification.
 
-Public API (import from here or from the sub-packages):
+Public API:
 
-- ``pyfici.ops``: the compiled ops (``pairwise_distance``, ``reid_rank_stats``, ...)
-- ``pyfici.reid``: ``evaluate``, ``evaluate_distmat``, ``recall_at_k``
-- ``pyfici.compat.torchreid``: ``evaluate_rank`` drop-in
+- ``pyfici.ops`` — compiled ops, each with cpu / cuda / triton / torch backends:
+  ``pairwise_distance``, ``reid_rank_stats`` (ReID); ``layerwise_sgd_step_``,
+  ``layerwise_adamw_step_``, ``weight_variation`` (fused layer-wise update);
+  ``knn``, ``knn_average`` (k-nearest manifold averaging); ``rerank_features``,
+  ``rerank_distmat`` (k-reciprocal re-ranking).
+- ``pyfici.reid`` — ``evaluate``, ``evaluate_distmat``, ``recall_at_k``,
+  ``rerank``, ``rerank_distmat``.
+- ``pyfici.optim`` — ``LayerwiseSGD``, ``LayerwiseAdamW`` (drop-in for torch.optim).
+- ``pyfici.deid`` — ``k_same``, ``check_k_anonymity`` and privacy / utility metrics.
+- ``pyfici.compat.torchreid`` — ``evaluate_rank`` drop-in.
+- ``pyfici.methods`` — ``autolr``, ``rollback``, ``ficgan`` (also as ``pyfici train ...``).
+- ``pyfici.data``, ``pyfici.models`` — dataset readers, backbones and layer groupings.
 """
 
 __version__ = "0.1.0"
 
-from pyfici import ops, reid  # noqa: E402
+from pyfici import deid, ops, optim, reid  # noqa: E402
 
-__all__ = ["__version__", "ops", "reid"]
+__all__ = ["__version__", "ops", "reid", "optim", "deid"]
