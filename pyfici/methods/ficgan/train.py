@@ -305,8 +305,8 @@ def load_ficgan(checkpoint: str | os.PathLike, identity_encoder=None, device: st
 def train_builtin(out: str | os.PathLike = "runs/ficgan_builtin", steps: int = 200, size: int = 64,
                   device: str = "cpu", **kw) -> dict:
     """Short FICGAN run on the built-in faces at CPU-friendly widths (base 16,
-    max 64 channels, batch 6; about 2-3 minutes for 200 steps at size 64 on a
-    2-core CPU). Returns the metrics; weights in ``out/last.pt``."""
+    max 64 channels, batch 6; 200 steps at size 64 took 30 s on an otherwise
+    idle 2-core CPU, much longer on a loaded one). Returns the metrics; weights in ``out/last.pt``."""
     kw.setdefault("base_channels", 16)
     kw.setdefault("max_channels", 64)
     kw.setdefault("batch_size", 6)
