@@ -83,9 +83,13 @@ def read_image(path: str | os.PathLike) -> LoadedImage:
     if not path.is_file():
         raise ImageInputError(f"{path}: not a file")
     try:
+        import warnings
+
         import imageio.v3 as iio
 
-        arr = iio.imread(path)
+        with warnings.catch_warnings():  # imageio's legacy plugins warn while probing unreadable files
+            warnings.simplefilter("ignore", DeprecationWarning)
+            arr = iio.imread(path)
     except Exception as e:  # noqa: BLE001 - any decoder failure becomes a clear message
         try:
             from PIL import Image
