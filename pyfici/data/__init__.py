@@ -19,3 +19,21 @@ __all__ = [
     "RetrievalImageDataset", "RetrievalSplit", "aircraft", "cars196", "cub200", "inshop",
     "load_retrieval_dataset", "sop",
 ]
+
+from pyfici.data.reid import (  # noqa: E402
+    REID_DATASETS,
+    PKSampler,
+    ReIDDataset,
+    ReIDImageDataset,
+    builtin_reid,
+    cuhk03_np,
+    dukemtmc,
+    load_reid_dataset,
+    market1501,
+    msmt17,
+)
+
+__all__ += [
+    "PKSampler", "REID_DATASETS", "ReIDDataset", "ReIDImageDataset", "builtin_reid", "cuhk03_np",
+    "dukemtmc", "load_reid_dataset", "market1501", "msmt17",
+]
