@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 import torch
 
 from pyfici.ops import pairwise_distance, reid_rank_stats
-from pyfici.ops.distance import METRICS, distance_tile, distance_tile_raw, prepare_gallery
 from pyfici.ops._validate import (
     as_tensor,
     check_finite,
@@ -41,6 +40,7 @@ from pyfici.ops._validate import (
     check_ndim,
     check_nonempty,
 )
+from pyfici.ops.distance import METRICS, distance_tile, distance_tile_raw, prepare_gallery
 
 PROTOCOLS = ("torchreid", "market1501", "cuhk03")
 
