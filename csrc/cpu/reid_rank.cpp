@@ -86,12 +86,53 @@ inline T epilogue(T x, T qn) {
   }
 }
 
+// Gallery ids compressed once per call: dense int32 pid / camera codes (so
+// the per-row junk test is a 16-lane int32 compare) and the gallery items of
+// each pid in index order (so a query's matches are found without a scan).
+struct GalleryIndex {
+  std::vector<int64_t> upid, ucam;   // sorted unique pids / cameras
+  std::vector<int32_t> key, cam;     // dense codes per gallery item
+  std::vector<int64_t> offsets, members;
+  int32_t key_minus1 = -2;
+
+  GalleryIndex(const int64_t* gpid, const int64_t* gcam, int64_t G) {
+    upid.assign(gpid, gpid + G);
+    std::sort(upid.begin(), upid.end());
+    upid.erase(std::unique(upid.begin(), upid.end()), upid.end());
+    ucam.assign(gcam, gcam + G);
+    std::sort(ucam.begin(), ucam.end());
+    ucam.erase(std::unique(ucam.begin(), ucam.end()), ucam.end());
+    key.resize(G);
+    cam.resize(G);
+    offsets.assign(upid.size() + 1, 0);
+    for (int64_t j = 0; j < G; ++j) {
+      key[j] = static_cast<int32_t>(std::lower_bound(upid.begin(), upid.end(), gpid[j]) - upid.begin());
+      cam[j] = static_cast<int32_t>(std::lower_bound(ucam.begin(), ucam.end(), gcam[j]) - ucam.begin());
+      ++offsets[key[j] + 1];
+    }
+    for (size_t u = 0; u < upid.size(); ++u) offsets[u + 1] += offsets[u];
+    members.resize(G);
+    std::vector<int64_t> fill(offsets.begin(), offsets.end() - 1);
+    for (int64_t j = 0; j < G; ++j) members[fill[key[j]]++] = j;  // index order within a pid
+    key_minus1 = code(upid, -1);
+  }
+  // dense code of v, or -3 if absent (matches no gallery code)
+  static int32_t code(const std::vector<int64_t>& u, int64_t v) {
+    auto it = std::lower_bound(u.begin(), u.end(), v);
+    return (it != u.end() && *it == v) ? static_cast<int32_t>(it - u.begin()) : -3;
+  }
+};
+
 template <typename T, int Epi>
 void rank_stats_impl(const T* dist, const T* qnorm, int64_t Q, int64_t G, int64_t ld, const int64_t* qpid,
                      const int64_t* gpid, const int64_t* qcam, const int64_t* gcam,
                      bool junk_minus1, bool trapezoid, double* out_ap, int64_t* out_first,
                      double* out_inp, int64_t* out_nmatch, int nthreads) {
   const T inf = std::numeric_limits<T>::infinity();
+  const GalleryIndex gi(gpid, gcam, G);
+  const int32_t* __restrict gkey = gi.key.data();
+  const int32_t* __restrict gc = gi.cam.data();
+  const int32_t km1 = junk_minus1 ? gi.key_minus1 : -2;
 #pragma omp parallel num_threads(nthreads)
   {
     std::vector<T> v(static_cast<size_t>(G));
@@ -101,26 +142,22 @@ void rank_stats_impl(const T* dist, const T* qnorm, int64_t Q, int64_t G, int64_
 #pragma omp for schedule(dynamic, 8)
     for (int64_t q = 0; q < Q; ++q) {
       const T* __restrict d = dist + q * ld;
-      const int64_t qp = qpid[q], qc = qcam[q];
+      const int32_t qk = GalleryIndex::code(gi.upid, qpid[q]);
+      const int32_t qc = GalleryIndex::code(gi.ucam, qcam[q]);
       const T qn = Epi == 0 ? T(0) : qnorm[q];
       T* __restrict vv = v.data();
-      // junk -> +inf (vectorisable select)
-      if (junk_minus1) {
-        for (int64_t j = 0; j < G; ++j) {
-          const bool junk = (gpid[j] == qp && gcam[j] == qc) || gpid[j] == -1;
-          vv[j] = junk ? inf : epilogue<T, Epi>(d[j], qn);
-        }
-      } else {
-        for (int64_t j = 0; j < G; ++j) {
-          const bool junk = (gpid[j] == qp && gcam[j] == qc);
-          vv[j] = junk ? inf : epilogue<T, Epi>(d[j], qn);
-        }
+      // junk -> +inf (vectorised select on int32 codes)
+      for (int64_t j = 0; j < G; ++j) {
+        const bool junk = (gkey[j] == qk) & (gc[j] == qc) | (gkey[j] == km1);
+        vv[j] = junk ? inf : epilogue<T, Epi>(d[j], qn);
       }
       midx.clear();
-      const bool query_is_junk_id = junk_minus1 && qp == -1;
-      if (!query_is_junk_id) {
-        for (int64_t j = 0; j < G; ++j)
-          if (gpid[j] == qp && gcam[j] != qc) midx.push_back(j);
+      const bool query_is_junk_id = junk_minus1 && qpid[q] == -1;
+      if (!query_is_junk_id && qk >= 0) {
+        for (int64_t t = gi.offsets[qk]; t < gi.offsets[qk + 1]; ++t) {
+          const int64_t j = gi.members[t];
+          if (gc[j] != qc) midx.push_back(j);
+        }
       }
       ranks.clear();
       const int64_t M = static_cast<int64_t>(midx.size());
@@ -136,7 +173,7 @@ void rank_stats_impl(const T* dist, const T* qnorm, int64_t Q, int64_t G, int64_
         });
         for (int64_t r = 0; r < static_cast<int64_t>(order.size()); ++r) {
           const int64_t j = order[r];
-          if (gpid[j] == qp) ranks.push_back(r);
+          if (gkey[j] == qk) ranks.push_back(r);
         }
       }
       RowResult res = stats_from_ranks(ranks, trapezoid);
