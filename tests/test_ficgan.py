@@ -22,8 +22,8 @@ from pyfici.methods.ficgan import FICGAN, FICGANConfig, level_groups, slerp  # n
 from pyfici.methods.ficgan.data import builtin_face_images, save_png, to_rgb_float  # noqa: E402
 from pyfici.methods.ficgan.deid import (  # noqa: E402
     DeidError,
-    _k_same_private,
     deidentify,
+    k_same_partition,
     load_checkpoint_for_deid,
 )
 from pyfici.methods.ficgan.train import load_ficgan, train_ficgan  # noqa: E402
@@ -101,10 +101,11 @@ def test_slerp_endpoints_and_norm():
     torch.testing.assert_close((mid * a).sum(1), (mid * b).sum(1), atol=1e-5, rtol=0)
 
 
-def test_private_k_same_is_a_partition():
+def test_k_same_partition_is_a_partition():
     emb = torch.randn(23, 8)
     for k in (1, 2, 5, 11, 23):
-        p = _k_same_private(emb, k)
+        p = k_same_partition(emb, k)
+        assert p.implementation.startswith("pyfici.deid.k_same")
         assert p.assignment.min() >= 0 and int(p.sizes.sum()) == 23
         assert int(p.sizes.min()) >= k and int(p.sizes.max()) <= 2 * k - 1 or len(p.sizes) == 1
         torch.testing.assert_close(p.surrogates.norm(dim=1), torch.ones(len(p.sizes)))
@@ -116,10 +117,34 @@ def test_training_writes_everything(trained):
         assert (out / f).is_file(), f
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps_done"] == 4 and len(metrics["history"]) == 4
-    assert metrics["optimizer"] in ("torch.optim.AdamW", "pyfici.optim.LayerwiseAdamW")
+    assert metrics["optimizer"] == "pyfici.optim.LayerwiseAdamW"
     assert all(np.isfinite(h["id_loss"]) for h in metrics["history"])
     ck = torch.load(out / "last.pt", weights_only=True)
     assert ck["config"]["size"] == 64
+    # identity codes are centred on the training set's mean embedding, stored with G
+    assert ck["config"]["center_identity"] is True
+    mu = ck["weights"]["G"]["id_mean"]
+    assert mu.shape == (128,) and 0.5 < float(mu.norm()) < 1.0
+
+
+def test_attr_group_channels_and_centring():
+    enc = lambda x: torch.nn.functional.normalize(x.flatten(1)[:, :16] + 1.0, dim=1)  # noqa: E731
+    cfg = FICGANConfig(size=64, id_dim=16, base_channels=4, max_channels=8, attr_channels=4,
+                       attr_group_channels=[2, 1, 0], center_identity=True)
+    m = FICGAN(cfg, identity_encoder=enc)
+    x = torch.rand(3, 3, 64, 64) * 2 - 1
+    assert [a.shape[1] for a in m.E_attr(x)] == [2, 2, 1, 0]  # levels 8, 16 (coarse), 32 (middle), 64 (fine)
+    z = m.identity(x)
+    m.G.id_mean.copy_(z.mean(0))
+    c = m.center_codes(z)
+    torch.testing.assert_close(c, torch.nn.functional.normalize(z - z.mean(0), dim=1))
+    torch.testing.assert_close(m.generate(x, z), m.generate(x, c, centered=True))
+    w = m.weights()
+    del w["G"]["id_mean"]  # a checkpoint from before centring loads with a zero mean
+    m.load_weights(w)
+    assert float(m.G.id_mean.abs().sum()) == 0
+    with pytest.raises(ValueError, match="attr_group_channels"):
+        FICGANConfig(attr_group_channels=[1, 2]).validate()
 
 
 def test_resume_continues_exactly(trained, train_dir, tmp_path):

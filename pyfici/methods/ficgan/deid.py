@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pyfici.deid import check_k_anonymity, k_same
 from pyfici.methods._common import atomic_write_text, resolve_device, write_json
 from pyfici.methods.ficgan.data import (
     IMAGE_EXTS,
@@ -67,52 +68,15 @@ class Partition:
     implementation: str
 
 
-def _k_same_private(emb: torch.Tensor, k: int, seed: int = 0) -> Partition:
-    """Greedy k-Same (Newton et al. 2005), MDAV seed choice, cosine distance:
-    while >= 2k remain, take the remaining embedding farthest from the
-    remaining centroid and its k-1 nearest remaining neighbours; the rest
-    (k..2k-1) form the last cluster. Deterministic (ties -> lower index)."""
-    x = F.normalize(emb.double(), dim=1)
-    n = len(x)
-    remaining = torch.arange(n)
-    assign = torch.full((n,), -1, dtype=torch.long)
-    c = 0
-    while len(remaining) >= 2 * k:
-        sub = x[remaining]
-        centroid = F.normalize(sub.sum(0, keepdim=True), dim=1)
-        s = int(torch.argmin((sub @ centroid.T)[:, 0]))  # farthest from the centroid
-        d = 1 - sub @ sub[s]
-        order = torch.argsort(d + torch.arange(len(sub), dtype=torch.float64) * 1e-12, stable=True)[:k]
-        assign[remaining[order]] = c
-        keep = torch.ones(len(remaining), dtype=torch.bool)
-        keep[order] = False
-        remaining = remaining[keep]
-        c += 1
-    if len(remaining):
-        assign[remaining] = c
-        c += 1
-    sizes = torch.bincount(assign, minlength=c)
-    sur = torch.zeros(c, x.shape[1], dtype=torch.float64).index_add_(0, assign, x)
-    return Partition(assign, F.normalize(sur, dim=1).to(emb.dtype), sizes, "pyfici.methods.ficgan.deid._k_same_private (greedy MDAV)")
-
-
 def k_same_partition(emb: torch.Tensor, k: int, seed: int = 0) -> Partition:
-    """k-Same partition of identity embeddings ``[N, D]``: ``pyfici.deid.k_same``
-    when available (greedy, cosine), else the private fallback above."""
-    try:
-        from pyfici.deid import k_same  # type: ignore[attr-defined]
-    except ImportError:
-        return _k_same_private(emb, k, seed)
+    """k-Same partition of identity embeddings ``[N, D]`` by
+    :func:`pyfici.deid.k_same` (greedy, cosine; spherical-mean surrogates)."""
     res = k_same(emb, k, metric="cosine", seed=seed, method="greedy")
     return Partition(res.assignment.long().cpu(), F.normalize(res.surrogates.float().cpu(), dim=1),
                      res.sizes.long().cpu(), "pyfici.deid.k_same (greedy, cosine)")
 
 
 def is_k_anonymous(assignment: torch.Tensor, k: int) -> bool:
-    try:
-        from pyfici.deid import check_k_anonymity  # type: ignore[attr-defined]
-    except ImportError:
-        return bool(len(assignment) == 0 or torch.bincount(assignment).min() >= k) if len(assignment) else True
     return bool(check_k_anonymity(assignment, k))
 
 
@@ -244,11 +208,12 @@ def _embed(model: FICGAN, x: torch.Tensor, dev) -> torch.Tensor:
 
 
 def _generate(model: FICGAN, x: torch.Tensor, codes: dict[str, torch.Tensor], dev) -> torch.Tensor:
+    """``codes``: per-group codes in the generator's code space (:meth:`FICGAN.center_codes`)."""
     outs = []
     with torch.no_grad():
         for i in range(0, len(x), 32):
             c = {g: v[i:i + 32].to(dev) for g, v in codes.items()}
-            outs.append(model.generate(x[i:i + 32].to(dev), c).float().cpu())
+            outs.append(model.generate(x[i:i + 32].to(dev), c, centered=True).float().cpu())
     return torch.cat(outs) if outs else x.clone()
 
 
@@ -316,7 +281,11 @@ def deidentify(model: FICGAN, input: str, k: int, out: str | os.PathLike, *, deg
     outputs = x.clone()
     if faces:
         z_face = _embed(model, x, dev)
-        z_id = F.normalize(torch.zeros(len(id_names), z_face.shape[1]).index_add_(0, id_of_face, z_face), dim=1)
+        # partition, surrogates and slerp live in the generator's code space (identity embeddings
+        # centred on the training mean when the model was trained so; else the embeddings themselves)
+        with torch.no_grad():
+            c_face = model.center_codes(z_face.to(dev)).cpu()
+        z_id = F.normalize(torch.zeros(len(id_names), c_face.shape[1]).index_add_(0, id_of_face, c_face), dim=1)
         part = k_same_partition(z_id, k, seed)
         anon_partition = is_k_anonymous(part.assignment, k)
         cluster_of_face = part.assignment[id_of_face]
@@ -327,13 +296,14 @@ def deidentify(model: FICGAN, input: str, k: int, out: str | os.PathLike, *, deg
             ex_faces, _, _ = find_faces(ex, size, faces_mode, detector, min_face)
             if not ex_faces:
                 raise DeidError(f"--example {example}: no face found")
-            z_ex = _embed(model, ex_faces[0].crop[None], dev)
-            example_cluster = int(torch.argmax(part.surrogates @ z_ex[0]))
+            with torch.no_grad():
+                c_ex = model.center_codes(_embed(model, ex_faces[0].crop[None], dev).to(dev)).cpu()
+            example_cluster = int(torch.argmax(part.surrogates @ c_ex[0]))
             target = part.surrogates[example_cluster].expand_as(target)
-        z_mix = slerp(z_face, target, degree)
-        codes = {g: (z_mix if g in lv else z_face) for g in GROUPS}
+        z_mix = slerp(c_face, target, degree)
+        codes = {g: (z_mix if g in lv else c_face) for g in GROUPS}
         outputs = _generate(model, x, codes, dev)
-        recon = _generate(model, x, {g: z_face for g in GROUPS}, dev)
+        recon = _generate(model, x, {g: c_face for g in GROUPS}, dev)
         full_control = degree >= 1.0 and len(lv) == len(GROUPS)
         k_anon = bool(anon_partition and full_control)
         reasons = []

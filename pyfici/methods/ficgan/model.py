@@ -38,6 +38,11 @@ class FICGANConfig:
     max_channels: int = 128
     attr_channels: int = 8  # width of each attribute map (the bottleneck that limits identity leakage)
     identity_encoder: str = "dlib"
+    # attribute-map width per level group (coarse, middle, fine); None: attr_channels everywhere. 0 removes
+    # the attribute input of that group entirely (no identity can pass there).
+    attr_group_channels: list[int] | None = None
+    # centre identity codes on the training set's mean embedding (stored as G.id_mean) before modulation
+    center_identity: bool = False
 
     def validate(self) -> None:
         if self.size < 64 or self.size > 256 or self.size & (self.size - 1):
@@ -45,6 +50,8 @@ class FICGANConfig:
         for k in ("id_dim", "base_channels", "max_channels", "attr_channels"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1")
+        if self.attr_group_channels is not None and (len(self.attr_group_channels) != 3 or min(self.attr_group_channels) < 0):
+            raise ValueError(f"attr_group_channels must be three widths >= 0 (coarse, middle, fine), got {self.attr_group_channels}")
 
     @property
     def resolutions(self) -> list[int]:
@@ -52,6 +59,17 @@ class FICGANConfig:
 
     def channels(self, res: int) -> int:
         return min(self.max_channels, self.base_channels * self.size // res)
+
+    def attr_widths(self) -> list[int]:
+        """Attribute-map width of every level, coarse to fine."""
+        n = len(self.resolutions)
+        if self.attr_group_channels is None:
+            return [self.attr_channels] * n
+        out = [0] * n
+        for gi, idx in enumerate(level_groups(n).values()):
+            for i in idx:
+                out[i] = int(self.attr_group_channels[gi])
+        return out
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,27 +90,34 @@ class AttributeEncoder(nn.Module):
     def __init__(self, cfg: FICGANConfig):
         super().__init__()
         res = cfg.resolutions[::-1]  # size ... 8
+        widths = cfg.attr_widths()[::-1]  # fine ... coarse
         self.stem = nn.Conv2d(3, cfg.channels(res[0]), 3, padding=1)
         self.down = nn.ModuleList()
-        self.heads = nn.ModuleList([nn.Conv2d(cfg.channels(res[0]), cfg.attr_channels, 1)])
-        for r_in, r_out in zip(res[:-1], res[1:]):
+        self.heads = nn.ModuleList([nn.Conv2d(cfg.channels(res[0]), max(1, widths[0]), 1)])
+        self.widths = widths
+        for w, r_in, r_out in zip(widths[1:], res[:-1], res[1:]):
             self.down.append(nn.Sequential(
                 nn.Conv2d(cfg.channels(r_in), cfg.channels(r_out), 4, stride=2, padding=1),
                 nn.LeakyReLU(0.2),
                 nn.Conv2d(cfg.channels(r_out), cfg.channels(r_out), 3, padding=1),
                 nn.LeakyReLU(0.2),
             ))
-            self.heads.append(nn.Conv2d(cfg.channels(r_out), cfg.attr_channels, 1))
+            self.heads.append(nn.Conv2d(cfg.channels(r_out), max(1, w), 1))
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """-> attribute maps coarse to fine: ``[N, attr_channels, r, r]`` for
         r = 8 ... size, bounded to (-1, 1) by tanh (keeps the attribute
-        consistency loss on a fixed scale)."""
+        consistency loss on a fixed scale). A level of width 0 gets an empty
+        ``[N, 0, r, r]`` map."""
         h = F.leaky_relu(self.stem(x), 0.2)
-        maps = [torch.tanh(self.heads[0](h))]
-        for d, head in zip(self.down, self.heads[1:]):
+
+        def head_out(head, h, w):
+            return torch.tanh(head(h)) if w > 0 else h.new_zeros(h.shape[0], 0, h.shape[2], h.shape[3])
+
+        maps = [head_out(self.heads[0], h, self.widths[0])]
+        for d, head, w in zip(self.down, self.heads[1:], self.widths[1:]):
             h = d(h)
-            maps.append(torch.tanh(head(h)))
+            maps.append(head_out(head, h, w))
         return maps[::-1]
 
 
@@ -120,12 +145,23 @@ class Generator(nn.Module):
         self.const = nn.Parameter(torch.randn(1, cfg.channels(res[0]), 8, 8) * 0.1)
         self.levels = nn.ModuleList()
         prev = cfg.channels(res[0])
-        for r in res:
+        for r, aw in zip(res, cfg.attr_widths()):
             c = cfg.channels(r)
-            self.levels.append(nn.ModuleList([ModConv(prev + cfg.attr_channels, c, cfg.id_dim), ModConv(c, c, cfg.id_dim)]))
+            self.levels.append(nn.ModuleList([ModConv(prev + aw, c, cfg.id_dim), ModConv(c, c, cfg.id_dim)]))
             prev = c
         self.to_rgb = nn.Conv2d(prev, 3, 1)
         self.groups = level_groups(len(res))
+        # training-set mean identity embedding (zeros: no centring); see center_codes
+        self.register_buffer("id_mean", torch.zeros(cfg.id_dim))
+
+    def center_codes(self, z: torch.Tensor) -> torch.Tensor:
+        """Map unit identity embeddings into the generator's code space:
+        ``normalize(z - id_mean)`` with ``center_identity``, else ``z``. The
+        dlib embeddings of one face set are concentrated around their mean, so
+        centring spreads identities over the whole sphere."""
+        if not self.cfg.center_identity:
+            return z
+        return F.normalize(z - self.id_mean.to(z.dtype), dim=-1)
 
     @property
     def n_levels(self) -> int:
@@ -145,8 +181,13 @@ class Generator(nn.Module):
                 out[i] = codes[g]
         return out  # type: ignore[return-value]
 
-    def forward(self, attrs: list[torch.Tensor], codes: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, attrs: list[torch.Tensor], codes: torch.Tensor | dict[str, torch.Tensor],
+                centered: bool = False) -> torch.Tensor:
+        """``codes``: identity embeddings (``centered=False``) or codes already
+        mapped by :meth:`center_codes` (``centered=True``)."""
         zs = self.per_level_codes(codes)
+        if not centered:
+            zs = [self.center_codes(z) for z in zs]
         n = attrs[0].shape[0]
         h = self.const.expand(n, -1, -1, -1)
         for i, (level, a, z) in enumerate(zip(self.levels, attrs, zs)):
@@ -200,15 +241,20 @@ class FICGAN(nn.Module):
             raise ValueError(f"identity encoder returned shape {tuple(z.shape)}, expected [N, {self.cfg.id_dim}]")
         return F.normalize(z.float(), dim=1)
 
-    def generate(self, x: torch.Tensor, codes: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.G(self.E_attr(x), codes)
+    def generate(self, x: torch.Tensor, codes: torch.Tensor | dict[str, torch.Tensor], centered: bool = False) -> torch.Tensor:
+        return self.G(self.E_attr(x), codes, centered=centered)
+
+    def center_codes(self, z: torch.Tensor) -> torch.Tensor:
+        return self.G.center_codes(z)
 
     def weights(self) -> dict:
         return {"E_attr": self.E_attr.state_dict(), "G": self.G.state_dict(), "D": self.D.state_dict()}
 
     def load_weights(self, w: dict) -> None:
         self.E_attr.load_state_dict(w["E_attr"])
-        self.G.load_state_dict(w["G"])
+        g = dict(w["G"])
+        g.setdefault("id_mean", torch.zeros(self.cfg.id_dim))  # checkpoints from before identity centring
+        self.G.load_state_dict(g)
         self.D.load_state_dict(w["D"])
 
 

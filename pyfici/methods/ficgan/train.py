@@ -6,9 +6,15 @@ One step (batch x, identities z = E_id(x), frozen):
   fake = G(E_attr(x), z_t);
   D: softplus(D(fake)) + softplus(-D(x)), lazy R1 (gamma/2 * |grad D(x)|^2)
   every ``r1_every`` steps;
-  G/E_attr: adversarial softplus(-D(fake)) + w_id * (1 - cos(E_id(fake), z_t))
+  G/E_attr: adversarial softplus(-D(fake)) + w_id * identity loss
   + w_rec * L1(fake, x) on the non-swapped samples
+  + w_lowpass * L1(pool8(fake), pool8(x)) on the swapped samples
   + w_attr * mean_l MSE(E_attr(fake)_l, E_attr(x)_l).
+  Identity loss (``id_loss``): "cos" 1 - cos(E_id(fake), z_t); "centered" the
+  same after subtracting the training set's mean embedding mu from both;
+  "contrastive" (default) centred 1 - cos + InfoNCE (temperature ``id_tau``)
+  of the centred E_id(fake) against every training image and mirror.
+  With ``center_identity`` G modulates by normalize(z - mu) (mu stored in G).
 Data sampling, flips and swaps come from a generator seeded by (seed, step),
 so a resumed run continues exactly as an uninterrupted one.
 """
@@ -35,19 +41,14 @@ from pyfici.methods._common import (
 )
 from pyfici.methods.ficgan.data import load_face_folder, save_grid
 from pyfici.methods.ficgan.model import FICGAN, FICGANConfig
+from pyfici.optim import LayerwiseAdamW
 
 _RESUME_IGNORE = ("steps", "out", "resume", "device", "sample_every", "checkpoint_every", "log_every", "amp")
 
 
 def make_optimizer(params, lr: float, betas=(0.0, 0.99)):
-    """``pyfici.optim.LayerwiseAdamW`` when available, else ``torch.optim.AdamW``
-    (the name used is written to metrics.json)."""
-    try:
-        from pyfici.optim import LayerwiseAdamW  # type: ignore[attr-defined]
-
-        return LayerwiseAdamW(params, lr=lr, betas=betas, weight_decay=0.0), "pyfici.optim.LayerwiseAdamW"
-    except Exception:  # noqa: BLE001 - not built yet / not importable
-        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=0.0), "torch.optim.AdamW"
+    """``pyfici.optim.LayerwiseAdamW`` (the name is written to metrics.json)."""
+    return LayerwiseAdamW(params, lr=lr, betas=betas, weight_decay=0.0), "pyfici.optim.LayerwiseAdamW"
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -62,11 +63,19 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-channels", type=int, default=32)
     p.add_argument("--max-channels", type=int, default=128)
     p.add_argument("--attr-channels", type=int, default=8)
+    p.add_argument("--attr-group-channels", type=lambda v: [int(q) for q in v.split(",")], default=None,
+                   help="attribute-map widths of the coarse,middle,fine levels, e.g. 2,2,8 (default: --attr-channels)")
+    p.add_argument("--no-center-identity", dest="center_identity", action="store_false",
+                   help="do not centre identity codes on the training set's mean embedding")
+    p.add_argument("--id-loss", default="contrastive", choices=("cos", "centered", "contrastive"))
+    p.add_argument("--id-tau", type=float, default=0.1, help="temperature of the contrastive identity loss")
     p.add_argument("--swap-prob", type=float, default=0.5)
     p.add_argument("--w-id", type=float, default=5.0)
     p.add_argument("--w-rec", type=float, default=10.0)
     p.add_argument("--w-attr", type=float, default=1.0)
     p.add_argument("--w-adv", type=float, default=1.0)
+    p.add_argument("--w-lowpass", type=float, default=0.0,
+                   help="weight of the L1 between 8x8 low-pass images of output and input on identity-swapped samples")
     p.add_argument("--r1-gamma", type=float, default=1.0)
     p.add_argument("--r1-every", type=int, default=4)
     p.add_argument("--sample-every", type=int, default=100, help="write a sample grid PNG every N steps")
@@ -79,7 +88,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 def _config_from_args(a) -> dict:
     return {k: getattr(a, k) for k in (
         "data", "size", "steps", "batch_size", "device", "out", "resume", "lr", "base_channels", "max_channels",
-        "attr_channels", "swap_prob", "w_id", "w_rec", "w_attr", "w_adv", "r1_gamma", "r1_every", "sample_every",
+        "attr_channels", "attr_group_channels", "center_identity", "id_loss", "id_tau", "swap_prob", "w_id", "w_rec", "w_attr", "w_adv", "w_lowpass", "r1_gamma", "r1_every", "sample_every",
         "checkpoint_every", "log_every", "seed", "amp")}
 
 
@@ -103,8 +112,10 @@ def _step_batch(n_data: int, batch: int, seed: int, step: int, rank: int, swap_p
 def train_ficgan(data: str = "builtin", size: int = 64, steps: int = 300, out: str = "runs/ficgan", *,
                  batch_size: int = 8, device: str = "auto", resume: str | None = None, lr: float = 2e-3,
                  base_channels: int = 32, max_channels: int = 128, attr_channels: int = 8,
+                 attr_group_channels: list[int] | None = None, center_identity: bool = True,
+                 id_loss: str = "contrastive", id_tau: float = 0.1,
                  swap_prob: float = 0.5, w_id: float = 5.0, w_rec: float = 10.0, w_attr: float = 1.0,
-                 w_adv: float = 1.0, r1_gamma: float = 1.0, r1_every: int = 4, sample_every: int = 100,
+                 w_adv: float = 1.0, w_lowpass: float = 0.0, r1_gamma: float = 1.0, r1_every: int = 4, sample_every: int = 100,
                  checkpoint_every: int = 200, log_every: int = 10, seed: int = 0, amp: bool = True,
                  identity_encoder=None, progress: bool = True) -> dict:
     """Train FICGAN; returns the metrics dict (also in ``out/metrics.json``).
@@ -116,11 +127,16 @@ def train_ficgan(data: str = "builtin", size: int = 64, steps: int = 300, out: s
     """
     from tqdm import tqdm
 
+    id_loss_kind = id_loss
+
     cfg_run = dict(data=data, size=size, steps=steps, batch_size=batch_size, device=device, out=out, resume=resume,
                    lr=lr, base_channels=base_channels, max_channels=max_channels, attr_channels=attr_channels,
-                   swap_prob=swap_prob, w_id=w_id, w_rec=w_rec, w_attr=w_attr, w_adv=w_adv, r1_gamma=r1_gamma,
+                   attr_group_channels=None if attr_group_channels is None else list(attr_group_channels),
+                   center_identity=center_identity, id_loss=id_loss, id_tau=id_tau, swap_prob=swap_prob, w_id=w_id, w_rec=w_rec, w_attr=w_attr, w_adv=w_adv, w_lowpass=w_lowpass, r1_gamma=r1_gamma,
                    r1_every=r1_every, sample_every=sample_every, checkpoint_every=checkpoint_every,
                    log_every=log_every, seed=seed, amp=amp)
+    if id_loss not in ("cos", "centered", "contrastive"):
+        raise ValueError(f"--id-loss must be cos, centered or contrastive, got {id_loss!r}")
     if steps < 0 or batch_size < 2:
         raise ValueError("--steps must be >= 0 and --batch-size >= 2 (the identity swap needs two faces)")
     rank, world, local = distributed_info()
@@ -141,6 +157,7 @@ def train_ficgan(data: str = "builtin", size: int = 64, steps: int = 300, out: s
     if len(images) < 2:
         raise ValueError(f"--data {data}: need at least 2 face images, found {len(images)}")
     cfg = FICGANConfig(size=size, base_channels=base_channels, max_channels=max_channels, attr_channels=attr_channels,
+                       attr_group_channels=cfg_run["attr_group_channels"], center_identity=center_identity,
                        identity_encoder="dlib" if identity_encoder is None else getattr(identity_encoder, "name", "custom"))
     if identity_encoder is not None:
         cfg.id_dim = int(identity_encoder(images[:2]).shape[1])
@@ -182,6 +199,11 @@ def train_ficgan(data: str = "builtin", size: int = 64, steps: int = 300, out: s
     with torch.no_grad():
         z_all = torch.cat([model.identity(images_dev[i:i + 32]) for i in range(0, len(images), 32)])
         z_all_flip = torch.cat([model.identity(images_dev[i:i + 32].flip(-1)) for i in range(0, len(images), 32)])
+        mean_all = torch.cat([z_all, z_all_flip]).mean(0)
+        if center_identity and start == 0:
+            model.G.id_mean.copy_(mean_all)  # the training set's mean identity (images and mirrors), saved with G
+        mu = model.G.id_mean.clone() if center_identity else mean_all
+        bank = F.normalize(torch.cat([z_all, z_all_flip]) - mu, dim=1)  # centred identity bank (contrastive loss)
     t0 = time.time()
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="ficgan", disable=not progress or rank != 0)
     last = {}
@@ -192,6 +214,8 @@ def train_ficgan(data: str = "builtin", size: int = 64, steps: int = 300, out: s
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         z = torch.where(flip[:, None], z_all_flip[idx.to(dev)], z_all[idx.to(dev)])
         z_t = torch.where(swap[:, None], z.roll(1, 0), z)
+        bank_idx = idx.to(dev) + flip.long() * len(images)
+        t_idx = torch.where(swap, bank_idx.roll(1, 0), bank_idx)
         # ---- D step
         with ac:
             with torch.no_grad():
@@ -213,11 +237,29 @@ def train_ficgan(data: str = "builtin", size: int = 64, steps: int = 300, out: s
             fake = model.G(a, z_t)
             adv = F.softplus(-D(fake)).mean()
             a_fake = model.E_attr(fake)
-            attr = sum(F.mse_loss(af.float(), ar.detach().float()) for af, ar in zip(a_fake, a)) / len(a)
-        id_loss = (1 - (model.identity(fake.float()) * z_t).sum(1)).mean()
+            pairs = [(af, ar) for af, ar in zip(a_fake, a) if ar.shape[1] > 0]  # levels of width 0 carry nothing
+            attr = sum((F.mse_loss(af.float(), ar.detach().float()) for af, ar in pairs),
+                       torch.zeros((), device=dev)) / max(1, len(pairs))
+        e_fake = model.identity(fake.float())
+        if id_loss_kind == "cos":
+            id_loss = (1 - (e_fake * z_t).sum(1)).mean()
+        else:
+            # cosine in the centred identity space: different people of one face set are far apart there
+            e_c = F.normalize(e_fake - mu, dim=1)
+            id_loss = (1 - (e_c * bank[t_idx]).sum(1)).mean()
+            if id_loss_kind == "contrastive":
+                # InfoNCE over every training identity: the output must be closer to its
+                # target than to any other face, in particular to its source
+                logits = e_c @ bank.T / id_tau
+                mirror = (t_idx + len(images)) % (2 * len(images))  # the target's mirror: same person, not a negative
+                logits = logits.scatter(1, mirror[:, None], float("-inf"))
+                id_loss = id_loss + F.cross_entropy(logits, t_idx)
         keep = ~swap
         rec = F.l1_loss(fake[keep].float(), x[keep]) if keep.any() else torch.zeros((), device=dev)
-        g_loss = w_adv * adv.float() + w_id * id_loss + w_rec * rec + w_attr * attr.float()
+        # swapped samples: only the 8x8 low-pass image (layout, lighting, colour; no identity detail) must match
+        lowpass = (F.l1_loss(F.adaptive_avg_pool2d(fake[swap].float(), 8), F.adaptive_avg_pool2d(x[swap], 8))
+                   if swap.any() and w_lowpass > 0 else torch.zeros((), device=dev))
+        g_loss = w_adv * adv.float() + w_id * id_loss + w_rec * rec + w_attr * attr.float() + w_lowpass * lowpass
         opt_g.zero_grad(set_to_none=True)
         g_loss.backward()
         if world > 1:
@@ -227,7 +269,7 @@ def train_ficgan(data: str = "builtin", size: int = 64, steps: int = 300, out: s
         if not all(math.isfinite(float(v.detach())) for v in (g_loss, d_loss)):
             raise FloatingPointError(f"non-finite loss at step {done}: g={float(g_loss)} d={float(d_loss)}")
         last = {"step": done, "d_loss": float(d_loss.detach()), "r1": float(r1.detach()), "g_adv": float(adv.detach()),
-                "id_loss": float(id_loss.detach()), "rec_l1": float(rec.detach()), "attr_mse": float(attr.detach()), "sec": round(time.time() - t0, 2)}
+                "id_loss": float(id_loss.detach()), "rec_l1": float(rec.detach()), "lowpass_l1": float(lowpass.detach()), "attr_mse": float(attr.detach()), "sec": round(time.time() - t0, 2)}
         if rank == 0:
             if done % log_every == 0 or done == steps:
                 history.append(last)
@@ -305,11 +347,17 @@ def load_ficgan(checkpoint: str | os.PathLike, identity_encoder=None, device: st
 def train_builtin(out: str | os.PathLike = "runs/ficgan_builtin", steps: int = 200, size: int = 64,
                   device: str = "cpu", **kw) -> dict:
     """Short FICGAN run on the built-in faces at CPU-friendly widths (base 16,
-    max 64 channels, batch 6; 200 steps at size 64 took 30 s on an otherwise
-    idle 2-core CPU, much longer on a loaded one). Returns the metrics; weights in ``out/last.pt``."""
+    max 64 channels, batch 6, attribute maps of 2 channels, low-pass loss on
+    swapped samples, centred identity codes and the contrastive identity loss;
+    200 steps at size 64: about 50 s on one CPU thread, see docs/ficgan.md).
+    Returns the metrics; weights in ``out/last.pt``."""
     kw.setdefault("base_channels", 16)
     kw.setdefault("max_channels", 64)
     kw.setdefault("batch_size", 6)
+    # identity leaks through wide attribute maps (measured, docs/ficgan.md section 5): 2 channels per level;
+    # swapped samples keep the source's 8x8 low-pass image (layout, lighting) instead of drifting in colour
+    kw.setdefault("attr_group_channels", [2, 2, 2])
+    kw.setdefault("w_lowpass", 10.0)
     kw.setdefault("sample_every", max(1, steps // 3))
     kw.setdefault("checkpoint_every", max(1, steps // 3))
     return train_ficgan("builtin", size=size, steps=steps, out=str(out), device=device, **kw)
