@@ -110,16 +110,23 @@ def section_ficgan(out: Path, t0: float, quick: bool) -> Section:
     reports = deid.deidentify_builtin(out / "ficgan" / "last.pt", ks=(2, 5, 10), out=out / "ficgan_deid")
     s = Section("FICGAN de-identification with manifold k-Same")
     rows = []
+    recognizers = set()
     for r in reports:
+        by = r.get("reidentification_rate_by_recognizer", {})
+        recognizers.add(r.get("recognizer", ""))
         rows.append({
-            "k": r["k"], "k-anonymous": r["k_anonymous"], "identities": r.get("num_identities", ""),
+            "k": r["k"], "partition k-anonymous": r["k_anonymous"], "identities": r.get("num_identities", ""),
             "cluster sizes": ",".join(str(c) for c in sorted(set(r["cluster_sizes"]))),
-            "re-id rate": r["reidentification_rate"], "1/k": 1.0 / r["k"],
-            "recognizer": r.get("recognizer", ""),
+            **{f"re-id rate ({name.split()[0]})": v for name, v in by.items()},
+            "1/k": 1.0 / r["k"], "within 1/k (+noise)": r.get("reidentification_within_bound", ""),
             "identity distance": r.get("identity_distance", ""), "SSIM outside face": r.get("ssim_outside", ""),
         })
         if r.get("grid"):
             s.images.append((str(r["grid"]), f"k = {r['k']}: originals (top) and de-identified (bottom)"))
+        for w in r.get("warnings", []):
+            if w not in s.paragraphs:
+                s.paragraphs.append(f"Warning from the report: {w}")
+    s.paragraphs.append("Evaluation recognizer: " + "; ".join(sorted(x for x in recognizers if x)) + ".")
     s.tables.append(("Privacy and utility per k", rows))
     s.paragraphs.append(
         "k-anonymity: every output carries the surrogate identity of a k-Same cluster of at least k input "
