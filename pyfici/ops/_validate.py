@@ -67,6 +67,22 @@ def check_same_device(**tensors: torch.Tensor) -> torch.device:
     return first
 
 
+def check_feature_pair(
+    xname: str, x, yname: str, y, x_shape: str = "Q,D", y_shape: str = "G,D"
+) -> tuple[torch.Tensor, torch.Tensor, torch.device]:
+    """Two feature matrices [*, D] of float dtype sharing D and a device -> (x, y, device)."""
+    x = as_tensor(xname, x)
+    y = as_tensor(yname, y)
+    check_ndim(xname, x, 2, x_shape)
+    check_ndim(yname, y, 2, y_shape)
+    check_float(xname, x)
+    check_float(yname, y)
+    if x.shape[1] != y.shape[1]:
+        owner = f"{xname}'" if xname.endswith("s") else f"{xname}'s"
+        raise ValueError(f"{yname}: feature dimension {y.shape[1]} differs from {owner} {x.shape[1]}")
+    return x, y, check_same_device(**{xname: x, yname: y})
+
+
 def check_length(name: str, t: torch.Tensor, n: int, other: str) -> None:
     if t.dim() != 1 or t.shape[0] != n:
         raise ValueError(f"{name}: expected a 1-d array of length {n} (one per row of {other}), got shape {tuple(t.shape)}")

@@ -18,11 +18,11 @@ from pyfici.ops import reference
 from pyfici.ops._backend import choose_backend
 from pyfici.ops._validate import (
     as_tensor,
+    check_feature_pair,
     check_finite,
     check_float,
     check_length,
     check_ndim,
-    check_same_device,
 )
 
 METRICS = ("euclidean", "sqeuclidean", "cosine")
@@ -115,14 +115,7 @@ def pairwise_distance(
         raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
     self_distance = y is None
     x = as_tensor("x", x)
-    y = x if y is None else as_tensor("y", y)
-    check_ndim("x", x, 2, "M,D")
-    check_ndim("y", y, 2, "N,D")
-    check_float("x", x)
-    check_float("y", y)
-    if x.shape[1] != y.shape[1]:
-        raise ValueError(f"y: feature dimension {y.shape[1]} differs from x's {x.shape[1]}")
-    dev = check_same_device(x=x, y=y)
+    x, y, dev = check_feature_pair("x", x, "y", x if y is None else y, "M,D", "N,D")
     be = choose_backend("pairwise_distance", dev, backend, cuda_default="cuda")
     return _pairwise_distance_op(x, y, metric, self_distance, be)
 

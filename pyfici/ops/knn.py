@@ -47,11 +47,10 @@ from pyfici.ops import reference
 from pyfici.ops._backend import choose_backend
 from pyfici.ops._validate import (
     as_tensor,
+    check_feature_pair,
     check_finite,
     check_float,
     check_int_range,
-    check_ndim,
-    check_same_device,
 )
 
 METRICS = ("sqeuclidean", "euclidean", "cosine", "ip")
@@ -297,22 +296,14 @@ def _(queries, gallery, k, metric, spherical, weights, exclude_self, tile, backe
 def _validate(queries, gallery, k, metric, exclude_self, tile, check_values, sharded=False):
     if metric not in METRICS:
         raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
-    x = as_tensor("queries", queries)
-    y = as_tensor("gallery", gallery)
-    check_ndim("queries", x, 2, "Q,D")
-    check_ndim("gallery", y, 2, "G,D")
-    check_float("queries", x)
-    check_float("gallery", y)
+    x, y, dev = check_feature_pair("queries", queries, "gallery", gallery)
     if x.shape[0] == 0:
         raise ValueError(f"queries: is empty (shape {tuple(x.shape)}); pass at least one query row")
     if y.shape[0] == 0 and not sharded:
         raise ValueError(f"gallery: is empty (shape {tuple(y.shape)}); pass at least one gallery row")
     if x.shape[1] == 0:
         raise ValueError(f"queries: has zero features (shape {tuple(x.shape)})")
-    if x.shape[1] != y.shape[1]:
-        raise ValueError(f"gallery: feature dimension {y.shape[1]} differs from queries' {x.shape[1]}")
     check_int_range("tile", tile, 1)
-    dev = check_same_device(queries=x, gallery=y)
     if check_values:
         check_finite("queries", x)
         check_finite("gallery", y)

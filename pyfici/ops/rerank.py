@@ -27,6 +27,7 @@ from pyfici.ops import reference
 from pyfici.ops._backend import choose_backend
 from pyfici.ops._validate import (
     as_tensor,
+    check_feature_pair,
     check_finite,
     check_float,
     check_int_range,
@@ -446,15 +447,7 @@ def rerank_features(
     if metric not in METRICS:
         raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
     _check_params(k1, k2, lambda_value, tile)
-    query = as_tensor("query", query)
-    gallery = as_tensor("gallery", gallery)
-    check_ndim("query", query, 2, "Q,D")
-    check_ndim("gallery", gallery, 2, "G,D")
-    check_float("query", query)
-    check_float("gallery", gallery)
-    if query.shape[1] != gallery.shape[1]:
-        raise ValueError(f"gallery: feature dimension {gallery.shape[1]} differs from query's {query.shape[1]}")
-    dev = check_same_device(query=query, gallery=gallery)
+    query, gallery, dev = check_feature_pair("query", query, "gallery", gallery)
     if not torch.compiler.is_compiling():  # data-dependent check: skipped inside torch.compile graphs
         check_finite("query", query)
         check_finite("gallery", gallery)

@@ -33,6 +33,7 @@ import torch
 from pyfici.ops import pairwise_distance, reid_rank_stats
 from pyfici.ops._validate import (
     as_tensor,
+    check_feature_pair,
     check_finite,
     check_float,
     check_int_range,
@@ -267,18 +268,9 @@ def evaluate(
     re-ranked distances (pyfici.reid.rerank; this needs the full matrix).
     """
     _check_protocol(protocol, max_rank)
-    query = as_tensor("query", query)
-    gallery = as_tensor("gallery", gallery)
-    check_ndim("query", query, 2, "Q,D")
-    check_ndim("gallery", gallery, 2, "G,D")
-    check_float("query", query)
-    check_float("gallery", gallery)
+    query, gallery, _ = check_feature_pair("query", query, "gallery", gallery)
     check_nonempty("query", query)
     check_nonempty("gallery", gallery)
-    if query.shape[1] != gallery.shape[1]:
-        raise ValueError(f"gallery: feature dimension {gallery.shape[1]} differs from query's {query.shape[1]}")
-    if query.device != gallery.device:
-        raise ValueError(f"gallery: on {gallery.device} but query is on {query.device}")
     check_finite("query", query)
     check_finite("gallery", gallery)
     Q, G = query.shape[0], gallery.shape[0]
