@@ -128,17 +128,13 @@ def _reid_rank_stats_kernel(
     tl.store(NMATCH + q, total)
 
 
-def reid_rank_stats(dist, q_pids, g_pids, q_camids, g_camids, junk_minus1: bool, trapezoid: bool):
+def reid_rank_stats_(dist, q_pids, g_pids, q_camids, g_camids, junk_minus1: bool, trapezoid: bool,
+                     ap, first, inp, nmatch) -> None:
+    """Fills the [Q] outputs ap (float64), first (int64), inp (float64), nmatch (int64)."""
     Q, G = dist.shape
-    dev = dist.device
-    ap = torch.empty(Q, dtype=torch.float64, device=dev)
-    inp = torch.empty(Q, dtype=torch.float64, device=dev)
-    first = torch.empty(Q, dtype=torch.int64, device=dev)
-    nmatch = torch.empty(Q, dtype=torch.int64, device=dev)
     if Q == 0:
-        return ap, first, inp, nmatch
+        return
     _reid_rank_stats_kernel[(Q,)](
         dist, q_pids, g_pids, q_camids, g_camids, ap, first, inp, nmatch, G, dist.stride(0),
         JUNK_M1=junk_minus1, TRAP=trapezoid, BLOCK_M=32, BLOCK_N=256,
     )
-    return ap, first, inp, nmatch

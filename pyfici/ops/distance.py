@@ -145,16 +145,17 @@ def _reid_rank_stats_op(
         epilogue = 0
     if backend == "torch":
         return reference.reid_rank_stats(dist, q_pids, g_pids, q_camids, g_camids, junk_minus1, trapezoid)
-    if backend == "triton":
-        from pyfici.kernels import reid as tk
-
-        return tk.reid_rank_stats(dist, q_pids, g_pids, q_camids, g_camids, junk_minus1, trapezoid)
     Q, G = dist.shape
     dev = dist.device
     ap = torch.empty(Q, dtype=torch.float64, device=dev)
     inp = torch.empty(Q, dtype=torch.float64, device=dev)
     first = torch.empty(Q, dtype=torch.int64, device=dev)
     nmatch = torch.empty(Q, dtype=torch.int64, device=dev)
+    if backend == "triton":
+        from pyfici.kernels import reid as tk
+
+        tk.reid_rank_stats_(dist, q_pids, g_pids, q_camids, g_camids, junk_minus1, trapezoid, ap, first, inp, nmatch)
+        return ap, first, inp, nmatch
     if Q == 0:
         return ap, first, inp, nmatch
     args = (
