@@ -42,33 +42,38 @@ def prepare_gallery(y: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.T
     return y, (y * y).sum(1)
 
 
-def distance_tile(x: torch.Tensor, y: torch.Tensor, y_norms: torch.Tensor | None, metric: str) -> torch.Tensor:
-    """Distances of a query tile to a gallery prepared by :func:`prepare_gallery` (torch GEMM)."""
-    x = x.to(y.dtype)
-    if metric == "cosine":
-        x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        return torch.mm(x, y.T).neg_().add_(1.0).clamp_(0.0, 2.0)
-    d = torch.addmm(y_norms[None, :], x, y.T, beta=1.0, alpha=-2.0)
-    d.add_((x * x).sum(1)[:, None]).clamp_(min=0.0)
-    if metric == "euclidean":
-        d.sqrt_()
-    return d
-
-
 EPILOGUES = {"none": 0, "sqeuclidean": 1, "euclidean": 2, "cosine": 3}
 
 
 def distance_tile_raw(x: torch.Tensor, y: torch.Tensor, y_norms: torch.Tensor | None, metric: str):
     """The GEMM part of :func:`distance_tile` only: returns ``(raw, epilogue, q_norms)``
-    where ``reference.apply_epilogue(raw, epilogue, q_norms)`` equals
-    ``distance_tile(...)`` bit for bit. The CPU rank kernel applies the
-    epilogue while it reads the tile, saving three passes over memory."""
+    where ``apply_epilogue(raw, epilogue, q_norms)`` is ``distance_tile(...)``.
+    The CPU rank kernel applies the same epilogue (bit for bit) while it reads
+    the tile, saving three passes over memory."""
     x = x.to(y.dtype)
     if metric == "cosine":
         x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
         return torch.mm(x, y.T), EPILOGUES["cosine"], None
     d = torch.addmm(y_norms[None, :], x, y.T, beta=1.0, alpha=-2.0)
     return d, EPILOGUES[metric], (x * x).sum(1)
+
+
+def apply_epilogue(raw: torch.Tensor, epilogue: int, q_norms: torch.Tensor | None, *,
+                   inplace: bool = False) -> torch.Tensor:
+    """Distance epilogue of :func:`distance_tile_raw` (0 none, 1 sqeuclidean
+    max(raw + ||q||^2, 0), 2 euclidean sqrt of that, 3 cosine clamp(1 - raw, 0, 2))."""
+    if epilogue == 0:
+        return raw
+    d = raw if inplace else raw.clone()
+    if epilogue == 3:
+        return d.neg_().add_(1.0).clamp_(0.0, 2.0)
+    d.add_(q_norms[:, None]).clamp_(min=0.0)
+    return d.sqrt_() if epilogue == 2 else d
+
+
+def distance_tile(x: torch.Tensor, y: torch.Tensor, y_norms: torch.Tensor | None, metric: str) -> torch.Tensor:
+    """Distances of a query tile to a gallery prepared by :func:`prepare_gallery` (torch GEMM)."""
+    return apply_epilogue(*distance_tile_raw(x, y, y_norms, metric), inplace=True)
 
 
 def _distance_gemm(x: torch.Tensor, y: torch.Tensor, metric: str, self_distance: bool) -> torch.Tensor:
@@ -141,7 +146,7 @@ def _reid_rank_stats_op(
     q_norms: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     if epilogue != 0 and backend != "cpu":
-        dist = reference.apply_epilogue(dist, epilogue, q_norms)
+        dist = apply_epilogue(dist, epilogue, q_norms)
         epilogue = 0
     if backend == "torch":
         return reference.reid_rank_stats(dist, q_pids, g_pids, q_camids, g_camids, junk_minus1, trapezoid)

@@ -39,17 +39,6 @@ def pairwise_distance(x: torch.Tensor, y: torch.Tensor, metric: str, self_distan
     return d
 
 
-def apply_epilogue(raw: torch.Tensor, epilogue: int, q_norms: torch.Tensor | None) -> torch.Tensor:
-    """Distance epilogue of pyfici.ops.distance.distance_tile_raw (1 sqeuclidean,
-    2 euclidean, 3 cosine), with torch's elementwise ops in the same order."""
-    if epilogue == 0:
-        return raw
-    if epilogue == 3:
-        return raw.neg().add_(1.0).clamp_(0.0, 2.0)
-    d = raw.add(q_norms[:, None]).clamp_(min=0.0)
-    return d.sqrt_() if epilogue == 2 else d
-
-
 def reid_rank_stats(
     dist: torch.Tensor,
     q_pids: torch.Tensor,

@@ -23,7 +23,6 @@ differ from run to run; on distinct distances they are identical.
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -41,7 +40,13 @@ from pyfici.ops._validate import (
     check_ndim,
     check_nonempty,
 )
-from pyfici.ops.distance import METRICS, distance_tile, distance_tile_raw, prepare_gallery
+from pyfici.ops.distance import (
+    METRICS,
+    apply_epilogue,
+    distance_tile,
+    distance_tile_raw,
+    prepare_gallery,
+)
 
 PROTOCOLS = ("torchreid", "market1501", "cuhk03")
 
@@ -295,9 +300,7 @@ def evaluate(
                              backend=backend, epilogue=epi, q_norms=qn)
         rows = None
         if protocol == "cuhk03":
-            from pyfici.ops.reference import apply_epilogue
-
-            d = apply_epilogue(d, epi, qn)
+            d = apply_epilogue(d, epi, qn, inplace=True)
             q_idx = torch.arange(q0, q1, device=query.device)
             rows = _cuhk03_cmc_rows(d, q_idx, qp, ids[1], qc, ids[3], max_rank, num_repeats, seed)
         acc.add(*st, rows)
@@ -349,8 +352,3 @@ def recall_at_k(
         hits += ((first[:, None] <= kt[None, :]) & ok[:, None]).sum(0).double()
     rec = (hits / N).cpu().tolist()
     return {k: float(r) for k, r in zip(ks, rec)}
-
-
-def cmc_auc(cmc: torch.Tensor) -> float:
-    """Normalised area under a CMC curve (for summaries)."""
-    return float(cmc.mean()) if len(cmc) else math.nan
