@@ -44,6 +44,8 @@ from typing import Any
 
 import numpy as np
 
+from pyfici.data._image import load_rgb
+
 __all__ = [
     "ReIDDataset",
     "ReIDImageDataset",
@@ -378,10 +380,8 @@ class ReIDImageDataset:
         return len(self.items)
 
     def __getitem__(self, i: int):
-        from PIL import Image
-
         x, pid, cam = self.items[i]
-        img = x.convert("RGB") if isinstance(x, Image.Image) else Image.open(x).convert("RGB")
+        img = load_rgb(x)
         if self.transform is not None:
             img = self.transform(img)
         return img, pid, cam

@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pyfici.data._image import load_rgb
+
 __all__ = [
     "RetrievalSplit",
     "RetrievalImageDataset",
@@ -105,17 +107,8 @@ class RetrievalImageDataset:
         return len(self.items)
 
     def __getitem__(self, i: int):
-        from PIL import Image
-
         img, label = self.items[i]
-        if not isinstance(img, Image.Image):
-            try:
-                with Image.open(img) as f:
-                    img = f.convert("RGB")
-            except FileNotFoundError:
-                raise FileNotFoundError(f"image listed by the dataset is missing: {img}") from None
-        else:
-            img = img.convert("RGB")
+        img = load_rgb(img)
         if self.transform is not None:
             img = self.transform(img)
         return img, label
