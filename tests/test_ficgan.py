@@ -92,6 +92,66 @@ def test_model_shapes_and_groups():
         FICGANConfig(size=32).validate()
 
 
+def test_masked_attribute_input_and_spatial_identity_maps():
+    """attr_input='masked': E_attr cannot see detail inside the identity ellipse (only its 4x4 low-pass);
+    id_spatial: the code also enters the coarse levels as maps, and the output depends on it."""
+    from pyfici.methods.ficgan.model import identity_mask
+
+    enc = lambda x: torch.nn.functional.normalize(x.flatten(1)[:, :16] + 1.0, dim=1)  # noqa: E731
+    cfg = FICGANConfig(size=64, id_dim=16, base_channels=4, max_channels=8, attr_channels=2,
+                       attr_input="masked", id_spatial=16, id_spatial_channels=3)
+    m = FICGAN(cfg, identity_encoder=enc)
+    assert [type(lin).__name__ for lin in m.G.id_maps] == ["Linear", "Linear"]  # levels 8 and 16
+    assert [lin.out_features for lin in m.G.id_maps] == [3 * 8 * 8, 3 * 16 * 16]
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    # a +e/-e pattern on horizontal pixel pairs fully inside the ellipse and inside one 16x16 block:
+    # every 4x4 block mean is unchanged, so the masked input (and E_attr's output) is identical
+    inside = identity_mask(64)[0, 0] >= 1
+    delta = torch.zeros(64, 64)
+    for r in range(64):
+        for c in range(0, 64, 2):
+            if inside[r, c] and inside[r, c + 1]:
+                delta[r, c], delta[r, c + 1] = 0.5, -0.5
+    assert int((delta != 0).sum()) > 500
+    x2 = x + delta
+    for a, b in zip(m.E_attr(x), m.E_attr(x2)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    # the same change outside the ellipse does reach E_attr
+    outside = torch.zeros(64, 64)
+    outside[:4, :4] = 0.5
+    assert not torch.allclose(m.E_attr(x)[-1], m.E_attr(x + outside)[-1])
+    # the spatial identity maps carry the code: with zero style layers, G still changes with the code
+    with torch.no_grad():
+        for lin in m.G.id_maps:
+            lin.weight.normal_()
+    z1, z2 = torch.nn.functional.normalize(torch.randn(2, 2, 16), dim=-1)
+    a = m.E_attr(x)
+    assert not torch.allclose(m.G(a, z1), m.G(a, z2))
+    with pytest.raises(ValueError, match="attr_input"):
+        FICGANConfig(attr_input="half").validate()
+    with pytest.raises(ValueError, match="id_spatial"):
+        FICGANConfig(id_spatial=12).validate()
+
+
+def test_identity_loss_views_are_seeded_and_differentiable():
+    from pyfici.methods.ficgan.train import _augment, _gaussian_blur
+
+    x = (torch.rand(3, 3, 64, 64) * 2 - 1).requires_grad_(True)
+    a, b = _augment(x, 5, 0, 0), _augment(x, 5, 0, 0)
+    torch.testing.assert_close(a, b)  # same (seed, step, rank): same view, so resume stays exact
+    assert not torch.allclose(a, _augment(x, 6, 0, 0))
+    a.sum().backward()
+    assert x.grad is not None and float(x.grad.abs().sum()) > 0
+    flat = torch.full((1, 3, 20, 20), 0.3)
+    torch.testing.assert_close(_gaussian_blur(flat, 1.5), flat)  # a blur keeps constants
+    img = torch.zeros(1, 1, 21, 21)
+    img[0, 0, 10, 10] = 1.0
+    out = _gaussian_blur(img, 1.0)
+    torch.testing.assert_close(out.sum(), torch.tensor(1.0))  # mass kept away from the borders
+    assert abs(float(out[0, 0, 10, 11] / out[0, 0, 10, 10]) - float(np.exp(-0.5))) < 1e-4
+
+
 def test_slerp_endpoints_and_norm():
     a, b = torch.nn.functional.normalize(torch.randn(5, 16), dim=1), torch.nn.functional.normalize(torch.randn(5, 16), dim=1)
     torch.testing.assert_close(slerp(a, b, 0.0), a)
@@ -154,6 +214,19 @@ def test_resume_continues_exactly(trained, train_dir, tmp_path):
     train_ficgan(str(train_dir), steps=4, out=str(part), resume="auto", **TINY)
     a = torch.load(out / "last.pt", weights_only=True)["weights"]
     b = torch.load(part / "last.pt", weights_only=True)["weights"]
+    for net in ("E_attr", "G", "D"):
+        for k in a[net]:
+            torch.testing.assert_close(a[net][k], b[net][k], rtol=1e-5, atol=1e-6)
+    # a run with a reconstruction warm-up resumes exactly across the warm-up / GAN boundary
+    kw = {**TINY, "recon_warmup": 2, "attr_input": "masked", "id_spatial": 8, "id_augment": True, "id_blur": 1.0}
+    full, half = tmp_path / "w_full", tmp_path / "w_half"
+    mf = train_ficgan(str(train_dir), steps=4, out=str(full), **kw)
+    assert [h.get("phase") for h in mf["history"]] == ["warmup", "warmup", None, None]
+    assert mf["history"][0]["d_loss"] == 0.0 and mf["history"][2]["d_loss"] > 0
+    train_ficgan(str(train_dir), steps=2, out=str(half), **kw)
+    train_ficgan(str(train_dir), steps=4, out=str(half), resume="auto", **kw)
+    a = torch.load(full / "last.pt", weights_only=True)["weights"]
+    b = torch.load(half / "last.pt", weights_only=True)["weights"]
     for net in ("E_attr", "G", "D"):
         for k in a[net]:
             torch.testing.assert_close(a[net][k], b[net][k], rtol=1e-5, atol=1e-6)

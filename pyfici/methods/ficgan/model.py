@@ -43,6 +43,14 @@ class FICGANConfig:
     attr_group_channels: list[int] | None = None
     # centre identity codes on the training set's mean embedding (stored as G.id_mean) before modulation
     center_identity: bool = False
+    # what E_attr sees: "full" image, or "masked": the central identity ellipse (eyes, nose, mouth) replaced
+    # by a 4x4 low-pass of the image (lighting / skin tone only), feathered, so fine identity cannot pass
+    attr_input: str = "full"
+    # identity also enters spatially: at every level with resolution <= id_spatial, a linear map of that
+    # level's identity code to a [id_spatial_channels, r, r] map is concatenated to the level input
+    # (0: modulation only). Gives G a direct route from the code to the face layout of that identity.
+    id_spatial: int = 0
+    id_spatial_channels: int = 16
 
     def validate(self) -> None:
         if self.size < 64 or self.size > 256 or self.size & (self.size - 1):
@@ -50,6 +58,10 @@ class FICGANConfig:
         for k in ("id_dim", "base_channels", "max_channels", "attr_channels"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1")
+        if self.id_spatial and (self.id_spatial < 8 or self.id_spatial & (self.id_spatial - 1) or self.id_spatial_channels < 1):
+            raise ValueError(f"id_spatial must be 0 or a power of two >= 8 (and id_spatial_channels >= 1), got {self.id_spatial}")
+        if self.attr_input not in ("full", "masked"):
+            raise ValueError(f"attr_input must be 'full' or 'masked', got {self.attr_input!r}")
         if self.attr_group_channels is not None and (len(self.attr_group_channels) != 3 or min(self.attr_group_channels) < 0):
             raise ValueError(f"attr_group_channels must be three widths >= 0 (coarse, middle, fine), got {self.attr_group_channels}")
 
@@ -86,9 +98,28 @@ def level_groups(n_levels: int) -> dict[str, list[int]]:
     return out
 
 
+def identity_mask(size: int, feather: float = 0.15) -> torch.Tensor:
+    """``[1, 1, size, size]`` soft mask, 1 inside the identity ellipse of
+    :func:`pyfici.deid.metrics` (centre 0.55 H / 0.5 W, radii 0.32 H / 0.27 W),
+    falling to 0 over ``feather`` of the radius outside it."""
+    yy, xx = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij")
+    r = torch.sqrt(((yy - 0.55 * (size - 1)) / (0.32 * size)) ** 2 + ((xx - 0.5 * (size - 1)) / (0.27 * size)) ** 2)
+    return ((1 + feather - r) / feather).clamp(0, 1)[None, None]
+
+
+def mask_identity_region(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Replace the identity ellipse of ``x`` by its 4x4 low-pass image (feathered)."""
+    low = F.interpolate(F.adaptive_avg_pool2d(x, 4), size=x.shape[-2:], mode="bilinear", align_corners=False)
+    m = mask.to(x.dtype)
+    return x * (1 - m) + low * m
+
+
 class AttributeEncoder(nn.Module):
     def __init__(self, cfg: FICGANConfig):
         super().__init__()
+        self.masked = cfg.attr_input == "masked"
+        if self.masked:
+            self.register_buffer("mask", identity_mask(cfg.size), persistent=False)
         res = cfg.resolutions[::-1]  # size ... 8
         widths = cfg.attr_widths()[::-1]  # fine ... coarse
         self.stem = nn.Conv2d(3, cfg.channels(res[0]), 3, padding=1)
@@ -109,6 +140,8 @@ class AttributeEncoder(nn.Module):
         r = 8 ... size, bounded to (-1, 1) by tanh (keeps the attribute
         consistency loss on a fixed scale). A level of width 0 gets an empty
         ``[N, 0, r, r]`` map."""
+        if self.masked:
+            x = mask_identity_region(x, self.mask)
         h = F.leaky_relu(self.stem(x), 0.2)
 
         def head_out(head, h, w):
@@ -145,9 +178,13 @@ class Generator(nn.Module):
         self.const = nn.Parameter(torch.randn(1, cfg.channels(res[0]), 8, 8) * 0.1)
         self.levels = nn.ModuleList()
         prev = cfg.channels(res[0])
+        self.id_maps = nn.ModuleList()
         for r, aw in zip(res, cfg.attr_widths()):
             c = cfg.channels(r)
-            self.levels.append(nn.ModuleList([ModConv(prev + aw, c, cfg.id_dim), ModConv(c, c, cfg.id_dim)]))
+            sw = cfg.id_spatial_channels if r <= cfg.id_spatial else 0
+            if sw:
+                self.id_maps.append(nn.Linear(cfg.id_dim, sw * r * r))
+            self.levels.append(nn.ModuleList([ModConv(prev + aw + sw, c, cfg.id_dim), ModConv(c, c, cfg.id_dim)]))
             prev = c
         self.to_rgb = nn.Conv2d(prev, 3, 1)
         self.groups = level_groups(len(res))
@@ -193,7 +230,11 @@ class Generator(nn.Module):
         for i, (level, a, z) in enumerate(zip(self.levels, attrs, zs)):
             if i > 0:
                 h = F.interpolate(h, scale_factor=2, mode="bilinear", align_corners=False)
-            h = level[0](torch.cat([h, a], dim=1), z)
+            parts = [h, a]
+            if i < len(self.id_maps):
+                r = h.shape[-1]
+                parts.append(self.id_maps[i](z.to(h.dtype)).view(n, -1, r, r))
+            h = level[0](torch.cat(parts, dim=1), z)
             h = level[1](h, z)
         return torch.tanh(self.to_rgb(h))
 

@@ -65,6 +65,20 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attr-channels", type=int, default=8)
     p.add_argument("--attr-group-channels", type=lambda v: [int(q) for q in v.split(",")], default=None,
                    help="attribute-map widths of the coarse,middle,fine levels, e.g. 2,2,8 (default: --attr-channels)")
+    p.add_argument("--attr-input", default="full", choices=("full", "masked"),
+                   help="what the attribute encoder sees: the full image, or the image with the identity ellipse "
+                        "(eyes, nose, mouth) replaced by its 4x4 low-pass")
+    p.add_argument("--id-spatial", type=int, default=0,
+                   help="levels up to this resolution also get a linear map of the identity code as input channels (0: off)")
+    p.add_argument("--id-spatial-channels", type=int, default=16, help="channels of those identity maps")
+    p.add_argument("--recon-warmup", type=int, default=0,
+                   help="the first N steps train E_attr + G as an autoencoder only (L1 reconstruction, no D, no identity loss)")
+    p.add_argument("--warmup-lr", type=float, default=None, help="learning rate of the warm-up (default: --lr)")
+    p.add_argument("--id-augment", action="store_true",
+                   help="identity loss on a random view of the output (scale, shift, rotation, grey mix)")
+    p.add_argument("--id-blur", type=float, default=0.0,
+                   help="Gaussian blur (sigma, pixels) of the output before the identity loss: identity must come "
+                        "from face structure, not from pixel-level patterns (use about the data's native blur)")
     p.add_argument("--no-center-identity", dest="center_identity", action="store_false",
                    help="do not centre identity codes on the training set's mean embedding")
     p.add_argument("--id-loss", default="contrastive", choices=("cos", "centered", "contrastive"))
@@ -88,7 +102,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 def _config_from_args(a) -> dict:
     return {k: getattr(a, k) for k in (
         "data", "size", "steps", "batch_size", "device", "out", "resume", "lr", "base_channels", "max_channels",
-        "attr_channels", "attr_group_channels", "center_identity", "id_loss", "id_tau", "swap_prob", "w_id", "w_rec", "w_attr", "w_adv", "w_lowpass", "r1_gamma", "r1_every", "sample_every",
+        "attr_channels", "attr_group_channels", "attr_input", "id_spatial", "id_spatial_channels", "recon_warmup", "warmup_lr",
+        "id_augment", "id_blur", "center_identity", "id_loss", "id_tau", "swap_prob", "w_id", "w_rec", "w_attr", "w_adv", "w_lowpass", "r1_gamma", "r1_every", "sample_every",
         "checkpoint_every", "log_every", "seed", "amp")}
 
 
@@ -112,7 +127,9 @@ def _step_batch(n_data: int, batch: int, seed: int, step: int, rank: int, swap_p
 def train_ficgan(data: str = "builtin", size: int = 64, steps: int = 300, out: str = "runs/ficgan", *,
                  batch_size: int = 8, device: str = "auto", resume: str | None = None, lr: float = 2e-3,
                  base_channels: int = 32, max_channels: int = 128, attr_channels: int = 8,
-                 attr_group_channels: list[int] | None = None, center_identity: bool = True,
+                 attr_group_channels: list[int] | None = None, center_identity: bool = True, attr_input: str = "full",
+                 id_spatial: int = 0, id_spatial_channels: int = 16, recon_warmup: int = 0, warmup_lr: float | None = None,
+                 id_augment: bool = False, id_blur: float = 0.0,
                  id_loss: str = "contrastive", id_tau: float = 0.1,
                  swap_prob: float = 0.5, w_id: float = 5.0, w_rec: float = 10.0, w_attr: float = 1.0,
                  w_adv: float = 1.0, w_lowpass: float = 0.0, r1_gamma: float = 1.0, r1_every: int = 4, sample_every: int = 100,
@@ -132,7 +149,7 @@ def train_ficgan(data: str = "builtin", size: int = 64, steps: int = 300, out: s
     cfg_run = dict(data=data, size=size, steps=steps, batch_size=batch_size, device=device, out=out, resume=resume,
                    lr=lr, base_channels=base_channels, max_channels=max_channels, attr_channels=attr_channels,
                    attr_group_channels=None if attr_group_channels is None else list(attr_group_channels),
-                   center_identity=center_identity, id_loss=id_loss, id_tau=id_tau, swap_prob=swap_prob, w_id=w_id, w_rec=w_rec, w_attr=w_attr, w_adv=w_adv, w_lowpass=w_lowpass, r1_gamma=r1_gamma,
+                   center_identity=center_identity, attr_input=attr_input, id_spatial=id_spatial, id_spatial_channels=id_spatial_channels, recon_warmup=recon_warmup, warmup_lr=warmup_lr, id_augment=id_augment, id_blur=id_blur, id_loss=id_loss, id_tau=id_tau, swap_prob=swap_prob, w_id=w_id, w_rec=w_rec, w_attr=w_attr, w_adv=w_adv, w_lowpass=w_lowpass, r1_gamma=r1_gamma,
                    r1_every=r1_every, sample_every=sample_every, checkpoint_every=checkpoint_every,
                    log_every=log_every, seed=seed, amp=amp)
     if id_loss not in ("cos", "centered", "contrastive"):
@@ -158,6 +175,7 @@ def train_ficgan(data: str = "builtin", size: int = 64, steps: int = 300, out: s
         raise ValueError(f"--data {data}: need at least 2 face images, found {len(images)}")
     cfg = FICGANConfig(size=size, base_channels=base_channels, max_channels=max_channels, attr_channels=attr_channels,
                        attr_group_channels=cfg_run["attr_group_channels"], center_identity=center_identity,
+                       attr_input=attr_input, id_spatial=id_spatial, id_spatial_channels=id_spatial_channels,
                        identity_encoder="dlib" if identity_encoder is None else getattr(identity_encoder, "name", "custom"))
     if identity_encoder is not None:
         cfg.id_dim = int(identity_encoder(images[:2]).shape[1])
@@ -216,6 +234,28 @@ def train_ficgan(data: str = "builtin", size: int = 64, steps: int = 300, out: s
         z_t = torch.where(swap[:, None], z.roll(1, 0), z)
         bank_idx = idx.to(dev) + flip.long() * len(images)
         t_idx = torch.where(swap, bank_idx.roll(1, 0), bank_idx)
+        for grp in opt_g.param_groups:  # the warm-up may run at its own learning rate
+            grp["lr"] = warmup_lr if (step < recon_warmup and warmup_lr is not None) else lr
+        if step < recon_warmup:
+            # warm-up: E_attr + G as an autoencoder (L1 reconstruction with the own code, no D, no identity loss)
+            with ac:
+                fake = model.G(model.E_attr(x), z)
+            rec = F.l1_loss(fake.float(), x)
+            opt_g.zero_grad(set_to_none=True)
+            rec.backward()
+            if world > 1:
+                _allreduce_grads(gen_params, world)
+            opt_g.step()
+            done = step + 1
+            if not math.isfinite(float(rec.detach())):
+                raise FloatingPointError(f"non-finite reconstruction loss at step {done}")
+            zero = 0.0
+            last = {"step": done, "d_loss": zero, "r1": zero, "g_adv": zero, "id_loss": zero, "rec_l1": float(rec.detach()),
+                    "lowpass_l1": zero, "attr_mse": zero, "sec": round(time.time() - t0, 2), "phase": "warmup"}
+            if rank == 0:
+                _log_step(model, opt_g, opt_d, done, steps, last, history, bar, sample_x, out_dir, cfg_run,
+                          log_every, sample_every, checkpoint_every)
+            continue
         # ---- D step
         with ac:
             with torch.no_grad():
@@ -240,7 +280,12 @@ def train_ficgan(data: str = "builtin", size: int = 64, steps: int = 300, out: s
             pairs = [(af, ar) for af, ar in zip(a_fake, a) if ar.shape[1] > 0]  # levels of width 0 carry nothing
             attr = sum((F.mse_loss(af.float(), ar.detach().float()) for af, ar in pairs),
                        torch.zeros((), device=dev)) / max(1, len(pairs))
-        e_fake = model.identity(fake.float())
+        view = fake.float()
+        if id_blur > 0:
+            view = _gaussian_blur(view, id_blur)
+        if id_augment:
+            view = _augment(view, step, seed, rank)
+        e_fake = model.identity(view)
         if id_loss_kind == "cos":
             id_loss = (1 - (e_fake * z_t).sum(1)).mean()
         else:
@@ -271,13 +316,8 @@ def train_ficgan(data: str = "builtin", size: int = 64, steps: int = 300, out: s
         last = {"step": done, "d_loss": float(d_loss.detach()), "r1": float(r1.detach()), "g_adv": float(adv.detach()),
                 "id_loss": float(id_loss.detach()), "rec_l1": float(rec.detach()), "lowpass_l1": float(lowpass.detach()), "attr_mse": float(attr.detach()), "sec": round(time.time() - t0, 2)}
         if rank == 0:
-            if done % log_every == 0 or done == steps:
-                history.append(last)
-                bar.set_postfix(id=f"{last['id_loss']:.3f}", rec=f"{last['rec_l1']:.3f}", d=f"{last['d_loss']:.2f}")
-            if sample_every and (done % sample_every == 0 or done == steps):
-                _write_samples(model, sample_x, out_dir / "samples" / f"step_{done:06d}.png")
-            if checkpoint_every and (done % checkpoint_every == 0 or done == steps):
-                _save_checkpoint(model, opt_g, opt_d, done, cfg_run, history, out_dir / "checkpoint.pt")
+            _log_step(model, opt_g, opt_d, done, steps, last, history, bar, sample_x, out_dir, cfg_run,
+                      log_every, sample_every, checkpoint_every)
     elapsed = time.time() - t0
     metrics = {"config": cfg_run, "model": cfg.to_dict(), "optimizer": opt_name, "device": str(dev),
                "world_size": world, "amp_bf16": use_amp, "images": len(images), "steps_done": steps,
@@ -294,6 +334,49 @@ def train_ficgan(data: str = "builtin", size: int = 64, steps: int = 300, out: s
 
         dist.barrier()
     return metrics
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur (sigma in pixels, reflect padding), differentiable."""
+    r = max(1, int(math.ceil(3 * sigma)))
+    t = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    c = x.shape[1]
+    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+
+def _augment(x: torch.Tensor, step: int, seed: int, rank: int) -> torch.Tensor:
+    """Random differentiable view of the generated faces for the identity loss: scale 0.9..1.1, shift up to
+    6 % of the side, rotation up to 5 degrees, and a random mix towards grey (0..1). A pattern that fools the
+    recognizer in one exact view only (the colour blobs of runs e2/e10 in docs/ficgan.md) does not survive
+    it, a face does. Seeded by (seed, step, rank) like the batch, so resumed runs stay exact."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step * 7919 + rank + 17)
+    n = x.shape[0]
+    u = torch.rand(n, 5, generator=g).to(x.device, x.dtype)
+    sc = 0.9 + 0.2 * u[:, 0]
+    ang = (u[:, 1] - 0.5) * (2 * math.pi * 5 / 180)
+    tx, ty = (u[:, 2] - 0.5) * 0.12, (u[:, 3] - 0.5) * 0.12
+    theta = torch.stack([torch.stack([sc * torch.cos(ang), -sc * torch.sin(ang), tx], 1),
+                         torch.stack([sc * torch.sin(ang), sc * torch.cos(ang), ty], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    y = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    grey = (0.299 * y[:, 0:1] + 0.587 * y[:, 1:2] + 0.114 * y[:, 2:3]).expand_as(y)
+    w = u[:, 4].view(n, 1, 1, 1)
+    return y * (1 - w) + grey * w
+
+
+def _log_step(model, opt_g, opt_d, done, steps, last, history, bar, sample_x, out_dir, cfg_run,
+              log_every, sample_every, checkpoint_every) -> None:
+    """Rank 0 after each step: history / progress bar, sample grid, atomic checkpoint."""
+    if done % log_every == 0 or done == steps:
+        history.append(last)
+        bar.set_postfix(id=f"{last['id_loss']:.3f}", rec=f"{last['rec_l1']:.3f}", d=f"{last['d_loss']:.2f}")
+    if sample_every and (done % sample_every == 0 or done == steps):
+        _write_samples(model, sample_x, out_dir / "samples" / f"step_{done:06d}.png")
+    if checkpoint_every and (done % checkpoint_every == 0 or done == steps):
+        _save_checkpoint(model, opt_g, opt_d, done, cfg_run, history, out_dir / "checkpoint.pt")
 
 
 def _broadcast_params(params) -> None:
