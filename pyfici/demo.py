@@ -104,7 +104,7 @@ def section_ficgan(out: Path, t0: float, quick: bool) -> Section:
     from pyfici.methods.ficgan import deid, train
 
     _log("training a small FICGAN on the built-in faces ...", t0)
-    steps = 120 if quick else 200
+    steps = 500 if quick else 1000  # 60 % reconstruction warm-up, then the GAN (train_builtin)
     train.train_builtin(out=str(out / "ficgan"), steps=steps, size=64)
     _log("de-identifying the built-in faces at k = 2, 5, 10 ...", t0)
     reports = deid.deidentify_builtin(out / "ficgan" / "last.pt", ks=(2, 5, 10), out=out / "ficgan_deid")

@@ -29,7 +29,7 @@ from pyfici.methods.ficgan.deid import (  # noqa: E402
 from pyfici.methods.ficgan.train import load_ficgan, train_ficgan  # noqa: E402
 
 TINY = dict(size=64, base_channels=4, max_channels=8, attr_channels=2, batch_size=2, lr=1e-3,
-            sample_every=2, checkpoint_every=2, log_every=1, progress=False)
+            sample_every=2, checkpoint_every=2, log_every=1, progress=False, recon_warmup=0)
 
 
 def _digest(folder: Path) -> dict:
@@ -143,6 +143,14 @@ def test_identity_loss_views_are_seeded_and_differentiable():
     assert not torch.allclose(a, _augment(x, 6, 0, 0))
     a.sum().backward()
     assert x.grad is not None and float(x.grad.abs().sum()) > 0
+    from pyfici.methods.ficgan.train import _chroma, _step_batch
+
+    idx, flip, swap, mix = _step_batch(50, 400, 0, 3, 0, 0.5, 0.5)
+    assert bool((mix <= swap).all()) and 0.15 < float(mix.float().mean()) < 0.35  # mixed targets only among swaps
+    assert torch.equal(_step_batch(50, 400, 0, 3, 0, 0.5, 0.0)[2], swap)  # mixing leaves the old draws as they were
+    assert not _step_batch(50, 400, 0, 3, 0, 0.5, 0.0)[3].any()
+    grey = torch.rand(2, 1, 8, 8).expand(2, 3, 8, 8)
+    assert float(_chroma(grey).abs().max()) < 1e-6 and float(_chroma(torch.rand(2, 3, 8, 8)).abs().max()) > 0.05
     flat = torch.full((1, 3, 20, 20), 0.3)
     torch.testing.assert_close(_gaussian_blur(flat, 1.5), flat)  # a blur keeps constants
     img = torch.zeros(1, 1, 21, 21)
@@ -218,7 +226,8 @@ def test_resume_continues_exactly(trained, train_dir, tmp_path):
         for k in a[net]:
             torch.testing.assert_close(a[net][k], b[net][k], rtol=1e-5, atol=1e-6)
     # a run with a reconstruction warm-up resumes exactly across the warm-up / GAN boundary
-    kw = {**TINY, "recon_warmup": 2, "attr_input": "masked", "id_spatial": 8, "id_augment": True, "id_blur": 1.0}
+    kw = {**TINY, "recon_warmup": 2, "warmup_lr": 3e-3, "attr_input": "masked", "id_spatial": 8, "id_augment": True,
+          "id_blur": 1.0, "mix_prob": 0.5, "swap_prob": 0.9, "w_chroma": 1.0, "batch_size": 3}
     full, half = tmp_path / "w_full", tmp_path / "w_half"
     mf = train_ficgan(str(train_dir), steps=4, out=str(full), **kw)
     assert [h.get("phase") for h in mf["history"]] == ["warmup", "warmup", None, None]
@@ -369,7 +378,7 @@ def test_torchrun_two_processes(train_dir, tmp_path):
         pytest.skip("torchrun not on PATH")
     cmd = ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "pyfici", "train", "ficgan", "--data", str(train_dir),
            "--size", "64", "--steps", "2", "--device", "cpu", "--out", str(tmp_path / "ddp"), "--base-channels", "4",
-           "--max-channels", "8", "--attr-channels", "2", "--batch-size", "2", "--sample-every", "1"]
+           "--max-channels", "8", "--attr-channels", "2", "--batch-size", "2", "--sample-every", "1", "--recon-warmup", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, executable=None,
                          cwd=str(Path(sys.executable).parent))

@@ -46,6 +46,7 @@ class FICGANConfig:
     # what E_attr sees: "full" image, or "masked": the central identity ellipse (eyes, nose, mouth) replaced
     # by a 4x4 low-pass of the image (lighting / skin tone only), feathered, so fine identity cannot pass
     attr_input: str = "full"
+    attr_mask_scale: float = 1.0  # radii of the masked ellipse relative to the identity region of pyfici.deid.metrics
     # identity also enters spatially: at every level with resolution <= id_spatial, a linear map of that
     # level's identity code to a [id_spatial_channels, r, r] map is concatenated to the level input
     # (0: modulation only). Gives G a direct route from the code to the face layout of that identity.
@@ -60,6 +61,8 @@ class FICGANConfig:
                 raise ValueError(f"{k} must be >= 1")
         if self.id_spatial and (self.id_spatial < 8 or self.id_spatial & (self.id_spatial - 1) or self.id_spatial_channels < 1):
             raise ValueError(f"id_spatial must be 0 or a power of two >= 8 (and id_spatial_channels >= 1), got {self.id_spatial}")
+        if not 0.5 <= self.attr_mask_scale <= 2.0:
+            raise ValueError(f"attr_mask_scale must be in [0.5, 2], got {self.attr_mask_scale}")
         if self.attr_input not in ("full", "masked"):
             raise ValueError(f"attr_input must be 'full' or 'masked', got {self.attr_input!r}")
         if self.attr_group_channels is not None and (len(self.attr_group_channels) != 3 or min(self.attr_group_channels) < 0):
@@ -98,12 +101,13 @@ def level_groups(n_levels: int) -> dict[str, list[int]]:
     return out
 
 
-def identity_mask(size: int, feather: float = 0.15) -> torch.Tensor:
+def identity_mask(size: int, feather: float = 0.15, scale: float = 1.0) -> torch.Tensor:
     """``[1, 1, size, size]`` soft mask, 1 inside the identity ellipse of
     :func:`pyfici.deid.metrics` (centre 0.55 H / 0.5 W, radii 0.32 H / 0.27 W),
-    falling to 0 over ``feather`` of the radius outside it."""
+    falling to 0 over ``feather`` of the radius outside it; ``scale`` multiplies both radii."""
     yy, xx = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij")
-    r = torch.sqrt(((yy - 0.55 * (size - 1)) / (0.32 * size)) ** 2 + ((xx - 0.5 * (size - 1)) / (0.27 * size)) ** 2)
+    r = torch.sqrt(((yy - 0.55 * (size - 1)) / (0.32 * scale * size)) ** 2
+                   + ((xx - 0.5 * (size - 1)) / (0.27 * scale * size)) ** 2)
     return ((1 + feather - r) / feather).clamp(0, 1)[None, None]
 
 
@@ -119,7 +123,7 @@ class AttributeEncoder(nn.Module):
         super().__init__()
         self.masked = cfg.attr_input == "masked"
         if self.masked:
-            self.register_buffer("mask", identity_mask(cfg.size), persistent=False)
+            self.register_buffer("mask", identity_mask(cfg.size, scale=cfg.attr_mask_scale), persistent=False)
         res = cfg.resolutions[::-1]  # size ... 8
         widths = cfg.attr_widths()[::-1]  # fine ... coarse
         self.stem = nn.Conv2d(3, cfg.channels(res[0]), 3, padding=1)

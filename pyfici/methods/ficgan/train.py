@@ -1,22 +1,35 @@
 """FICGAN training: ``pyfici train ficgan`` and :func:`train_ficgan`.
 
-One step (batch x, identities z = E_id(x), frozen):
+Warm-up (the first ``recon_warmup`` steps): E_attr + G as an autoencoder,
+L1(G(E_attr(x), z), x) only (at ``warmup_lr``). With the masked attribute input
+(E_attr sees the identity ellipse only as a 4x4 low-pass) the inner face can
+only come from the identity code, so G learns to draw a face from its code
+before any adversarial or identity loss acts.
+
+GAN step (batch x, identities z = E_id(x), frozen):
   targets z_t: z rolled by one inside the batch for a ``swap_prob`` fraction
-  of the samples (identity swap), z itself for the rest;
+  of the samples (identity swap; with ``mix_prob`` some swapped targets are the
+  spherical mean of two faces' codes), z itself for the rest;
   fake = G(E_attr(x), z_t);
   D: softplus(D(fake)) + softplus(-D(x)), lazy R1 (gamma/2 * |grad D(x)|^2)
   every ``r1_every`` steps;
   G/E_attr: adversarial softplus(-D(fake)) + w_id * identity loss
   + w_rec * L1(fake, x) on the non-swapped samples
-  + w_lowpass * L1(pool8(fake), pool8(x)) on the swapped samples
+  + w_lowpass * L1(pool8(fake), pool8(x)) and w_chroma * L1(chroma(fake), chroma(x))
+    on the swapped samples
   + w_attr * mean_l MSE(E_attr(fake)_l, E_attr(x)_l).
-  Identity loss (``id_loss``): "cos" 1 - cos(E_id(fake), z_t); "centered" the
-  same after subtracting the training set's mean embedding mu from both;
-  "contrastive" (default) centred 1 - cos + InfoNCE (temperature ``id_tau``)
-  of the centred E_id(fake) against every training image and mirror.
+  Identity loss (``id_loss``), on a random view of the output (``id_augment``:
+  scale, shift, rotation, grey mix; optional blur ``id_blur``): "cos"
+  1 - cos(E_id(view), z_t); "centered" the same after subtracting the training
+  set's mean embedding mu from both; "contrastive" (default) centred 1 - cos +
+  InfoNCE (temperature ``id_tau``) of the centred E_id(view) against every
+  training image and mirror.
   With ``center_identity`` G modulates by normalize(z - mu) (mu stored in G).
-Data sampling, flips and swaps come from a generator seeded by (seed, step),
-so a resumed run continues exactly as an uninterrupted one.
+Data sampling, flips, swaps and views come from generators seeded by (seed,
+step), so a resumed run continues exactly as an uninterrupted one.
+
+The defaults are the recipe measured on the built-in faces (docs/ficgan.md,
+section 5, run D); they were not tuned on a real aligned-face set.
 """
 
 from __future__ import annotations
@@ -52,58 +65,72 @@ def make_optimizer(params, lr: float, betas=(0.0, 0.99)):
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    d = _defaults()  # one source of defaults: the signature of train_ficgan
     p.add_argument("--data", required=True, help="folder of aligned face crops, or 'builtin' (the built-in faces)")
     p.add_argument("--size", type=int, default=128, help="image size (power of two, 64..256)")
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=d["steps"])
+    p.add_argument("--batch-size", type=int, default=d["batch_size"])
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--out", required=True, help="output folder (checkpoints, samples, metrics.json, last.pt)")
     p.add_argument("--resume", default=None, help="checkpoint to resume from ('auto': OUT/checkpoint.pt)")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--base-channels", type=int, default=32)
-    p.add_argument("--max-channels", type=int, default=128)
-    p.add_argument("--attr-channels", type=int, default=8)
-    p.add_argument("--attr-group-channels", type=lambda v: [int(q) for q in v.split(",")], default=None,
-                   help="attribute-map widths of the coarse,middle,fine levels, e.g. 2,2,8 (default: --attr-channels)")
-    p.add_argument("--attr-input", default="full", choices=("full", "masked"),
+    p.add_argument("--lr", type=float, default=d["lr"])
+    p.add_argument("--base-channels", type=int, default=d["base_channels"])
+    p.add_argument("--max-channels", type=int, default=d["max_channels"])
+    p.add_argument("--attr-channels", type=int, default=d["attr_channels"])
+    p.add_argument("--attr-group-channels", type=lambda v: [int(q) for q in v.split(",")], default=list(d["attr_group_channels"]),
+                   help="attribute-map widths of the coarse,middle,fine levels (default 2,2,0: no 64x64 and finer map)")
+    p.add_argument("--attr-input", default=d["attr_input"], choices=("full", "masked"),
                    help="what the attribute encoder sees: the full image, or the image with the identity ellipse "
                         "(eyes, nose, mouth) replaced by its 4x4 low-pass")
-    p.add_argument("--id-spatial", type=int, default=0,
+    p.add_argument("--attr-mask-scale", type=float, default=d["attr_mask_scale"],
+                   help="with --attr-input masked: radii of the masked ellipse relative to the metrics' identity region")
+    p.add_argument("--id-spatial", type=int, default=d["id_spatial"],
                    help="levels up to this resolution also get a linear map of the identity code as input channels (0: off)")
-    p.add_argument("--id-spatial-channels", type=int, default=16, help="channels of those identity maps")
-    p.add_argument("--recon-warmup", type=int, default=0,
+    p.add_argument("--id-spatial-channels", type=int, default=d["id_spatial_channels"], help="channels of those identity maps")
+    p.add_argument("--recon-warmup", type=int, default=d["recon_warmup"],
                    help="the first N steps train E_attr + G as an autoencoder only (L1 reconstruction, no D, no identity loss)")
-    p.add_argument("--warmup-lr", type=float, default=None, help="learning rate of the warm-up (default: --lr)")
-    p.add_argument("--id-augment", action="store_true",
-                   help="identity loss on a random view of the output (scale, shift, rotation, grey mix)")
-    p.add_argument("--id-blur", type=float, default=0.0,
+    p.add_argument("--warmup-lr", type=float, default=d["warmup_lr"], help="learning rate of the warm-up (default: --lr)")
+    p.add_argument("--no-id-augment", dest="id_augment", action="store_false",
+                   help="identity loss on the output itself, not on a random view (scale, shift, rotation, grey mix)")
+    p.add_argument("--mix-prob", type=float, default=d["mix_prob"],
+                   help="fraction of identity-swapped samples whose target is the spherical mean of two faces' codes "
+                        "(the kind of code de-identification feeds G)")
+    p.add_argument("--id-blur", type=float, default=d["id_blur"],
                    help="Gaussian blur (sigma, pixels) of the output before the identity loss: identity must come "
                         "from face structure, not from pixel-level patterns (use about the data's native blur)")
     p.add_argument("--no-center-identity", dest="center_identity", action="store_false",
                    help="do not centre identity codes on the training set's mean embedding")
-    p.add_argument("--id-loss", default="contrastive", choices=("cos", "centered", "contrastive"))
-    p.add_argument("--id-tau", type=float, default=0.1, help="temperature of the contrastive identity loss")
-    p.add_argument("--swap-prob", type=float, default=0.5)
-    p.add_argument("--w-id", type=float, default=5.0)
-    p.add_argument("--w-rec", type=float, default=10.0)
-    p.add_argument("--w-attr", type=float, default=1.0)
-    p.add_argument("--w-adv", type=float, default=1.0)
-    p.add_argument("--w-lowpass", type=float, default=0.0,
+    p.add_argument("--id-loss", default=d["id_loss"], choices=("cos", "centered", "contrastive"))
+    p.add_argument("--id-tau", type=float, default=d["id_tau"], help="temperature of the contrastive identity loss")
+    p.add_argument("--swap-prob", type=float, default=d["swap_prob"])
+    p.add_argument("--w-id", type=float, default=d["w_id"])
+    p.add_argument("--w-rec", type=float, default=d["w_rec"])
+    p.add_argument("--w-attr", type=float, default=d["w_attr"])
+    p.add_argument("--w-adv", type=float, default=d["w_adv"])
+    p.add_argument("--w-lowpass", type=float, default=d["w_lowpass"],
                    help="weight of the L1 between 8x8 low-pass images of output and input on identity-swapped samples")
-    p.add_argument("--r1-gamma", type=float, default=1.0)
-    p.add_argument("--r1-every", type=int, default=4)
-    p.add_argument("--sample-every", type=int, default=100, help="write a sample grid PNG every N steps")
-    p.add_argument("--checkpoint-every", type=int, default=200)
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--w-chroma", type=float, default=d["w_chroma"],
+                   help="weight of the L1 between the colour (RGB minus luma) of output and input on identity-swapped samples")
+    p.add_argument("--r1-gamma", type=float, default=d["r1_gamma"])
+    p.add_argument("--r1-every", type=int, default=d["r1_every"])
+    p.add_argument("--sample-every", type=int, default=d["sample_every"], help="write a sample grid PNG every N steps")
+    p.add_argument("--checkpoint-every", type=int, default=d["checkpoint_every"])
+    p.add_argument("--log-every", type=int, default=d["log_every"])
+    p.add_argument("--seed", type=int, default=d["seed"])
     p.add_argument("--no-amp", dest="amp", action="store_false", help="disable bf16 autocast on GPU")
+
+
+def _defaults() -> dict:
+    import inspect
+
+    return {k: v.default for k, v in inspect.signature(train_ficgan).parameters.items()}
 
 
 def _config_from_args(a) -> dict:
     return {k: getattr(a, k) for k in (
         "data", "size", "steps", "batch_size", "device", "out", "resume", "lr", "base_channels", "max_channels",
-        "attr_channels", "attr_group_channels", "attr_input", "id_spatial", "id_spatial_channels", "recon_warmup", "warmup_lr",
-        "id_augment", "id_blur", "center_identity", "id_loss", "id_tau", "swap_prob", "w_id", "w_rec", "w_attr", "w_adv", "w_lowpass", "r1_gamma", "r1_every", "sample_every",
+        "attr_channels", "attr_group_channels", "attr_input", "attr_mask_scale", "id_spatial", "id_spatial_channels", "recon_warmup", "warmup_lr",
+        "id_augment", "id_blur", "mix_prob", "center_identity", "id_loss", "id_tau", "swap_prob", "w_id", "w_rec", "w_attr", "w_adv", "w_lowpass", "w_chroma", "r1_gamma", "r1_every", "sample_every",
         "checkpoint_every", "log_every", "seed", "amp")}
 
 
@@ -116,24 +143,26 @@ def train_main(args) -> int:
     return 0
 
 
-def _step_batch(n_data: int, batch: int, seed: int, step: int, rank: int, swap_prob: float):
+def _step_batch(n_data: int, batch: int, seed: int, step: int, rank: int, swap_prob: float, mix_prob: float = 0.0):
     g = torch.Generator().manual_seed(seed * 1_000_003 + step * 7919 + rank)
     idx = torch.randint(0, n_data, (batch,), generator=g)
     flip = torch.rand(batch, generator=g) < 0.5
     swap = torch.rand(batch, generator=g) < swap_prob
-    return idx, flip, swap
+    mix = (torch.rand(batch, generator=g) < mix_prob) & swap if mix_prob > 0 else torch.zeros(batch, dtype=torch.bool)
+    return idx, flip, swap, mix
 
 
-def train_ficgan(data: str = "builtin", size: int = 64, steps: int = 300, out: str = "runs/ficgan", *,
-                 batch_size: int = 8, device: str = "auto", resume: str | None = None, lr: float = 2e-3,
+def train_ficgan(data: str = "builtin", size: int = 64, steps: int = 10000, out: str = "runs/ficgan", *,
+                 batch_size: int = 8, device: str = "auto", resume: str | None = None, lr: float = 1e-3,
                  base_channels: int = 32, max_channels: int = 128, attr_channels: int = 8,
-                 attr_group_channels: list[int] | None = None, center_identity: bool = True, attr_input: str = "full",
-                 id_spatial: int = 0, id_spatial_channels: int = 16, recon_warmup: int = 0, warmup_lr: float | None = None,
-                 id_augment: bool = False, id_blur: float = 0.0,
-                 id_loss: str = "contrastive", id_tau: float = 0.1,
-                 swap_prob: float = 0.5, w_id: float = 5.0, w_rec: float = 10.0, w_attr: float = 1.0,
-                 w_adv: float = 1.0, w_lowpass: float = 0.0, r1_gamma: float = 1.0, r1_every: int = 4, sample_every: int = 100,
-                 checkpoint_every: int = 200, log_every: int = 10, seed: int = 0, amp: bool = True,
+                 attr_group_channels: list[int] | tuple[int, ...] | None = (2, 2, 0), center_identity: bool = True,
+                 attr_input: str = "masked", attr_mask_scale: float = 1.4,
+                 id_spatial: int = 32, id_spatial_channels: int = 8, recon_warmup: int = 2000, warmup_lr: float | None = 5e-3,
+                 id_augment: bool = True, id_blur: float = 0.0, mix_prob: float = 0.0,
+                 id_loss: str = "contrastive", id_tau: float = 0.05,
+                 swap_prob: float = 0.5, w_id: float = 2.0, w_rec: float = 10.0, w_attr: float = 1.0,
+                 w_adv: float = 1.0, w_lowpass: float = 10.0, w_chroma: float = 10.0, r1_gamma: float = 1.0, r1_every: int = 4,
+                 sample_every: int = 100, checkpoint_every: int = 200, log_every: int = 10, seed: int = 0, amp: bool = True,
                  identity_encoder=None, progress: bool = True) -> dict:
     """Train FICGAN; returns the metrics dict (also in ``out/metrics.json``).
 
@@ -148,8 +177,8 @@ def train_ficgan(data: str = "builtin", size: int = 64, steps: int = 300, out: s
 
     cfg_run = dict(data=data, size=size, steps=steps, batch_size=batch_size, device=device, out=out, resume=resume,
                    lr=lr, base_channels=base_channels, max_channels=max_channels, attr_channels=attr_channels,
-                   attr_group_channels=None if attr_group_channels is None else list(attr_group_channels),
-                   center_identity=center_identity, attr_input=attr_input, id_spatial=id_spatial, id_spatial_channels=id_spatial_channels, recon_warmup=recon_warmup, warmup_lr=warmup_lr, id_augment=id_augment, id_blur=id_blur, id_loss=id_loss, id_tau=id_tau, swap_prob=swap_prob, w_id=w_id, w_rec=w_rec, w_attr=w_attr, w_adv=w_adv, w_lowpass=w_lowpass, r1_gamma=r1_gamma,
+                   attr_group_channels=None if attr_group_channels is None else [int(c) for c in attr_group_channels],
+                   center_identity=center_identity, attr_input=attr_input, attr_mask_scale=attr_mask_scale, id_spatial=id_spatial, id_spatial_channels=id_spatial_channels, recon_warmup=recon_warmup, warmup_lr=warmup_lr, id_augment=id_augment, id_blur=id_blur, mix_prob=mix_prob, id_loss=id_loss, id_tau=id_tau, swap_prob=swap_prob, w_id=w_id, w_rec=w_rec, w_attr=w_attr, w_adv=w_adv, w_lowpass=w_lowpass, w_chroma=w_chroma, r1_gamma=r1_gamma,
                    r1_every=r1_every, sample_every=sample_every, checkpoint_every=checkpoint_every,
                    log_every=log_every, seed=seed, amp=amp)
     if id_loss not in ("cos", "centered", "contrastive"):
@@ -175,7 +204,7 @@ def train_ficgan(data: str = "builtin", size: int = 64, steps: int = 300, out: s
         raise ValueError(f"--data {data}: need at least 2 face images, found {len(images)}")
     cfg = FICGANConfig(size=size, base_channels=base_channels, max_channels=max_channels, attr_channels=attr_channels,
                        attr_group_channels=cfg_run["attr_group_channels"], center_identity=center_identity,
-                       attr_input=attr_input, id_spatial=id_spatial, id_spatial_channels=id_spatial_channels,
+                       attr_input=attr_input, attr_mask_scale=attr_mask_scale, id_spatial=id_spatial, id_spatial_channels=id_spatial_channels,
                        identity_encoder="dlib" if identity_encoder is None else getattr(identity_encoder, "name", "custom"))
     if identity_encoder is not None:
         cfg.id_dim = int(identity_encoder(images[:2]).shape[1])
@@ -222,18 +251,31 @@ def train_ficgan(data: str = "builtin", size: int = 64, steps: int = 300, out: s
             model.G.id_mean.copy_(mean_all)  # the training set's mean identity (images and mirrors), saved with G
         mu = model.G.id_mean.clone() if center_identity else mean_all
         bank = F.normalize(torch.cat([z_all, z_all_flip]) - mu, dim=1)  # centred identity bank (contrastive loss)
+    if rank == 0 and 0 < steps <= recon_warmup:
+        print(f"pyfici train ficgan: note: all {steps} steps are the reconstruction warm-up (--recon-warmup "
+              f"{recon_warmup}); the GAN and identity losses start after it", flush=True)
     t0 = time.time()
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="ficgan", disable=not progress or rank != 0)
     last = {}
     for step in bar:
-        idx, flip, swap = _step_batch(len(images), batch_size, seed, step, rank, swap_prob)
+        idx, flip, swap, mix = _step_batch(len(images), batch_size, seed, step, rank, swap_prob, mix_prob)
         x = images_dev[idx.to(dev)]
-        flip, swap = flip.to(dev), swap.to(dev)
+        flip, swap, mix = flip.to(dev), swap.to(dev), mix.to(dev)
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         z = torch.where(flip[:, None], z_all_flip[idx.to(dev)], z_all[idx.to(dev)])
         z_t = torch.where(swap[:, None], z.roll(1, 0), z)
         bank_idx = idx.to(dev) + flip.long() * len(images)
         t_idx = torch.where(swap, bank_idx.roll(1, 0), bank_idx)
+        t2_idx = torch.where(mix, bank_idx.roll(2, 0), t_idx)  # second face of a mixed target (= t_idx when not mixed)
+        if mix.any():
+            # surrogate-like targets, as de-identification uses: the spherical mean of two faces' codes
+            raw_mix = F.normalize(z.roll(1, 0) + z.roll(2, 0), dim=1)
+            # G centres its input: mu + v becomes normalize(v), the spherical mean in the centred space
+            m_code = mu + F.normalize(bank[t_idx] + bank[t2_idx], dim=1) if center_identity else raw_mix
+            z_t_raw = torch.where(mix[:, None], raw_mix, z_t)  # the target of the plain "cos" identity loss
+            z_t = torch.where(mix[:, None], m_code, z_t)
+        else:
+            z_t_raw = z_t
         for grp in opt_g.param_groups:  # the warm-up may run at its own learning rate
             grp["lr"] = warmup_lr if (step < recon_warmup and warmup_lr is not None) else lr
         if step < recon_warmup:
@@ -251,7 +293,7 @@ def train_ficgan(data: str = "builtin", size: int = 64, steps: int = 300, out: s
                 raise FloatingPointError(f"non-finite reconstruction loss at step {done}")
             zero = 0.0
             last = {"step": done, "d_loss": zero, "r1": zero, "g_adv": zero, "id_loss": zero, "rec_l1": float(rec.detach()),
-                    "lowpass_l1": zero, "attr_mse": zero, "sec": round(time.time() - t0, 2), "phase": "warmup"}
+                    "lowpass_l1": zero, "chroma_l1": zero, "attr_mse": zero, "sec": round(time.time() - t0, 2), "phase": "warmup"}
             if rank == 0:
                 _log_step(model, opt_g, opt_d, done, steps, last, history, bar, sample_x, out_dir, cfg_run,
                           log_every, sample_every, checkpoint_every)
@@ -287,24 +329,38 @@ def train_ficgan(data: str = "builtin", size: int = 64, steps: int = 300, out: s
             view = _augment(view, step, seed, rank)
         e_fake = model.identity(view)
         if id_loss_kind == "cos":
-            id_loss = (1 - (e_fake * z_t).sum(1)).mean()
+            id_loss = (1 - (e_fake * z_t_raw).sum(1)).mean()
         else:
             # cosine in the centred identity space: different people of one face set are far apart there
             e_c = F.normalize(e_fake - mu, dim=1)
-            id_loss = (1 - (e_c * bank[t_idx]).sum(1)).mean()
+            t_vec = F.normalize(bank[t_idx] + bank[t2_idx], dim=1)  # = bank[t_idx] for a single target
+            id_loss = (1 - (e_c * t_vec).sum(1)).mean()
             if id_loss_kind == "contrastive":
                 # InfoNCE over every training identity: the output must be closer to its
-                # target than to any other face, in particular to its source
+                # target than to any other face, in particular to its source (a mixed target:
+                # equally close to both of its faces)
                 logits = e_c @ bank.T / id_tau
-                mirror = (t_idx + len(images)) % (2 * len(images))  # the target's mirror: same person, not a negative
-                logits = logits.scatter(1, mirror[:, None], float("-inf"))
-                id_loss = id_loss + F.cross_entropy(logits, t_idx)
+                n2 = 2 * len(images)
+                not_neg = torch.zeros_like(logits, dtype=torch.bool)
+                for ti in (t_idx, t2_idx):  # the targets' mirrors: same people, not negatives
+                    not_neg.scatter_(1, ((ti + len(images)) % n2)[:, None], True)
+                for ti in (t_idx, t2_idx):  # ... unless that mirror is itself a target
+                    not_neg.scatter_(1, ti[:, None], False)
+                logits = logits.masked_fill(not_neg, float("-inf"))
+                p_t = torch.zeros_like(logits).scatter_add_(1, t_idx[:, None], torch.full_like(e_c[:, :1], 0.5))
+                p_t = p_t.scatter_add_(1, t2_idx[:, None], torch.full_like(e_c[:, :1], 0.5))
+                id_loss = id_loss - (p_t * torch.log_softmax(logits, dim=1).clamp_min(-1e4)).sum(1).mean()
         keep = ~swap
         rec = F.l1_loss(fake[keep].float(), x[keep]) if keep.any() else torch.zeros((), device=dev)
         # swapped samples: only the 8x8 low-pass image (layout, lighting, colour; no identity detail) must match
         lowpass = (F.l1_loss(F.adaptive_avg_pool2d(fake[swap].float(), 8), F.adaptive_avg_pool2d(x[swap], 8))
                    if swap.any() and w_lowpass > 0 else torch.zeros((), device=dev))
-        g_loss = w_adv * adv.float() + w_id * id_loss + w_rec * rec + w_attr * attr.float() + w_lowpass * lowpass
+        # swapped samples: colour (RGB minus luma) must stay the source's, at full resolution: an identity is
+        # a face structure, and colour is where a recognizer-fooling pattern is cheapest to paint
+        chroma = (F.l1_loss(_chroma(fake[swap].float()), _chroma(x[swap]))
+                  if swap.any() and w_chroma > 0 else torch.zeros((), device=dev))
+        g_loss = (w_adv * adv.float() + w_id * id_loss + w_rec * rec + w_attr * attr.float() + w_lowpass * lowpass
+                  + w_chroma * chroma)
         opt_g.zero_grad(set_to_none=True)
         g_loss.backward()
         if world > 1:
@@ -314,7 +370,7 @@ def train_ficgan(data: str = "builtin", size: int = 64, steps: int = 300, out: s
         if not all(math.isfinite(float(v.detach())) for v in (g_loss, d_loss)):
             raise FloatingPointError(f"non-finite loss at step {done}: g={float(g_loss)} d={float(d_loss)}")
         last = {"step": done, "d_loss": float(d_loss.detach()), "r1": float(r1.detach()), "g_adv": float(adv.detach()),
-                "id_loss": float(id_loss.detach()), "rec_l1": float(rec.detach()), "lowpass_l1": float(lowpass.detach()), "attr_mse": float(attr.detach()), "sec": round(time.time() - t0, 2)}
+                "id_loss": float(id_loss.detach()), "rec_l1": float(rec.detach()), "lowpass_l1": float(lowpass.detach()), "chroma_l1": float(chroma.detach()), "attr_mse": float(attr.detach()), "sec": round(time.time() - t0, 2)}
         if rank == 0:
             _log_step(model, opt_g, opt_d, done, steps, last, history, bar, sample_x, out_dir, cfg_run,
                       log_every, sample_every, checkpoint_every)
@@ -334,6 +390,11 @@ def train_ficgan(data: str = "builtin", size: int = 64, steps: int = 300, out: s
 
         dist.barrier()
     return metrics
+
+
+def _chroma(x: torch.Tensor) -> torch.Tensor:
+    """RGB minus its luma (BT.601): the colour of an image without its brightness; 0 for grey images."""
+    return x - (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
 
 
 def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -427,20 +488,17 @@ def load_ficgan(checkpoint: str | os.PathLike, identity_encoder=None, device: st
     return model
 
 
-def train_builtin(out: str | os.PathLike = "runs/ficgan_builtin", steps: int = 200, size: int = 64,
+def train_builtin(out: str | os.PathLike = "runs/ficgan_builtin", steps: int = 1000, size: int = 64,
                   device: str = "cpu", **kw) -> dict:
-    """Short FICGAN run on the built-in faces at CPU-friendly widths (base 16,
-    max 64 channels, batch 6, attribute maps of 2 channels, low-pass loss on
-    swapped samples, centred identity codes and the contrastive identity loss;
-    200 steps at size 64: about 50 s on one CPU thread, see docs/ficgan.md).
-    Returns the metrics; weights in ``out/last.pt``."""
+    """Short FICGAN run on the built-in faces: :func:`train_ficgan`'s recipe at
+    CPU-friendly widths (base 16 / max 64 channels, batch 6) with the first
+    60 % of the steps as the reconstruction warm-up. About 2.5 min for 1,000
+    steps on one CPU thread (docs/ficgan.md, section 5, run D). Returns the
+    metrics; weights in ``out/last.pt``."""
     kw.setdefault("base_channels", 16)
     kw.setdefault("max_channels", 64)
     kw.setdefault("batch_size", 6)
-    # identity leaks through wide attribute maps (measured, docs/ficgan.md section 5): 2 channels per level;
-    # swapped samples keep the source's 8x8 low-pass image (layout, lighting) instead of drifting in colour
-    kw.setdefault("attr_group_channels", [2, 2, 2])
-    kw.setdefault("w_lowpass", 10.0)
-    kw.setdefault("sample_every", max(1, steps // 3))
-    kw.setdefault("checkpoint_every", max(1, steps // 3))
+    kw.setdefault("recon_warmup", int(round(0.6 * steps)))
+    kw.setdefault("sample_every", max(1, steps // 5))
+    kw.setdefault("checkpoint_every", max(1, steps // 5))
     return train_ficgan("builtin", size=size, steps=steps, out=str(out), device=device, **kw)
