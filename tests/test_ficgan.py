@@ -160,6 +160,39 @@ def test_identity_loss_views_are_seeded_and_differentiable():
     assert abs(float(out[0, 0, 10, 11] / out[0, 0, 10, 10]) - float(np.exp(-0.5))) < 1e-4
 
 
+def test_identity_probe(trained):
+    """The probe runs on a trained model and its shares are consistent (a probe that cannot fail on a
+    model that ignores its code would be useless: a constant generator must score 'target' ~ chance)."""
+    from pyfici.methods.ficgan.probe import identity_probe
+
+    model = load_ficgan(trained[0] / "last.pt")
+    x = torch.from_numpy(np.stack([it.image for it in builtin_face_images()[:12]])).permute(0, 3, 1, 2).float()
+    x = torch.nn.functional.interpolate(x * 2 - 1, size=(64, 64), mode="bilinear", align_corners=False)
+    r = identity_probe(model, x, shift=5, ks=(2, 5, 20))
+    assert r["n"] == 12 and r["shift"] == 5 and set(r["k_same"]) == {2, 5}  # k > n is skipped
+    assert 0 <= r["nearest_is_target"] + r["nearest_is_source"] <= 1
+    for v in r["k_same"].values():
+        assert 0 <= v["nearest_is_source"] <= v["nearest_in_own_cluster"] <= 1
+        assert 0 < v["cluster_outputs_pick_same_original"] <= 1
+
+    class Constant(torch.nn.Module):  # ignores attributes and code: every output is the same image
+        cfg = model.cfg
+
+        def identity(self, t):
+            return model.identity(t)
+
+        def center_codes(self, z):
+            return model.center_codes(z)
+
+        def generate(self, t, codes, centered=False):
+            return x[:1].expand(len(t), -1, -1, -1)
+
+    rc = identity_probe(Constant(), x, shift=5, ks=(2,))
+    assert rc["nearest_is_target"] <= 1 / 12 + 1e-6 and rc["k_same"][2]["cluster_outputs_pick_same_original"] == 1.0
+    with pytest.raises(ValueError, match="at least 2"):
+        identity_probe(model, x[:1])
+
+
 def test_slerp_endpoints_and_norm():
     a, b = torch.nn.functional.normalize(torch.randn(5, 16), dim=1), torch.nn.functional.normalize(torch.randn(5, 16), dim=1)
     torch.testing.assert_close(slerp(a, b, 0.0), a)

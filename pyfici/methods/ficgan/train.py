@@ -156,7 +156,7 @@ def train_ficgan(data: str = "builtin", size: int = 64, steps: int = 10000, out:
                  batch_size: int = 8, device: str = "auto", resume: str | None = None, lr: float = 1e-3,
                  base_channels: int = 32, max_channels: int = 128, attr_channels: int = 8,
                  attr_group_channels: list[int] | tuple[int, ...] | None = (2, 2, 0), center_identity: bool = True,
-                 attr_input: str = "masked", attr_mask_scale: float = 1.4,
+                 attr_input: str = "masked", attr_mask_scale: float = 1.55,
                  id_spatial: int = 32, id_spatial_channels: int = 8, recon_warmup: int = 2000, warmup_lr: float | None = 5e-3,
                  id_augment: bool = True, id_blur: float = 0.0, mix_prob: float = 0.0,
                  id_loss: str = "contrastive", id_tau: float = 0.05,
