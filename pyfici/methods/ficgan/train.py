@@ -433,7 +433,10 @@ def _log_step(model, opt_g, opt_d, done, steps, last, history, bar, sample_x, ou
     """Rank 0 after each step: history / progress bar, sample grid, atomic checkpoint."""
     if done % log_every == 0 or done == steps:
         history.append(last)
-        bar.set_postfix(id=f"{last['id_loss']:.3f}", rec=f"{last['rec_l1']:.3f}", d=f"{last['d_loss']:.2f}")
+        if last.get("phase") == "warmup":
+            bar.set_postfix(phase="warm-up", rec=f"{last['rec_l1']:.3f}")
+        else:
+            bar.set_postfix(id=f"{last['id_loss']:.3f}", rec=f"{last['rec_l1']:.3f}", d=f"{last['d_loss']:.2f}")
     if sample_every and (done % sample_every == 0 or done == steps):
         _write_samples(model, sample_x, out_dir / "samples" / f"step_{done:06d}.png")
     if checkpoint_every and (done % checkpoint_every == 0 or done == steps):
