@@ -78,7 +78,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-channels", type=int, default=d["max_channels"])
     p.add_argument("--attr-channels", type=int, default=d["attr_channels"])
     p.add_argument("--attr-group-channels", type=lambda v: [int(q) for q in v.split(",")], default=list(d["attr_group_channels"]),
-                   help="attribute-map widths of the coarse,middle,fine levels (default 2,2,0: no 64x64 and finer map)")
+                   help="attribute-map widths of the coarse,middle,fine levels (default 2,2,0: no 64x64 and finer map; 0 removes a group's map)")
     p.add_argument("--attr-input", default=d["attr_input"], choices=("full", "masked"),
                    help="what the attribute encoder sees: the full image, or the image with the identity ellipse "
                         "(eyes, nose, mouth) replaced by its 4x4 low-pass")
@@ -118,6 +118,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-every", type=int, default=d["log_every"])
     p.add_argument("--seed", type=int, default=d["seed"])
     p.add_argument("--no-amp", dest="amp", action="store_false", help="disable bf16 autocast on GPU")
+    for act in p._actions:  # show every default in --help (they are the measured recipe)
+        if act.default not in (None, argparse.SUPPRESS) and not isinstance(act.default, bool) and "default" not in (act.help or ""):
+            d_ = ",".join(map(str, act.default)) if isinstance(act.default, (list, tuple)) else act.default
+            act.help = f"{act.help} (default {d_})" if act.help else f"default {d_}"
 
 
 def _defaults() -> dict:
