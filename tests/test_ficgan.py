@@ -163,11 +163,11 @@ def test_identity_loss_views_are_seeded_and_differentiable():
 def test_identity_probe(trained):
     """The probe runs on a trained model and its shares are consistent (a probe that cannot fail on a
     model that ignores its code would be useless: a constant generator must score 'target' ~ chance)."""
+    from pyfici.methods.ficgan.data import load_face_folder
     from pyfici.methods.ficgan.probe import identity_probe
 
     model = load_ficgan(trained[0] / "last.pt")
-    x = torch.from_numpy(np.stack([it.image for it in builtin_face_images()[:12]])).permute(0, 3, 1, 2).float()
-    x = torch.nn.functional.interpolate(x * 2 - 1, size=(64, 64), mode="bilinear", align_corners=False)
+    x = load_face_folder("builtin", 64)[0][:12]
     r = identity_probe(model, x, shift=5, ks=(2, 5, 20))
     assert r["n"] == 12 and r["shift"] == 5 and set(r["k_same"]) == {2, 5}  # k > n is skipped
     assert 0 <= r["nearest_is_target"] + r["nearest_is_source"] <= 1

@@ -37,14 +37,27 @@ import torch.nn.functional as F
 Recognizer = str | Callable[[torch.Tensor], torch.Tensor]
 
 
+def identity_region_r2(size: int, scale: float = 1.0, device=None) -> torch.Tensor:
+    """``[size, size]`` squared elliptic radius of every pixel of an aligned face
+    crop: 1 on the boundary of the identity region (centre (0.55 H, 0.5 W), radii
+    0.32 H and 0.27 W, both times ``scale``). Shared by :func:`identity_region_mask`
+    and FICGAN's attribute-input mask."""
+    yy, xx = torch.meshgrid(torch.arange(size, device=device, dtype=torch.float32),
+                            torch.arange(size, device=device, dtype=torch.float32), indexing="ij")
+    cy, cx = 0.55 * (size - 1), 0.5 * (size - 1)
+    return ((yy - cy) / (0.32 * scale * size)) ** 2 + ((xx - cx) / (0.27 * scale * size)) ** 2
+
+
 def identity_region_mask(size: int, device=None) -> torch.Tensor:
     """``[size, size]`` bool mask of the identity region of an aligned face crop:
     an ellipse centred at (0.55 H, 0.5 W) with radii 0.32 H and 0.27 W, covering
     eyebrows, eyes, nose and mouth in CelebA/FFHQ/LFW-style crops."""
-    yy, xx = torch.meshgrid(torch.arange(size, device=device, dtype=torch.float32),
-                            torch.arange(size, device=device, dtype=torch.float32), indexing="ij")
-    cy, cx = 0.55 * (size - 1), 0.5 * (size - 1)
-    return ((yy - cy) / (0.32 * size)) ** 2 + ((xx - cx) / (0.27 * size)) ** 2 <= 1.0
+    return identity_region_r2(size, device=device) <= 1.0
+
+
+def luma(x: torch.Tensor) -> torch.Tensor:
+    """BT.601 luma ``[N, 1, H, W]`` of RGB images ``[N, 3, H, W]`` (any range)."""
+    return 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
 
 
 def lbph_features(images: torch.Tensor, grid: int = 4, size: int = 64) -> torch.Tensor:
@@ -57,7 +70,7 @@ def lbph_features(images: torch.Tensor, grid: int = 4, size: int = 64) -> torch.
     if x.shape[-1] != size:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     grey = ((x.clamp(-1, 1) + 1) * 127.5)
-    grey = (0.299 * grey[:, 0] + 0.587 * grey[:, 1] + 0.114 * grey[:, 2]).round().to(torch.uint8).numpy()
+    grey = luma(grey)[:, 0].round().to(torch.uint8).numpy()
     feats = []
     cell = size // grid
     for g in grey:
@@ -202,7 +215,9 @@ __all__ = [
     "attribute_preservation",
     "identity_distance",
     "identity_region_mask",
+    "identity_region_r2",
     "lbph_features",
+    "luma",
     "reconstruction_quality",
     "recognizer_name",
     "reidentification_rate",

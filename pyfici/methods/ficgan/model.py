@@ -105,9 +105,9 @@ def identity_mask(size: int, feather: float = 0.15, scale: float = 1.0) -> torch
     """``[1, 1, size, size]`` soft mask, 1 inside the identity ellipse of
     :func:`pyfici.deid.metrics` (centre 0.55 H / 0.5 W, radii 0.32 H / 0.27 W),
     falling to 0 over ``feather`` of the radius outside it; ``scale`` multiplies both radii."""
-    yy, xx = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij")
-    r = torch.sqrt(((yy - 0.55 * (size - 1)) / (0.32 * scale * size)) ** 2
-                   + ((xx - 0.5 * (size - 1)) / (0.27 * scale * size)) ** 2)
+    from pyfici.deid.metrics import identity_region_r2
+
+    r = torch.sqrt(identity_region_r2(size, scale))
     return ((1 + feather - r) / feather).clamp(0, 1)[None, None]
 
 

@@ -38,11 +38,13 @@ import argparse
 import math
 import os
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from pyfici.deid.metrics import luma
 from pyfici.methods._common import (
     atomic_save,
     check_resume_config,
@@ -130,12 +132,12 @@ def _defaults() -> dict:
     return {k: v.default for k, v in inspect.signature(train_ficgan).parameters.items()}
 
 
+# the run configuration: every parameter of train_ficgan but the objects that are not settings
+_NOT_CONFIG = ("identity_encoder", "progress")
+
+
 def _config_from_args(a) -> dict:
-    return {k: getattr(a, k) for k in (
-        "data", "size", "steps", "batch_size", "device", "out", "resume", "lr", "base_channels", "max_channels",
-        "attr_channels", "attr_group_channels", "attr_input", "attr_mask_scale", "id_spatial", "id_spatial_channels", "recon_warmup", "warmup_lr",
-        "id_augment", "id_blur", "mix_prob", "center_identity", "id_loss", "id_tau", "swap_prob", "w_id", "w_rec", "w_attr", "w_adv", "w_lowpass", "w_chroma", "r1_gamma", "r1_every", "sample_every",
-        "checkpoint_every", "log_every", "seed", "amp")}
+    return {k: getattr(a, k) for k in _defaults() if k not in _NOT_CONFIG}
 
 
 def train_main(args) -> int:
@@ -147,8 +149,14 @@ def train_main(args) -> int:
     return 0
 
 
+def _step_generator(seed: int, step: int, rank: int, stream: int = 0) -> torch.Generator:
+    """CPU generator of one step's random draws (``stream`` 0: the batch, 17: the identity-loss views):
+    a function of (seed, step, rank) only, so a resumed run draws what an uninterrupted one would."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step * 7919 + rank + stream)
+
+
 def _step_batch(n_data: int, batch: int, seed: int, step: int, rank: int, swap_prob: float, mix_prob: float = 0.0):
-    g = torch.Generator().manual_seed(seed * 1_000_003 + step * 7919 + rank)
+    g = _step_generator(seed, step, rank)
     idx = torch.randint(0, n_data, (batch,), generator=g)
     flip = torch.rand(batch, generator=g) < 0.5
     swap = torch.rand(batch, generator=g) < swap_prob
@@ -175,16 +183,13 @@ def train_ficgan(data: str = "builtin", size: int = 64, steps: int = 10000, out:
     reconstruction with own identity, identity of the neighbour in the batch).
     Under ``torchrun`` gradients are averaged over ranks (data parallel).
     """
+    # first statement: locals() holds exactly the parameters here
+    cfg_run = {k: v for k, v in locals().items() if k not in _NOT_CONFIG}
+    if attr_group_channels is not None:
+        cfg_run["attr_group_channels"] = [int(c) for c in attr_group_channels]
     from tqdm import tqdm
 
     id_loss_kind = id_loss
-
-    cfg_run = dict(data=data, size=size, steps=steps, batch_size=batch_size, device=device, out=out, resume=resume,
-                   lr=lr, base_channels=base_channels, max_channels=max_channels, attr_channels=attr_channels,
-                   attr_group_channels=None if attr_group_channels is None else [int(c) for c in attr_group_channels],
-                   center_identity=center_identity, attr_input=attr_input, attr_mask_scale=attr_mask_scale, id_spatial=id_spatial, id_spatial_channels=id_spatial_channels, recon_warmup=recon_warmup, warmup_lr=warmup_lr, id_augment=id_augment, id_blur=id_blur, mix_prob=mix_prob, id_loss=id_loss, id_tau=id_tau, swap_prob=swap_prob, w_id=w_id, w_rec=w_rec, w_attr=w_attr, w_adv=w_adv, w_lowpass=w_lowpass, w_chroma=w_chroma, r1_gamma=r1_gamma,
-                   r1_every=r1_every, sample_every=sample_every, checkpoint_every=checkpoint_every,
-                   log_every=log_every, seed=seed, amp=amp)
     if id_loss not in ("cos", "centered", "contrastive"):
         raise ValueError(f"--id-loss must be cos, centered or contrastive, got {id_loss!r}")
     if steps < 0 or batch_size < 2:
@@ -206,9 +211,8 @@ def train_ficgan(data: str = "builtin", size: int = 64, steps: int = 10000, out:
     images, names = load_face_folder(data, size)
     if len(images) < 2:
         raise ValueError(f"--data {data}: need at least 2 face images, found {len(images)}")
-    cfg = FICGANConfig(size=size, base_channels=base_channels, max_channels=max_channels, attr_channels=attr_channels,
-                       attr_group_channels=cfg_run["attr_group_channels"], center_identity=center_identity,
-                       attr_input=attr_input, attr_mask_scale=attr_mask_scale, id_spatial=id_spatial, id_spatial_channels=id_spatial_channels,
+    # the model's structure: the FICGANConfig fields among the run's settings
+    cfg = FICGANConfig(**{f.name: cfg_run[f.name] for f in fields(FICGANConfig) if f.name in cfg_run and f.name != "identity_encoder"},
                        identity_encoder="dlib" if identity_encoder is None else getattr(identity_encoder, "name", "custom"))
     if identity_encoder is not None:
         cfg.id_dim = int(identity_encoder(images[:2]).shape[1])
@@ -267,19 +271,6 @@ def train_ficgan(data: str = "builtin", size: int = 64, steps: int = 10000, out:
         flip, swap, mix = flip.to(dev), swap.to(dev), mix.to(dev)
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         z = torch.where(flip[:, None], z_all_flip[idx.to(dev)], z_all[idx.to(dev)])
-        z_t = torch.where(swap[:, None], z.roll(1, 0), z)
-        bank_idx = idx.to(dev) + flip.long() * len(images)
-        t_idx = torch.where(swap, bank_idx.roll(1, 0), bank_idx)
-        t2_idx = torch.where(mix, bank_idx.roll(2, 0), t_idx)  # second face of a mixed target (= t_idx when not mixed)
-        if mix.any():
-            # surrogate-like targets, as de-identification uses: the spherical mean of two faces' codes
-            raw_mix = F.normalize(z.roll(1, 0) + z.roll(2, 0), dim=1)
-            # G centres its input: mu + v becomes normalize(v), the spherical mean in the centred space
-            m_code = mu + F.normalize(bank[t_idx] + bank[t2_idx], dim=1) if center_identity else raw_mix
-            z_t_raw = torch.where(mix[:, None], raw_mix, z_t)  # the target of the plain "cos" identity loss
-            z_t = torch.where(mix[:, None], m_code, z_t)
-        else:
-            z_t_raw = z_t
         for grp in opt_g.param_groups:  # the warm-up may run at its own learning rate
             grp["lr"] = warmup_lr if (step < recon_warmup and warmup_lr is not None) else lr
         if step < recon_warmup:
@@ -302,6 +293,19 @@ def train_ficgan(data: str = "builtin", size: int = 64, steps: int = 10000, out:
                 _log_step(model, opt_g, opt_d, done, steps, last, history, bar, sample_x, out_dir, cfg_run,
                           log_every, sample_every, checkpoint_every)
             continue
+        z_t = torch.where(swap[:, None], z.roll(1, 0), z)
+        bank_idx = idx.to(dev) + flip.long() * len(images)
+        t_idx = torch.where(swap, bank_idx.roll(1, 0), bank_idx)
+        t2_idx = torch.where(mix, bank_idx.roll(2, 0), t_idx)  # second face of a mixed target (= t_idx when not mixed)
+        if mix.any():
+            # surrogate-like targets, as de-identification uses: the spherical mean of two faces' codes
+            raw_mix = F.normalize(z.roll(1, 0) + z.roll(2, 0), dim=1)
+            # G centres its input: mu + v becomes normalize(v), the spherical mean in the centred space
+            m_code = mu + F.normalize(bank[t_idx] + bank[t2_idx], dim=1) if center_identity else raw_mix
+            z_t_raw = torch.where(mix[:, None], raw_mix, z_t)  # the target of the plain "cos" identity loss
+            z_t = torch.where(mix[:, None], m_code, z_t)
+        else:
+            z_t_raw = z_t
         # ---- D step
         with ac:
             with torch.no_grad():
@@ -398,7 +402,7 @@ def train_ficgan(data: str = "builtin", size: int = 64, steps: int = 10000, out:
 
 def _chroma(x: torch.Tensor) -> torch.Tensor:
     """RGB minus its luma (BT.601): the colour of an image without its brightness; 0 for grey images."""
-    return x - (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+    return x - luma(x)
 
 
 def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -417,7 +421,7 @@ def _augment(x: torch.Tensor, step: int, seed: int, rank: int) -> torch.Tensor:
     6 % of the side, rotation up to 5 degrees, and a random mix towards grey (0..1). A pattern that fools the
     recognizer in one exact view only (the colour blobs of runs e2/e10 in docs/ficgan.md) does not survive
     it, a face does. Seeded by (seed, step, rank) like the batch, so resumed runs stay exact."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + step * 7919 + rank + 17)
+    g = _step_generator(seed, step, rank, stream=17)
     n = x.shape[0]
     u = torch.rand(n, 5, generator=g).to(x.device, x.dtype)
     sc = 0.9 + 0.2 * u[:, 0]
@@ -427,7 +431,7 @@ def _augment(x: torch.Tensor, step: int, seed: int, rank: int) -> torch.Tensor:
                          torch.stack([sc * torch.sin(ang), sc * torch.cos(ang), ty], 1)], 1)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     y = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    grey = (0.299 * y[:, 0:1] + 0.587 * y[:, 1:2] + 0.114 * y[:, 2:3]).expand_as(y)
+    grey = luma(y).expand_as(y)
     w = u[:, 4].view(n, 1, 1, 1)
     return y * (1 - w) + grey * w
 
