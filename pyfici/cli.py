@@ -72,8 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = _build_parser(argv)
     args = parser.parse_args(argv)
     mod, main_ = args._target
+    from pyfici.engine.errors import UserError
+
     try:
         return int(getattr(importlib.import_module(mod), main_)(args) or 0)
+    except UserError as e:
+        print(f"pyfici: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

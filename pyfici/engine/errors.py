@@ -1,0 +1,17 @@
+"""The one exception type for mistakes a user can fix.
+
+A ``UserError`` means a bad argument, a missing or corrupt input file, or an
+unusable output folder. ``pyfici.cli.main`` prints its message as one line
+(``pyfici: error: <message>``) on stderr and exits with status 2, without a
+traceback; library callers get an ordinary exception.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A problem with the user's input that the user can fix; the message says what and how."""
+
+    def __str__(self) -> str:
+        # always one line: the CLI prints it after "pyfici: error: "
+        return " ".join(super().__str__().split())
