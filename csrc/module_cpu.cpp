@@ -15,5 +15,6 @@ PYBIND11_MODULE(_C, m) {
   m.attr("__simd__") = "generic";
 #endif
   m.def("max_threads", []() { return omp_get_max_threads(); });
+  pyfici::export_codes(m);
   pyfici::register_all(m);
 }

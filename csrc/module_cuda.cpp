@@ -21,5 +21,6 @@ PYBIND11_MODULE(_cuda, m) {
     if (cudaGetDeviceCount(&n) != cudaSuccess) return 0;
     return n;
   });
+  pyfici::export_codes(m);
   pyfici::register_all(m);
 }

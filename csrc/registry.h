@@ -6,6 +6,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "codes.h"
+
 namespace pyfici {
 
 using Registrar = void (*)(pybind11::module_&);
@@ -16,8 +18,8 @@ struct AutoRegister {
   explicit AutoRegister(Registrar r) { registrars().push_back(r); }
 };
 
-// dtype codes shared by Python (pyfici/_native.py) and native code
-enum DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3, kInt64 = 4, kInt32 = 5, kUInt8 = 6, kBool = 7 };
+// m.DTYPE_CODES = {"float32": 0, ...}, m.METRIC_CODES = {"sqeuclidean": 0, ...}
+void export_codes(pybind11::module_& m);
 
 template <typename T>
 inline T* as_ptr(std::uintptr_t p) { return reinterpret_cast<T*>(p); }

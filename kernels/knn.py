@@ -8,7 +8,8 @@ merged with a tile only when some score in the tile beats a row's k-th best:
 K rounds of "take the best of state and tile (ties to the lower gallery
 index), then knock it out". Tiles are visited in increasing index order, so
 state entries always have lower indices than tile entries. Meant for small k
-(k <= MAX_K); the score of column j is x.y_j * a_j + b_j as in pyfici.ops.knn.
+(a list of up to a few hundred); the score of column j is x.y_j * a_j + b_j
+(pyfici.backends.knn computes a, b and refines the selected candidates exactly).
 
 ``_knn_average_kernel``: one program per query gathers its k selected gallery
 rows (optionally scaled by 1/||y|| for cosine) and writes the weighted sum.
@@ -20,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_K = 128
+MAX_K = 128  # largest k the public ops accept on this backend
 _BIG = 2**31 - 1
 
 
@@ -101,57 +102,45 @@ def _knn_average_kernel(Y, IDX, W, INV, OUT, D, syg, K: tl.constexpr, HAS_W: tl.
         tl.store(OUT + q * D + offs_d, acc, mask=in_d)
 
 
-def _prepare(queries: torch.Tensor, gallery: torch.Tensor, metric: str):
-    x = queries.float().contiguous()
-    y = gallery.float().contiguous()
-    a = b = None
-    if metric == "cosine":
-        a = (1.0 / y.norm(dim=1).clamp_min(1e-12)).contiguous()
-    elif metric in ("sqeuclidean", "euclidean"):
-        b = ((y * y).sum(1) * -0.5).contiguous()
-    return x, y, a, b
-
-
-def knn_scores(x: torch.Tensor, y: torch.Tensor, a, b, k: int, exclude_self: bool):
-    """Top-k ranking scores (float32, best first) and int64 indices [Q, k]."""
-    if k > MAX_K:
-        raise ValueError(f"k: the triton backend handles k <= {MAX_K}, got {k} (use backend='cpu' or 'cuda')")
+def knn_scores(x: torch.Tensor, y: torch.Tensor, a, b, L: int, exclude_self: bool):
+    """The L best ranking scores x.y_j * a_j + b_j (float32, best first) and their int64
+    indices [Q, L] (a, b: optional float32 [G] column terms; unused entries (-inf, -1))."""
     Q, D = x.shape
     G = y.shape[0]
-    ov = torch.empty((Q, k), dtype=torch.float32, device=x.device)
-    oi = torch.empty((Q, k), dtype=torch.int64, device=x.device)
-    KP = max(16, triton.next_power_of_2(k))
+    ov = torch.empty((Q, L), dtype=torch.float32, device=x.device)
+    oi = torch.empty((Q, L), dtype=torch.int64, device=x.device)
+    KP = max(16, triton.next_power_of_2(L))
     BM, BN, BD = 16, 64 if KP <= 32 else 32, 32
     dummy = x
     grid = (triton.cdiv(Q, BM),)
     _knn_kernel[grid](
         x, y, a if a is not None else dummy, b if b is not None else dummy, ov, oi, Q, G, D,
         x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-        K=k, KP=KP, HAS_A=a is not None, HAS_B=b is not None, EXCL=exclude_self,
+        K=L, KP=KP, HAS_A=a is not None, HAS_B=b is not None, EXCL=exclude_self,
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD,
     )
     return ov, oi
 
 
-def knn(queries, gallery, k: int, metric: str, exclude_self: bool):
-    from pyfici.ops.knn import scores_to_values
-
-    x, y, a, b = _prepare(queries, gallery, metric)
-    ov, oi = knn_scores(x, y, a, b, k, exclude_self)
-    return scores_to_values(ov, x, metric), oi
-
-
-def knn_average(queries, gallery, k: int, metric: str, spherical: bool, weights, exclude_self: bool):
-    x, y, a, b = _prepare(queries, gallery, metric)
-    _, idx = knn_scores(x, y, a, b, k, exclude_self)
-    Q, D = x.shape
-    out = torch.empty((Q, D), dtype=torch.float32, device=x.device)
+def average(y: torch.Tensor, idx: torch.Tensor, weights, normalize_rows: bool, spherical: bool) -> torch.Tensor:
+    """Weighted (spherical) mean of the selected rows idx [Q, k] of y (float32) -> [Q, D].
+    normalize_rows puts each neighbour on the unit sphere first (cosine)."""
+    y = y.float().contiguous()
+    idx = idx.contiguous()
+    Q, k = idx.shape
+    D = y.shape[1]
+    inv = None
+    if normalize_rows:
+        n = y.norm(dim=1)
+        inv = (1.0 / torch.where(n > 0, n, torch.ones_like(n))).contiguous()
+    out = torch.empty((Q, D), dtype=torch.float32, device=y.device)
     w = weights.float().contiguous() if weights is not None else None
     _knn_average_kernel[(Q,)](
-        y, idx, w if w is not None else x, a if a is not None else x, out, D, y.stride(0),
-        K=k, HAS_W=w is not None, HAS_INV=a is not None, BLOCK_D=min(256, triton.next_power_of_2(D)),
+        y, idx, w if w is not None else y, inv if inv is not None else y, out, D, y.stride(0),
+        K=k, HAS_W=w is not None, HAS_INV=inv is not None, BLOCK_D=min(256, triton.next_power_of_2(D)),
     )
     if spherical:
-        return out / out.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    wsum = torch.full((Q, 1), float(k), device=x.device) if w is None else w.sum(1, keepdim=True)
+        n = out.norm(dim=1, keepdim=True)
+        return out / torch.where(n > 0, n, torch.ones_like(n))
+    wsum = torch.full((Q, 1), float(k), device=y.device) if w is None else w.sum(1, keepdim=True)
     return out / torch.where(wsum == 0, torch.ones_like(wsum), wsum)

@@ -11,17 +11,6 @@ import os
 
 import torch
 
-DTYPE_CODES = {
-    torch.float32: 0,
-    torch.float64: 1,
-    torch.float16: 2,
-    torch.bfloat16: 3,
-    torch.int64: 4,
-    torch.int32: 5,
-    torch.uint8: 6,
-    torch.bool: 7,
-}
-
 REBUILD_HINT = (
     "rebuild pyfici from its source folder with `pip install --no-build-isolation -e .` "
     "(needs cmake and a C++17 compiler; nvcc for the CUDA backend), or pass backend='torch' "
@@ -38,6 +27,19 @@ def _load(name: str):
 
 _C, _C_ERROR = _load("_C")
 _cuda, _CUDA_ERROR = (None, "disabled by PYFICI_NO_CUDA") if os.environ.get("PYFICI_NO_CUDA") == "1" else _load("_cuda")
+
+
+def _code_tables():
+    """DTYPE_CODES (torch dtype -> int) and METRIC_CODES (name -> int) from the native
+    module's table (csrc/codes.h); every native module exports the same one."""
+    mod = _C if _C is not None else _cuda
+    if mod is None:
+        return {}, {}
+    dtypes = {getattr(torch, name): code for name, code in mod.DTYPE_CODES.items()}
+    return dtypes, dict(mod.METRIC_CODES)
+
+
+DTYPE_CODES, METRIC_CODES = _code_tables()
 
 
 def cpu_module():

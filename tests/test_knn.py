@@ -63,17 +63,52 @@ def test_knn_exclude_self(device, metric):
     assert torch.equal(i, reference.knn(y, y, 10, "sqeuclidean", True)[1])
 
 
-def test_knn_ties_go_to_lower_index():
-    base = torch.randn(5, 8, dtype=torch.float64)
-    gallery = torch.cat([base, base, base])  # item j == item j + 5 == item j + 10
-    for be in backends_for("cpu") + ["torch"]:
-        for metric in METRICS:
-            v, i = knn(base, gallery, 3, metric=metric, tile=7, backend=be)
-            assert torch.equal(i, torch.arange(5)[:, None] + torch.tensor([0, 5, 10])), (be, metric)
+def _best_base_row(base: torch.Tensor, metric: str) -> torch.Tensor:
+    """Index of each row's best base row by the float64 direct formula."""
+    b = base.double()
+    if metric == "ip":
+        return (b[:, None, :] * b[None, :, :]).sum(-1).argmax(1)
+    return torch.arange(base.shape[0])  # every distance: the row itself (distance 0)
+
+
+TIE_TILES = [1, 7, 16, 40, 4096]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("metric", METRICS)
+def test_knn_ties_go_to_lower_index(metric, dtype):
+    # the gallery holds each row three times (j, j + 5, j + 10): the copies land in tiles of
+    # different shapes, and must still tie exactly and come out in index order
+    gen = torch.Generator().manual_seed(11)
+    for D in (3, 8, 37):
+        base = (torch.randn(5, D, generator=gen, dtype=torch.float64) * 3 + 0.5).to(dtype)
+        gallery = torch.cat([base, base, base])
+        best = _best_base_row(base, metric)[:, None]
+        for be in backends_for("cpu") + ["torch"]:
+            for tile in TIE_TILES if be == "cpu" else TIE_TILES[:1]:
+                for k in (1, 2, 3):
+                    v, i = knn(base, gallery, k, metric=metric, tile=tile, backend=be)
+                    want = best + torch.tensor([0, 5, 10])[:k]
+                    assert torch.equal(i, want), (be, metric, D, tile, k)
+                    assert torch.equal(v, v[:, :1].expand_as(v)), (be, metric, D, tile, k)  # exact ties
+
+
+def test_knn_all_identical_rows():
     same = torch.ones(23, 4)
     for be in backends_for("cpu") + ["torch"]:
-        _, i = knn(same[:3], same, 20, tile=5 if be == "cpu" else 4096, backend=be if be != "triton" else "cpu")
-        assert torch.equal(i, torch.arange(20).expand(3, 20)), be
+        for tile in (5, 4096):
+            _, i = knn(same[:3], same, 20, tile=tile, backend=be if be != "triton" or tile == 4096 else "cpu")
+            assert torch.equal(i, torch.arange(20).expand(3, 20)), be
+    # duplicates well beyond the candidate margin, split over many tiles: the fallback path
+    gen = torch.Generator().manual_seed(2)
+    dup = torch.randn(4, 6, generator=gen).repeat(30, 1)  # row r == row r + 4 == ...
+    for metric in METRICS:
+        rv, ri = reference.knn(dup, dup, 25, metric)
+        for be in backends_for("cpu"):
+            if be == "triton" and metric != "sqeuclidean":
+                continue
+            v, i = knn(dup, dup, 25, metric=metric, tile=64, backend=be)
+            assert torch.equal(i, ri), (be, metric)
 
 
 def test_knn_large_k_and_sorted():

@@ -39,16 +39,16 @@ def _run(x, y, shard, backend, path):
     gen = torch.Generator().manual_seed(1)
     res = {}
     for metric in ("sqeuclidean", "cosine", "ip"):
-        res[f"knn-{metric}"] = knn(x, shard, 7, metric=metric, sharded=True, tile=256, backend=backend)
-        res[f"self-{metric}"] = knn(y[:23], shard, 5, metric=metric, exclude_self=True, sharded=True,
-                                    backend=backend)
+        res[f"knn-{metric}"] = tuple(knn(x, shard, 7, metric=metric, sharded=True, tile=256, backend=backend))
+        res[f"self-{metric}"] = tuple(knn(y[:23], shard, 5, metric=metric, exclude_self=True, sharded=True,
+                                          backend=backend))
     w = torch.rand(7, generator=gen, dtype=torch.float64)
     res["avg"] = knn_average(x, shard, 7, sharded=True, backend=backend)
     res["avg-w"] = knn_average(x, shard, 7, weights=w, spherical=False, metric="sqeuclidean", sharded=True,
                                backend=backend)
     res["w"] = w
     # k larger than one shard but not the whole gallery
-    res["bigk"] = knn(x, shard, 80, sharded=True, backend=backend)
+    res["bigk"] = tuple(knn(x, shard, 80, sharded=True, backend=backend))
     try:
         knn(x, shard, 102, sharded=True, backend=backend)
         res["err"] = ""

@@ -12,8 +12,9 @@
 // register, and an insertion costs O(log k)). Rows are spread over OpenMP
 // threads; the state ([rows, k] values and indices) lives across gallery tiles.
 //
-// knn_refine: exact distances of the k selected neighbours (double
-// accumulation), then a stable re-sort by (value, index).
+// knn_refine: exact values of the selected candidates (double accumulation, a
+// fixed order per pair), then a sort by (value, index) that keeps the best k.
+// knn_exact_rows: the same direct formula over the whole gallery for a few rows.
 // knn_average_rows: the fused k-nearest average: gathers only the k selected
 // gallery rows per query (no [Q, k, D] buffer), optional weights, optional
 // per-row normalisation of the neighbours (cosine) and of the result (spherical).
@@ -174,66 +175,118 @@ void select_tile(const T* S, int64_t rows, int64_t cols, int64_t ld, int64_t col
     select_tile_impl<T, false, false>(S, rows, cols, ld, col_offset, a, b, k, vals, idx, self_offset, nthreads);
 }
 
-// metric codes shared with pyfici/ops/knn.py
-enum Metric : int { kSqEuclidean = 0, kEuclidean = 1, kCosine = 2, kIP = 3 };
+// Exact value of one (query, gallery row) pair: double accumulation over d = 0..D-1 in
+// order, so identical gallery rows always get identical values, whatever tile they were in.
+template <typename T>
+inline double exact_value(const T* __restrict x, const T* __restrict y, int64_t D, int metric, double xnorm) {
+  if (metric == kSqEuclidean || metric == kEuclidean) {
+    double acc = 0.0;
+    for (int64_t d = 0; d < D; ++d) {
+      const double e = static_cast<double>(x[d]) - static_cast<double>(y[d]);
+      acc += e * e;
+    }
+    return metric == kEuclidean ? std::sqrt(acc) : acc;
+  }
+  double xy = 0.0, yy = 0.0;
+  for (int64_t d = 0; d < D; ++d) {
+    xy += static_cast<double>(x[d]) * y[d];
+    yy += static_cast<double>(y[d]) * y[d];
+  }
+  if (metric == kIP) return xy;
+  // scale-invariant: only a zero vector is special (cosine 0 with everything)
+  const double den = (xnorm > 0.0 ? xnorm : 1.0) * (yy > 0.0 ? std::sqrt(yy) : 1.0);
+  return std::min(2.0, std::max(0.0, 1.0 - xy / den));
+}
 
 template <typename T>
-void refine_impl(const T* X, const T* Y, int64_t Q, int64_t D, int64_t k, int metric, int64_t* idx, T* out,
-                 int nthreads) {
+inline double query_norm(const T* x, int64_t D, int metric) {
+  double xx = 0.0;
+  if (metric == kCosine)
+    for (int64_t d = 0; d < D; ++d) xx += static_cast<double>(x[d]) * x[d];
+  return std::sqrt(xx);
+}
+
+// (value, index) order of the metric: distances ascend, "ip" descends; ties to the lower index.
+inline bool ranks_before(bool ascending, double va, int64_t ia, double vb, int64_t ib) {
+  if (va != vb) return ascending ? va < vb : va > vb;
+  return ia < ib;
+}
+
+// Exact values of L candidates per query (cand [Q, L], -1 = none), sorted by (value, index);
+// the first k go to out_vals / out_idx, and the k-th exact value (double) to kth when given.
+template <typename T>
+void refine_impl(const T* X, const T* Y, int64_t Q, int64_t D, int64_t L, int metric, const int64_t* cand,
+                 int64_t k, T* out_vals, int64_t* out_idx, double* kth, int nthreads) {
   const bool ascending = metric != kIP;
-  nthreads = threads_for(nthreads, Q * k * D, Q);
+  constexpr int64_t kNone = std::numeric_limits<int64_t>::max();
+  const double worst = ascending ? std::numeric_limits<double>::infinity() : -std::numeric_limits<double>::infinity();
+  nthreads = threads_for(nthreads, Q * L * D, Q);
 #pragma omp parallel num_threads(nthreads)
   {
-    std::vector<std::pair<double, int64_t>> row(static_cast<size_t>(k));
+    std::vector<std::pair<double, int64_t>> row(static_cast<size_t>(L));
 #pragma omp for schedule(static)
     for (int64_t q = 0; q < Q; ++q) {
       const T* __restrict x = X + q * D;
-      double xx = 0.0;
-      if (metric == kCosine)
-        for (int64_t d = 0; d < D; ++d) xx += static_cast<double>(x[d]) * x[d];
-      int64_t* __restrict id = idx + q * k;
-      for (int64_t t = 0; t < k; ++t) {
+      const double xn = query_norm(x, D, metric);
+      const int64_t* __restrict id = cand + q * L;
+      for (int64_t t = 0; t < L; ++t) {
         const int64_t j = id[t];
-        double v = std::numeric_limits<double>::infinity();
-        if (j >= 0) {
-          const T* __restrict y = Y + j * D;
-          if (metric == kSqEuclidean || metric == kEuclidean) {
-            double acc = 0.0;
-            for (int64_t d = 0; d < D; ++d) {
-              const double e = static_cast<double>(x[d]) - static_cast<double>(y[d]);
-              acc += e * e;
-            }
-            v = metric == kEuclidean ? std::sqrt(acc) : acc;
-          } else {
-            double xy = 0.0, yy = 0.0;
-            for (int64_t d = 0; d < D; ++d) {
-              xy += static_cast<double>(x[d]) * y[d];
-              yy += static_cast<double>(y[d]) * y[d];
-            }
-            if (metric == kIP) {
-              v = xy;
-            } else {
-              const double den = std::max(std::sqrt(xx), 1e-12) * std::max(std::sqrt(yy), 1e-12);
-              v = std::min(2.0, std::max(0.0, 1.0 - xy / den));
-            }
-          }
-        } else if (!ascending) {
-          v = -std::numeric_limits<double>::infinity();
-        }
-        row[t] = {v, j < 0 ? std::numeric_limits<int64_t>::max() : j};
+        row[t] = j >= 0 ? std::make_pair(exact_value(x, Y + j * D, D, metric, xn), j) : std::make_pair(worst, kNone);
       }
-      if (ascending)
-        std::sort(row.begin(), row.end(), [](const auto& p, const auto& r) {
-          return p.first < r.first || (p.first == r.first && p.second < r.second);
-        });
-      else
-        std::sort(row.begin(), row.end(), [](const auto& p, const auto& r) {
-          return p.first > r.first || (p.first == r.first && p.second < r.second);
-        });
+      std::sort(row.begin(), row.end(), [ascending](const auto& p, const auto& r) {
+        return ranks_before(ascending, p.first, p.second, r.first, r.second);
+      });
       for (int64_t t = 0; t < k; ++t) {
-        out[q * k + t] = static_cast<T>(row[t].first);
-        id[t] = row[t].second == std::numeric_limits<int64_t>::max() ? -1 : row[t].second;
+        out_vals[q * k + t] = static_cast<T>(row[t].first);
+        out_idx[q * k + t] = row[t].second == kNone ? -1 : row[t].second;
       }
+      if (kth) kth[q] = row[k - 1].first;
+    }
+  }
+}
+
+// Exact top-k of the given query rows against the whole gallery by the direct formula
+// (the fallback for rows whose candidate list could not be certified). rows[r] is the
+// query row; with self_offset >= 0, gallery column rows[r] - self_offset is excluded.
+template <typename T>
+void exact_rows_impl(const T* X, const T* Y, const int64_t* rows, int64_t R, int64_t G, int64_t D, int metric,
+                     int64_t k, int64_t self_offset, T* out_vals, int64_t* out_idx, double* kth, int nthreads) {
+  const bool ascending = metric != kIP;
+  nthreads = threads_for(nthreads, R * G * D, R);
+#pragma omp parallel num_threads(nthreads)
+  {
+    std::vector<std::pair<double, int64_t>> heap;
+    heap.reserve(static_cast<size_t>(k));
+    // heap root = the worst kept pair
+    auto cmp = [ascending](const auto& p, const auto& r) {
+      return ranks_before(ascending, p.first, p.second, r.first, r.second);
+    };
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t q = rows[r];
+      const T* __restrict x = X + q * D;
+      const double xn = query_norm(x, D, metric);
+      const int64_t skip = self_offset >= 0 ? q - self_offset : -1;
+      heap.clear();
+      for (int64_t j = 0; j < G; ++j) {
+        if (j == skip) continue;
+        const double v = exact_value(x, Y + j * D, D, metric, xn);
+        if (static_cast<int64_t>(heap.size()) < k) {
+          heap.emplace_back(v, j);
+          std::push_heap(heap.begin(), heap.end(), cmp);
+        } else if (ranks_before(ascending, v, j, heap.front().first, heap.front().second)) {
+          std::pop_heap(heap.begin(), heap.end(), cmp);
+          heap.back() = {v, j};
+          std::push_heap(heap.begin(), heap.end(), cmp);
+        }
+      }
+      std::sort(heap.begin(), heap.end(), cmp);
+      for (int64_t t = 0; t < k; ++t) {
+        const bool have = t < static_cast<int64_t>(heap.size());
+        out_vals[r * k + t] = static_cast<T>(have ? heap[t].first : (ascending ? INFINITY : -INFINITY));
+        out_idx[r * k + t] = have ? heap[t].second : -1;
+      }
+      if (kth) kth[r] = static_cast<int64_t>(heap.size()) >= k ? heap[k - 1].first : (ascending ? INFINITY : -INFINITY);
     }
   }
 }
@@ -265,7 +318,7 @@ void average_impl(const T* Y, int64_t D, const int64_t* idx, const T* w, int64_t
         if (normalize_rows) {
           double yy = 0.0;
           for (int64_t d = 0; d < D; ++d) yy += static_cast<double>(y[d]) * y[d];
-          scale /= std::max(std::sqrt(yy), 1e-12);
+          if (yy > 0.0) scale /= std::sqrt(yy);  // a zero row stays zero
         }
         for (int64_t d = 0; d < D; ++d) ac[d] += scale * static_cast<double>(y[d]);
       }
@@ -274,7 +327,7 @@ void average_impl(const T* Y, int64_t D, const int64_t* idx, const T* w, int64_t
         if (spherical) {
           double nn = 0.0;
           for (int64_t d = 0; d < D; ++d) nn += ac[d] * ac[d];
-          div = std::max(std::sqrt(nn), 1e-12);
+          div = nn > 0.0 ? std::sqrt(nn) : 1.0;
         } else {
           div = wsum != 0.0 ? wsum : 1.0;
         }
@@ -421,16 +474,32 @@ PYFICI_REGISTER(m) {
       "col_offset + j; self_offset >= 0 excludes global index self_offset + row.");
   m.def(
       "knn_refine",
-      [](std::uintptr_t X, std::uintptr_t Y, int dtype, int64_t Q, int64_t D, int64_t k, int metric,
-         std::uintptr_t idx, std::uintptr_t out, int nthreads) {
+      [](std::uintptr_t X, std::uintptr_t Y, int dtype, int64_t Q, int64_t D, int64_t L, int metric,
+         std::uintptr_t cand, int64_t k, std::uintptr_t out_vals, std::uintptr_t out_idx, std::uintptr_t kth,
+         int nthreads) {
         py::gil_scoped_release nogil;
         dispatch_float(dtype, "knn_refine", [&](auto* tag) {
           using T = std::remove_pointer_t<decltype(tag)>;
-          refine_impl<T>(as_ptr<const T>(X), as_ptr<const T>(Y), Q, D, k, metric, as_ptr<int64_t>(idx),
-                         as_ptr<T>(out), nthreads);
+          refine_impl<T>(as_ptr<const T>(X), as_ptr<const T>(Y), Q, D, L, metric, as_ptr<const int64_t>(cand), k,
+                         as_ptr<T>(out_vals), as_ptr<int64_t>(out_idx), as_ptr<double>(kth), nthreads);
         });
       },
-      "Exact values of the selected neighbours (double accumulation) and a re-sort by (value, index).");
+      "Exact values (double accumulation) of L candidates per query, sorted by (value, index); writes the "
+      "first k, and the k-th exact value as double to kth when kth != 0.");
+  m.def(
+      "knn_exact_rows",
+      [](std::uintptr_t X, std::uintptr_t Y, int dtype, std::uintptr_t rows, int64_t R, int64_t G, int64_t D,
+         int metric, int64_t k, int64_t self_offset, std::uintptr_t out_vals, std::uintptr_t out_idx,
+         std::uintptr_t kth, int nthreads) {
+        py::gil_scoped_release nogil;
+        dispatch_float(dtype, "knn_exact_rows", [&](auto* tag) {
+          using T = std::remove_pointer_t<decltype(tag)>;
+          exact_rows_impl<T>(as_ptr<const T>(X), as_ptr<const T>(Y), as_ptr<const int64_t>(rows), R, G, D, metric,
+                             k, self_offset, as_ptr<T>(out_vals), as_ptr<int64_t>(out_idx), as_ptr<double>(kth),
+                             nthreads);
+        });
+      },
+      "Exact top-k of the query rows `rows` against the whole gallery by the direct formula (double).");
   m.def(
       "knn_average_rows",
       [](std::uintptr_t Y, int dtype, int64_t D, std::uintptr_t idx, std::uintptr_t w, int64_t Q, int64_t k,

@@ -13,6 +13,7 @@
 #include <climits>
 #include <cmath>
 
+#include "codes.h"
 #include "knn.cuh"
 
 namespace pyfici {
@@ -171,7 +172,7 @@ __global__ void __launch_bounds__(kAvgThreads)
     }
     if (lane == 0) {
       double sc = own ? (w ? static_cast<double>(w[q * k + t]) : 1.0) : 0.0;
-      if (own && normalize_rows) sc /= fmax(sqrt(nn), 1e-12);
+      if (own && normalize_rows && nn > 0.0) sc /= sqrt(nn);
       s_scale[t] = sc;
     }
   }
@@ -191,7 +192,7 @@ __global__ void __launch_bounds__(kAvgThreads)
   double div;
   if (spherical) {
     const double nn = block_sum(nn_local, s_red);
-    div = fmax(sqrt(nn), 1e-12);
+    div = nn > 0.0 ? sqrt(nn) : 1.0;
   } else {
     div = wsum != 0.0 ? wsum : 1.0;
   }
@@ -220,7 +221,7 @@ void launch_knn_select_tile(const void* S, int dtype, int64_t rows, int64_t cols
                             const void* a, const void* b, int64_t k, void* vals, int64_t* idx, int64_t self_offset,
                             cudaStream_t stream) {
   if (rows <= 0 || k <= 0) return;
-  if (dtype == 0)
+  if (dtype == kFloat32)
     select_launch<float>(static_cast<const float*>(S), rows, cols, ld, col_offset, static_cast<const float*>(a),
                          static_cast<const float*>(b), k, static_cast<float*>(vals), idx, self_offset, stream);
   else
@@ -234,7 +235,7 @@ void launch_knn_average_rows(const void* Y, int dtype, int64_t D, const int64_t*
   if (Q <= 0) return;
   const size_t shm = static_cast<size_t>(k) * sizeof(double);
   const dim3 grid(static_cast<unsigned>(Q));
-  if (dtype == 0)
+  if (dtype == kFloat32)
     knn_average_kernel<float><<<grid, kAvgThreads, shm, stream>>>(
         static_cast<const float*>(Y), D, idx, static_cast<const float*>(w), k, lo, hi, normalize_rows, spherical,
         finalize, static_cast<float*>(out));

@@ -14,9 +14,9 @@ __all__ = ["BACKENDS", "choose_backend", "reference", "pairwise_distance", "reid
 from pyfici.ops.optim import layerwise_adamw_step_, layerwise_sgd_step_, weight_variation  # noqa: E402
 
 __all__ += ["layerwise_sgd_step_", "layerwise_adamw_step_", "weight_variation"]
-from pyfici.ops.knn import knn, knn_average  # noqa: E402
+from pyfici.ops.knn import KnnResult, k_same_partition, knn, knn_average  # noqa: E402
 
-__all__ += ["knn", "knn_average"]
+__all__ += ["knn", "knn_average", "KnnResult", "k_same_partition"]
 from pyfici.ops.rerank import rerank_distmat, rerank_features  # noqa: E402
 
 __all__ += ["rerank_features", "rerank_distmat"]

@@ -217,6 +217,12 @@ def weight_variation(params: list[torch.Tensor], snapshots: list[torch.Tensor]) 
 # ---------------------------------------------------------------------------
 
 
+def _unit_rows(t: torch.Tensor) -> torch.Tensor:
+    """t / ||t|| along the last dim; zero rows stay zero (scale-invariant: no epsilon)."""
+    n = t.norm(dim=-1, keepdim=True)
+    return t / torch.where(n > 0, n, torch.ones_like(n))
+
+
 def knn(
     queries: torch.Tensor, gallery: torch.Tensor, k: int, metric: str = "sqeuclidean", exclude_self: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,12 +237,12 @@ def knn(
     out_dtype = torch.float64 if queries.dtype == torch.float64 else torch.float32
     x = queries.double()
     y = gallery.double()
+    # direct formulas (no GEMM): identical gallery rows get identical values
     if metric == "ip":
-        key = -(x @ y.T)
+        key = -(x[:, None, :] * y[None, :, :]).sum(-1)
     elif metric == "cosine":
-        xn = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        yn = y / y.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        key = (1.0 - xn @ yn.T).clamp(0.0, 2.0)
+        xn, yn = _unit_rows(x), _unit_rows(y)  # a zero row has cosine 0 with everything
+        key = (1.0 - (xn[:, None, :] * yn[None, :, :]).sum(-1)).clamp(0.0, 2.0)
     elif metric in ("sqeuclidean", "euclidean"):
         key = ((x[:, None, :] - y[None, :, :]) ** 2).sum(-1)
         if metric == "euclidean":
@@ -273,11 +279,11 @@ def knn_average(
     _, idx = knn(queries, gallery, k, metric, exclude_self)
     nb = gallery.double()[idx]  # [Q, k, D]
     if metric == "cosine":
-        nb = nb / nb.norm(dim=2, keepdim=True).clamp_min(1e-12)
+        nb = _unit_rows(nb)
     w = torch.ones(idx.shape, dtype=torch.float64) if weights is None else weights.double().expand(idx.shape)
     s = (w[..., None] * nb).sum(1)
     if spherical:
-        s = s / s.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        s = _unit_rows(s)
     else:
         wsum = w.sum(1, keepdim=True)
         s = s / torch.where(wsum == 0, torch.ones_like(wsum), wsum)

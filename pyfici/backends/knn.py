@@ -1,0 +1,552 @@
+"""kNN on the cpu, cuda and triton backends: approximate selection, exact refinement,
+certification.
+
+1. Selection. The gallery is walked in score tiles ``S = X_t @ Y_t^T`` (torch.mm:
+   the BLAS / cuBLAS torch links; the Triton kernel computes its own tiles with
+   ``tl.dot``). A native kernel merges each tile into a running per-row list of the
+   ``L = k + MARGIN`` best *ranking scores* ``x.y_j * a_j + b_j`` (bigger is
+   better): ``a = 1/||y||`` for cosine, ``b = -||y||^2 / 2`` for (sq)euclidean, so
+   no normalised copy of the gallery is made. The scores are computed on a
+   transformed copy of each tile: centred on the gallery mean for (sq)euclidean
+   when the data sit far from the origin (distances do not change, the
+   cancellation in ``||x||^2 + ||y||^2 - 2 x.y`` does), and scaled by one power of
+   two (exact) when the magnitudes would overflow or underflow the dtype's squares.
+2. Refinement. The L candidates of every query get exact values from the direct
+   formula (``sum (x_d - y_d)^2``, ``x.y``, ``1 - x.y / (|x| |y|)``, accumulated in
+   double in a fixed order per pair) and are sorted by (value, index). A value never
+   depends on the tile a row fell into, so identical gallery rows tie exactly and
+   ties go to the lower index on every backend.
+3. Certification. The rounding error of a tile score is bounded
+   (``|err| <= E = 4 (D + 4) u (|x'| Y'max + Y'max^2)`` in the transformed space, u the
+   unit roundoff of the dtype). A row is certified when no gallery item outside its
+   list can reach its k-th exact value even with that error (or when the list holds
+   every candidate). Rows that are not certified (many near-ties at the k-th
+   place) are recomputed by the direct formula over the whole gallery. The result
+   is therefore the exact top-k of the direct formula for every row.
+
+Memory: two score tiles on the CPU (the selection of one tile runs on a helper
+thread while BLAS fills the next), one on CUDA, plus one transformed query and
+gallery tile when a transform is needed; independent of Q and G otherwise.
+Deciding the transform and the uncertified rows reads a few scalars back to the
+host (one synchronisation per call on CUDA).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
+
+import torch
+
+from pyfici import _native
+
+DEFAULT_TILE = 1 << 23  # score-tile elements (32 MB in float32)
+MAX_TILE_ROWS = 1024
+MARGIN = 8  # candidates kept beyond k, so near-ties at the k-th place rarely need the fallback
+MAX_LIST = {"cuda": 1024}  # largest candidate list a selection kernel keeps
+_ROW_CHUNK_ELEMS = 1 << 22  # elements of the gathered [rows, L, D] block in the torch refinement
+
+_PIPELINE = os.environ.get("PYFICI_KNN_PIPELINE", "1") != "0"
+_SELECTOR: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def compute_dtype(*ts: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
+
+
+def tile_shape(Q: int, G: int, tile: int) -> tuple[int, int]:
+    tq = max(1, min(Q, MAX_TILE_ROWS, max(tile // min(G, 8192), math.isqrt(tile) // 4)))
+    tg = max(1, min(G, tile // tq))
+    return tq, tg
+
+
+def _unit(dt: torch.dtype) -> float:
+    return 2.0**-53 if dt == torch.float64 else 2.0**-24
+
+
+def _selector() -> ThreadPoolExecutor:
+    """One helper thread for pipelined CPU selection (re-created after a fork)."""
+    global _SELECTOR
+    if _SELECTOR is None or _SELECTOR[0] != os.getpid():
+        _SELECTOR = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="pyfici-knn-select"))
+    return _SELECTOR[1]
+
+
+# ---------------------------------------------------------------------------
+# the transformed space of the approximate scores
+# ---------------------------------------------------------------------------
+
+
+class Space(NamedTuple):
+    """x' = (x - mu) * c, y' = (y - mu) * c, and the per-column score terms."""
+
+    mu: torch.Tensor | None  # [D] in the compute dtype, or None (no centring)
+    c: float  # a power of two (1.0: no scaling)
+    a: torch.Tensor | None  # [G] 1/||y'|| (cosine)
+    b: torch.Tensor | None  # [G] -||y'||^2 / 2 ((sq)euclidean)
+    ymax: float  # max ||y'||
+
+    @property
+    def transformed(self) -> bool:
+        return self.mu is not None or self.c != 1.0
+
+    def apply(self, t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.transformed:
+            return t
+        if out is None:
+            out = torch.empty_like(t)
+        if self.mu is not None:
+            torch.sub(t, self.mu, out=out)
+        else:
+            out.copy_(t)
+        if self.c != 1.0:
+            out.mul_(self.c)
+        return out
+
+
+def _row_chunks(n: int, d: int):
+    step = max(1, (1 << 20) // max(1, d))
+    for r0 in range(0, n, step):
+        yield r0, min(n, r0 + step)
+
+
+def make_space(x: torch.Tensor, y: torch.Tensor, metric: str) -> Space:
+    G, D = y.shape
+    dt = y.dtype
+    mu = None
+    shift = 0.0
+    if metric in ("sqeuclidean", "euclidean") and G > 0:
+        s1 = torch.zeros(D, dtype=torch.float64, device=y.device)
+        s2 = torch.zeros((), dtype=torch.float64, device=y.device)
+        for r0, r1 in _row_chunks(G, D):
+            yc = y[r0:r1].double()
+            s1 += yc.sum(0)
+            s2 += yc.square().sum()
+        m = s1 / G
+        spread2 = float(s2 / G - m.square().sum())
+        off2 = float(m.square().sum())
+        # centre when the offset dominates the spread: then the expansion cancels digits
+        if off2 > 16.0 * max(spread2, 0.0):
+            mu = m.to(dt)
+            shift = float(mu.abs().max())
+    amax = max(float(x.abs().max()) if x.numel() else 0.0, float(y.abs().max()) if y.numel() else 0.0) + shift
+    c = 1.0
+    if amax > 0 and not (2.0**-20 <= amax <= 2.0**20):
+        c = math.ldexp(1.0, -math.frexp(amax)[1])  # largest magnitude in [0.5, 1)
+    sp = Space(mu, c, None, None, 0.0)
+    a = b = None
+    ymax2 = 0.0
+    if G > 0:
+        n2 = torch.empty(G, dtype=dt, device=y.device)
+        for r0, r1 in _row_chunks(G, D):
+            yt = sp.apply(y[r0:r1])
+            n2[r0:r1] = yt.square().sum(1)
+        ymax2 = float(n2.max())
+        if metric == "cosine":
+            nrm = n2.sqrt()
+            a = 1.0 / torch.where(nrm > 0, nrm, torch.ones_like(nrm))
+        elif metric in ("sqeuclidean", "euclidean"):
+            b = n2.mul_(-0.5)
+    return Space(mu, c, a, b, math.sqrt(ymax2))
+
+
+# ---------------------------------------------------------------------------
+# 1. selection over score tiles (cpu / cuda)
+# ---------------------------------------------------------------------------
+
+
+def select_tiles(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    L: int,
+    space: Space,
+    exclude_self: bool,
+    tile: int,
+    backend: str,
+    col_offset: int = 0,
+    self_offset: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The L best ranking scores and global indices of every query, best first
+    (approximate: computed from the BLAS tiles of the transformed inputs).
+
+    Gallery column j has global index col_offset + j; with exclude_self, query i
+    excludes global index self_offset + i. Unused list entries hold (-inf, -1).
+    """
+    Q, G = x.shape[0], y.shape[0]
+    dt, dev = x.dtype, x.device
+    code = _native.DTYPE_CODES[dt]
+    tq, tg = tile_shape(Q, G, tile)
+    out_s = torch.empty((Q, L), dtype=dt, device=dev)
+    out_i = torch.empty((Q, L), dtype=torch.int64, device=dev)
+    # CPU: two score buffers, so the selection of tile t (one helper thread, GIL
+    # released) runs while BLAS computes tile t + 1; the memory-bound scan then
+    # hides under the compute-bound GEMM. CUDA: one buffer, stream-ordered.
+    pipelined = backend == "cpu" and Q * G > tq * tg and _PIPELINE
+    bufs = [torch.empty(tq * tg, dtype=dt, device=dev) for _ in range(2 if pipelined else 1)]
+    xbuf = torch.empty((tq, x.shape[1]), dtype=dt, device=dev) if space.transformed else None
+    ybufs = [torch.empty((tg, y.shape[1]), dtype=dt, device=dev) for _ in range(len(bufs))] if space.transformed else None
+    nthreads = 1 if pipelined else _native.num_threads()
+    mod = _native.cpu_module() if backend == "cpu" else _native.cuda_module()
+    a, b = space.a, space.b
+    pending = None
+    which = 0
+    try:
+        for q0 in range(0, Q, tq):
+            q1 = min(Q, q0 + tq)
+            rows = q1 - q0
+            vals = out_s[q0:q1]
+            idx = out_i[q0:q1]
+            vals.fill_(float("-inf"))
+            idx.fill_(-1)
+            xq = x[q0:q1] if xbuf is None else space.apply(x[q0:q1], xbuf[:rows])
+            for g0 in range(0, G, tg):
+                g1 = min(G, g0 + tg)
+                cols = g1 - g0
+                S = bufs[which][: rows * cols].view(rows, cols)
+                yt = y[g0:g1] if ybufs is None else space.apply(y[g0:g1], ybufs[which][:cols])
+                which = (which + 1) % len(bufs)
+                torch.mm(xq, yt.T, out=S)
+                a_ptr = a[g0:g1].data_ptr() if a is not None else 0
+                b_ptr = b[g0:g1].data_ptr() if b is not None else 0
+                self_off = (self_offset + q0) if exclude_self else -1
+                args = (S.data_ptr(), code, rows, cols, cols, col_offset + g0, a_ptr, b_ptr, L,
+                        vals.data_ptr(), idx.data_ptr(), self_off)
+                if pending is not None:
+                    pending.result()
+                    pending = None
+                if pipelined:
+                    pending = _selector().submit(mod.knn_select_tile, *args, nthreads)
+                elif backend == "cpu":
+                    mod.knn_select_tile(*args, nthreads)
+                else:
+                    mod.knn_select_tile(*args, _native.stream_ptr(dev))
+    finally:
+        if pending is not None:
+            pending.result()
+    return out_s, out_i
+
+
+def _select_triton(x, y, L, space: Space, exclude_self: bool):
+    from pyfici.kernels import knn as tk
+
+    return tk.knn_scores(space.apply(x), space.apply(y), space.a, space.b, L, exclude_self)
+
+
+# ---------------------------------------------------------------------------
+# 2. exact values of the candidates, and the direct fallback
+# ---------------------------------------------------------------------------
+
+
+def _pair_values(xr: torch.Tensor, yr: torch.Tensor, metric: str) -> torch.Tensor:
+    """Direct-formula values in float64: xr [R, 1, D] against yr [R, L, D] -> [R, L]."""
+    if metric in ("sqeuclidean", "euclidean"):
+        v = (xr - yr).square().sum(-1)
+        return v.sqrt() if metric == "euclidean" else v
+    xy = (xr * yr).sum(-1)
+    if metric == "ip":
+        return xy
+    xn = xr.square().sum(-1).sqrt()
+    yn = yr.square().sum(-1).sqrt()
+    den = torch.where(xn > 0, xn, torch.ones_like(xn)) * torch.where(yn > 0, yn, torch.ones_like(yn))
+    return (1.0 - xy / den).clamp_(0.0, 2.0)
+
+
+def _sort_pairs(v: torch.Tensor, i: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort rows by (value, index): distances ascending, ip descending; -1 indices last."""
+    big = torch.iinfo(torch.int64).max
+    key = torch.where(i < 0, torch.full_like(i, big), i)
+    o1 = torch.argsort(key, dim=1, stable=True)
+    v, i = v.gather(1, o1), i.gather(1, o1)
+    o2 = torch.argsort(v, dim=1, descending=metric == "ip", stable=True)
+    return v.gather(1, o2), i.gather(1, o2)
+
+
+def _worst(metric: str) -> float:
+    return float("-inf") if metric == "ip" else float("inf")
+
+
+def refine(x, y, cand, k: int, metric: str, backend: str, col_offset: int = 0):
+    """Exact values of the candidates (global indices cand [Q, L], -1 = none; row j of
+    y has global index col_offset + j), sorted by (value, index): the best k values in
+    x's dtype, their indices, and the k-th value in float64."""
+    Q, L = cand.shape
+    D = x.shape[1]
+    dt = x.dtype
+    vals = torch.empty((Q, k), dtype=dt, device=x.device)
+    idx = torch.empty((Q, k), dtype=torch.int64, device=x.device)
+    kth = torch.empty(Q, dtype=torch.float64, device=x.device)
+    local = cand if col_offset == 0 else torch.where(cand < 0, cand, cand - col_offset)
+    if backend == "cpu":
+        local = local.contiguous()
+        _native.cpu_module().knn_refine(
+            x.data_ptr(), y.data_ptr(), _native.DTYPE_CODES[dt], Q, D, L, _native.METRIC_CODES[metric],
+            local.data_ptr(), k, vals.data_ptr(), idx.data_ptr(), kth.data_ptr(), _native.num_threads(),
+        )
+    else:
+        step = max(1, _ROW_CHUNK_ELEMS // max(1, L * D))
+        for r0 in range(0, Q, step):
+            r1 = min(Q, r0 + step)
+            c = local[r0:r1]
+            yr = y[c.clamp_min(0)].double()
+            v = _pair_values(x[r0:r1, None, :].double(), yr, metric)
+            v = torch.where(c >= 0, v, torch.full_like(v, _worst(metric)))
+            v, i = _sort_pairs(v, c, metric)
+            vals[r0:r1] = v[:, :k].to(dt)
+            idx[r0:r1] = i[:, :k]
+            kth[r0:r1] = v[:, k - 1]
+    if col_offset:
+        idx = torch.where(idx < 0, idx, idx + col_offset)
+    return vals, idx, kth
+
+
+def exact_rows(x, y, rows: torch.Tensor, k: int, metric: str, backend: str, self_offset: int):
+    """Direct-formula top-k of the query rows ``rows`` over all of y (local indices);
+    with self_offset >= 0, query q excludes y row q - self_offset."""
+    R = rows.numel()
+    G, D = y.shape
+    dt = x.dtype
+    if backend == "cpu":
+        rows = rows.contiguous()
+        vals = torch.empty((R, k), dtype=dt)
+        idx = torch.empty((R, k), dtype=torch.int64)
+        _native.cpu_module().knn_exact_rows(
+            x.data_ptr(), y.data_ptr(), _native.DTYPE_CODES[dt], rows.data_ptr(), R, G, D,
+            _native.METRIC_CODES[metric], k, self_offset, vals.data_ptr(), idx.data_ptr(), 0,
+            _native.num_threads(),
+        )
+        return vals, idx
+    worst = _worst(metric)
+    sv = torch.full((R, k), worst, dtype=torch.float64, device=x.device)
+    si = torch.full((R, k), -1, dtype=torch.int64, device=x.device)
+    xr = x[rows].double()[:, None, :]
+    step = max(1, _ROW_CHUNK_ELEMS // max(1, R * D))
+    for g0 in range(0, G, step):
+        g1 = min(G, g0 + step)
+        v = _pair_values(xr, y[g0:g1].double()[None, :, :], metric)
+        j = torch.arange(g0, g1, device=x.device).expand(R, g1 - g0)
+        if self_offset >= 0:
+            own = j == (rows - self_offset)[:, None]
+            v = torch.where(own, torch.full_like(v, worst), v)
+            j = torch.where(own, torch.full_like(j, -1), j)
+        # state entries precede the chunk and have lower indices: a stable value sort keeps ties in index order
+        v = torch.cat([sv, v], 1)
+        j = torch.cat([si, j], 1)
+        o = torch.argsort(v, dim=1, descending=metric == "ip", stable=True)
+        v, j = v.gather(1, o), j.gather(1, o)
+        # entries with index -1 sort like any other worst value; push them behind real ones
+        v, j = _sort_pairs(v, j, metric)
+        sv, si = v[:, :k], j[:, :k]
+    return sv.to(dt), si
+
+
+# ---------------------------------------------------------------------------
+# 3. certification
+# ---------------------------------------------------------------------------
+
+
+def certified(x, space: Space, scores, cand, kth, metric: str, complete: bool) -> torch.Tensor:
+    """bool [Q]: no gallery item outside a row's list can reach the row's k-th exact value."""
+    Q, L = cand.shape
+    if complete:
+        return torch.ones(Q, dtype=torch.bool, device=x.device)
+    D = x.shape[1]
+    dt = x.dtype
+    u = _unit(dt)
+    g = 4.0 * (D + 4) * u  # relative error bound of a tile score (factor 4 of slack)
+    gd = 8.0 * (D + 4) * 2.0**-53  # rounding of the double-precision exact values
+    last = scores[:, -1].double()
+    short = cand[:, -1] < 0  # fewer candidates than L: every column was seen
+    xn2 = torch.zeros(Q, dtype=torch.float64, device=x.device)
+    for r0, r1 in _row_chunks(Q, D):
+        xn2[r0:r1] = space.apply(x[r0:r1]).double().square().sum(1)
+    xn = xn2.sqrt()
+    ym = space.ymax
+    c2 = space.c * space.c
+    if metric in ("sqeuclidean", "euclidean"):
+        E = g * (xn * ym + ym * ym)
+        kd = kth.square() if metric == "euclidean" else kth
+        bound = xn2 - 2.0 * (last + E)  # smallest possible squared distance outside the list
+        ok = bound * (1.0 - gd) > kd * c2
+    elif metric == "cosine":
+        E = g * xn
+        safe = torch.where(xn > 0, xn, torch.ones_like(xn))
+        bound = 1.0 - (last + E) / safe  # smallest possible 1 - cos outside the list
+        ok = (bound - gd > kth) | (xn == 0)
+    else:
+        E = g * xn * ym
+        ok = last + E + gd * xn * ym < kth * c2
+    return ok | short
+
+
+# ---------------------------------------------------------------------------
+# the backend entry points
+# ---------------------------------------------------------------------------
+
+
+def list_length(k: int, available: int, backend: str) -> int:
+    return max(k, min(available, k + MARGIN, MAX_LIST.get(backend, k + MARGIN)))
+
+
+def knn_local(x, y, k: int, metric: str, exclude_self: bool, tile: int, backend: str,
+              col_offset: int = 0, available: int | None = None):
+    """Exact top-k (values in x's dtype, global int64 indices) of x [Q, D] over the
+    gallery y [G, D] (x, y contiguous, same float dtype). Column j has global index
+    col_offset + j; with exclude_self, query i excludes global index i. ``available``:
+    candidates per query (default G, or G - 1 with exclude_self); k <= available."""
+    G = y.shape[0]
+    if available is None:
+        available = G - 1 if exclude_self else G
+    L = list_length(k, available, backend)
+    space = make_space(x, y, metric)
+    if backend == "triton":  # (called with col_offset = 0 only)
+        scores, cand = _select_triton(x, y, L, space, exclude_self)
+    else:
+        scores, cand = select_tiles(x, y, L, space, exclude_self, tile, backend, col_offset=col_offset)
+    vals, idx, kth = refine(x, y, cand, k, metric, backend, col_offset)
+    ok = certified(x, space, scores, cand, kth, metric, complete=L >= available)
+    bad = torch.nonzero(~ok, as_tuple=False).squeeze(1)
+    if bad.numel():
+        self_off = col_offset if exclude_self else -1
+        v, i = exact_rows(x, y, bad, k, metric, backend, self_off)
+        vals[bad] = v
+        idx[bad] = torch.where(i < 0, i, i + col_offset)
+    return vals, idx
+
+
+def knn(x, y, k: int, metric: str, exclude_self: bool, tile: int, backend: str):
+    dt = compute_dtype(x, y) if backend != "triton" else torch.float32
+    x = x.to(dt).contiguous()
+    y = y.to(dt).contiguous()
+    return knn_local(x, y, k, metric, exclude_self, tile, backend)
+
+
+def average_rows(backend, y, idx, w, lo, hi, normalize_rows, spherical, finalize, out):
+    """out = the weighted (spherical) mean of the selected rows idx [Q, k] of y (global
+    indices in [lo, hi) are y's rows; others skipped)."""
+    dt = y.dtype
+    rows, k = idx.shape
+    idx = idx.contiguous()
+    w_ptr = w.data_ptr() if w is not None else 0
+    args = (y.data_ptr(), _native.DTYPE_CODES[dt], y.shape[1], idx.data_ptr(), w_ptr, rows, k, lo, hi,
+            normalize_rows, spherical, finalize, out.data_ptr())
+    if backend == "cpu":
+        _native.cpu_module().knn_average_rows(*args, _native.num_threads())
+    else:
+        _native.cuda_module().knn_average_rows(*args, _native.stream_ptr(y.device))
+
+
+def knn_average(x, y, k: int, metric: str, spherical: bool, w, exclude_self: bool, tile: int, backend: str):
+    dt = compute_dtype(x, y) if backend != "triton" else torch.float32
+    x = x.to(dt).contiguous()
+    y = y.to(dt).contiguous()
+    _, idx = knn_local(x, y, k, metric, exclude_self, tile, backend)
+    if backend == "triton":
+        from pyfici.kernels import knn as tk
+
+        return tk.average(y, idx, w, metric == "cosine", spherical)
+    out = torch.empty((x.shape[0], x.shape[1]), dtype=dt, device=x.device)
+    w = w.to(dt).contiguous() if w is not None else None
+    average_rows(backend, y, idx, w, 0, y.shape[0], metric == "cosine", spherical, True, out)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# gallery sharded over torch.distributed
+# ---------------------------------------------------------------------------
+
+
+def _device_ctx(backend: str, dev: torch.device):
+    import contextlib
+
+    return torch.cuda.device(dev) if backend == "cuda" else contextlib.nullcontext()
+
+
+def shard_layout(G_local: int, dev: torch.device, group) -> tuple[int, int, int]:
+    """(offset of this rank's shard, total gallery size, world size)."""
+    import torch.distributed as dist
+
+    sizes = [torch.zeros(1, dtype=torch.int64, device=dev) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(sizes, torch.tensor([G_local], dtype=torch.int64, device=dev), group=group)
+    sizes_l = [int(s) for s in sizes]
+    rank = dist.get_rank(group)
+    return sum(sizes_l[:rank]), sum(sizes_l), len(sizes_l)
+
+
+def merge_lists(vals: torch.Tensor, idx: torch.Tensor, k: int, metric: str):
+    """Merge concatenated per-shard lists [Q, R*k]: best k by (value, index)."""
+    v, i = _sort_pairs(vals, idx, metric)
+    return v[:, :k], i[:, :k]
+
+
+def _local_topk(x, y, k, metric, exclude_self, tile, backend, offset, dt, local):
+    """This shard's exact top-k with global indices, padded to k with (worst, -1)."""
+    Q, G = x.shape[0], y.shape[0]
+    worst = _worst(metric)
+    vals = torch.full((Q, k), worst, dtype=dt, device=x.device)
+    idx = torch.full((Q, k), -1, dtype=torch.int64, device=x.device)
+    if G == 0:
+        return vals, idx
+    kk = min(k, G)
+    if backend in ("cpu", "cuda"):
+        xs, ys = x.to(dt).contiguous(), y.to(dt).contiguous()
+        with _device_ctx(backend, x.device):
+            v, i = knn_local(xs, ys, kk, metric, exclude_self, tile, backend, col_offset=offset, available=G)
+    else:
+        # no column offset in these backends: select without exclusion, then drop the own row
+        v, i = local(x, y, min(kk + 1, G) if exclude_self else kk)
+        i = i + offset
+        if exclude_self:
+            own = i == torch.arange(Q, device=x.device)[:, None]
+            v = torch.where(own, torch.full_like(v, worst), v)
+            i = torch.where(own, torch.full_like(i, -1), i)
+            v, i = merge_lists(v, i, kk, metric)
+    vals[:, : v.shape[1]] = v.to(dt)
+    idx[:, : i.shape[1]] = i
+    return vals, idx
+
+
+def knn_sharded(x, y, k, metric, exclude_self, tile, backend, group, offset, world, local=None):
+    """Global top-k over a gallery sharded over the ranks of ``group`` (this rank's shard y
+    starts at global index ``offset``). ``local(x, y, k)``: the single-process op, used by
+    the backends without a column offset (triton, torch)."""
+    import torch.distributed as dist
+
+    dt = compute_dtype(x, y) if backend != "triton" else torch.float32
+    v, i = _local_topk(x, y, k, metric, exclude_self, tile, backend, offset, dt, local)
+    vs = [torch.empty_like(v) for _ in range(world)]
+    is_ = [torch.empty_like(i) for _ in range(world)]
+    dist.all_gather(vs, v.contiguous(), group=group)
+    dist.all_gather(is_, i.contiguous(), group=group)
+    return merge_lists(torch.cat(vs, 1), torch.cat(is_, 1), k, metric)
+
+
+def knn_average_sharded(x, y, k, metric, spherical, w, exclude_self, tile, backend, group, offset, world,
+                        local=None):
+    import torch.distributed as dist
+
+    _, idx = knn_sharded(x, y, k, metric, exclude_self, tile, backend, group, offset, world, local)
+    dt = compute_dtype(x, y)
+    yl = y.to(dt).contiguous()
+    Q, D = x.shape
+    part = torch.zeros((Q, D), dtype=dt, device=x.device)
+    lo, hi = offset, offset + y.shape[0]
+    if backend in ("cpu", "cuda") and y.shape[0] > 0:
+        with _device_ctx(backend, x.device):
+            ww = w.to(dt).contiguous() if w is not None else None
+            average_rows(backend, yl, idx, ww, lo, hi, metric == "cosine", spherical, False, part)
+    elif y.shape[0] > 0:
+        own = (idx >= lo) & (idx < hi)
+        nb = yl[(idx - lo).clamp(0, y.shape[0] - 1)]
+        if metric == "cosine":
+            n = nb.norm(dim=2, keepdim=True)
+            nb = nb / torch.where(n > 0, n, torch.ones_like(n))
+        ww = torch.ones(idx.shape, dtype=dt, device=x.device) if w is None else w.to(dt)
+        part = (torch.where(own, ww, torch.zeros_like(ww))[..., None] * nb).sum(1)
+    dist.all_reduce(part, group=group)
+    if spherical:
+        n = part.norm(dim=1, keepdim=True)
+        return part / torch.where(n > 0, n, torch.ones_like(n))
+    wsum = torch.full((Q, 1), float(k), dtype=dt, device=x.device) if w is None else w.to(dt).sum(1, keepdim=True)
+    return part / torch.where(wsum == 0, torch.ones_like(wsum), wsum)
