@@ -4,8 +4,11 @@
 // of a match m (0-based, among the valid gallery items, ties to the lower
 // index) is the number of valid items that come before it:
 //     rank(m) = #{j valid : d_j < d_m} + #{j valid, j < m : d_j == d_m}.
-// We build a copy of the row where junk items are +inf, then count with two
-// branch-free, vectorised passes per match (j < m with <=, j > m with <).
+// We build a copy of the row where junk items are NaN (every comparison with
+// NaN is false, so junk is never counted before anything), then count with two
+// branch-free, vectorised passes per match (j < m with <=, j > m with <). A NaN
+// distance of a valid item becomes +inf: it ranks after every number, ties by
+// index, as numpy's sort places NaN last; it never ranks before a real value.
 // When a query has more than kMaxCountMatches matches, a full sort of the
 // valid row is cheaper and is used instead.
 #include <omp.h>
@@ -129,6 +132,7 @@ void rank_stats_impl(const T* dist, const T* qnorm, int64_t Q, int64_t G, int64_
                      bool junk_minus1, bool trapezoid, double* out_ap, int64_t* out_first,
                      double* out_inp, int64_t* out_nmatch, int nthreads) {
   const T inf = std::numeric_limits<T>::infinity();
+  const T junk_value = std::numeric_limits<T>::quiet_NaN();
   const GalleryIndex gi(gpid, gcam, G);
   const int32_t* __restrict gkey = gi.key.data();
   const int32_t* __restrict gc = gi.cam.data();
@@ -146,10 +150,11 @@ void rank_stats_impl(const T* dist, const T* qnorm, int64_t Q, int64_t G, int64_
       const int32_t qc = GalleryIndex::code(gi.ucam, qcam[q]);
       const T qn = Epi == 0 ? T(0) : qnorm[q];
       T* __restrict vv = v.data();
-      // junk -> +inf (vectorised select on int32 codes)
+      // junk -> NaN, NaN distance -> +inf (vectorised selects on int32 codes)
       for (int64_t j = 0; j < G; ++j) {
-        const bool junk = (gkey[j] == qk) & (gc[j] == qc) | (gkey[j] == km1);
-        vv[j] = junk ? inf : epilogue<T, Epi>(d[j], qn);
+        const bool junk = ((gkey[j] == qk) & (gc[j] == qc)) | (gkey[j] == km1);
+        const T x = epilogue<T, Epi>(d[j], qn);
+        vv[j] = junk ? junk_value : (x == x ? x : inf);
       }
       midx.clear();
       const bool query_is_junk_id = junk_minus1 && qpid[q] == -1;
@@ -167,7 +172,7 @@ void rank_stats_impl(const T* dist, const T* qnorm, int64_t Q, int64_t G, int64_
         // full stable ordering of the valid items
         order.clear();
         for (int64_t j = 0; j < G; ++j)
-          if (vv[j] != inf) order.push_back(j);
+          if (vv[j] == vv[j]) order.push_back(j);  // not junk
         std::sort(order.begin(), order.end(), [vv](int64_t a, int64_t b) {
           return vv[a] < vv[b] || (vv[a] == vv[b] && a < b);
         });

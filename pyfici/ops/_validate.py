@@ -41,6 +41,7 @@ def check_float(name: str, t: torch.Tensor, allowed: tuple[torch.dtype, ...] = F
 
 def check_finite(name: str, t: torch.Tensor) -> None:
     """Raise if t holds NaN or Inf. (One reduction; on CUDA this synchronises once.)"""
+    check_not_meta(name, t)
     if not t.numel():
         return
     # a sum is finite iff every term is, unless finite terms overflow: then check exactly
@@ -94,3 +95,46 @@ def check_int_range(name: str, value: int, lo: int, hi: int | None = None, hint:
     if value < lo or (hi is not None and value > hi):
         rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
         raise ValueError(f"{name}: must be {rng}, got {value}{(' ' + hint) if hint else ''}")
+
+
+def check_not_meta(name: str, t: torch.Tensor) -> None:
+    """Raise for a meta tensor: it has a shape but no values to compute with."""
+    if t.device.type == "meta":
+        raise ValueError(f"{name}: is a meta tensor (it has a shape but no data); pass a cpu or cuda tensor")
+
+
+def check_no_grad(name: str, t: torch.Tensor, op: str) -> None:
+    """Raise if ``t`` would need a gradient: the op has no autograd formula, so
+    the error belongs at the call, not at ``backward()``."""
+    if t.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            f"{name}: requires grad, but {op} is not differentiable; pass {name}.detach() "
+            "(or call it under torch.no_grad())"
+        )
+
+
+def as_ids(name: str, x, *, device: torch.device | None = None) -> torch.Tensor:
+    """Identity / camera / label array -> contiguous int64 tensor.
+
+    Integer and bool arrays are taken as they are. Float arrays must hold
+    integral values (``2.0`` is id 2); a fractional or non-finite value raises
+    instead of being truncated (truncation would merge ids 1.0 and 1.5)."""
+    t = as_tensor(name, x)
+    check_not_meta(name, t)
+    if t.is_complex():
+        raise TypeError(f"{name}: expected integer ids, got dtype {t.dtype}")
+    if t.is_floating_point():
+        bad = ~torch.isfinite(t) | (t != torch.round(t))
+        if t.numel() and bool(bad.any()):
+            i = int(bad.flatten().nonzero()[0])
+            v = float(t.flatten()[i])
+            raise ValueError(
+                f"{name}: ids must be integers, got the non-integral value {v!r} at index {i} "
+                f"({int(bad.sum())} such values); convert them to integer ids explicitly"
+            )
+        if t.numel() and bool((t.abs() > 2.0**53).any()):
+            raise ValueError(f"{name}: float ids above 2**53 cannot be told apart; pass integer ids")
+    t = t.to(torch.int64)
+    if device is not None and t.device != device:
+        t = t.to(device)
+    return t.contiguous()

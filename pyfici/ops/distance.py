@@ -17,15 +17,129 @@ from pyfici import _native
 from pyfici.ops import reference
 from pyfici.ops._backend import choose_backend
 from pyfici.ops._validate import (
+    as_ids,
     as_tensor,
     check_feature_pair,
     check_finite,
     check_float,
     check_length,
     check_ndim,
+    check_no_grad,
+    check_not_meta,
 )
 
 METRICS = ("euclidean", "sqeuclidean", "cosine")
+
+# ---------------------------------------------------------------------------
+# conditioning: no overflow, no underflow, no cancellation in the expansion
+# ---------------------------------------------------------------------------
+# ||x||^2 + ||y||^2 - 2 x.y overflows for finite float32 features above ~1e19
+# (the squares exceed 3.4e38: inf - inf = NaN), underflows below ~1e-19, and
+# loses every significant digit when the features sit far from the origin
+# (x = randn + 1e6: the three terms are ~1e12 and their difference ~1). Before
+# the expansion the features are therefore scaled by a power of two (exact:
+# only the exponent changes) into a safe range and centred on the gallery mean
+# (the distances are translation invariant; for points near the mean the
+# subtraction is exact). The distances of the conditioned features times 2**e
+# are the distances of the inputs; rankings need no undo at all. Cosine only
+# needs each row scaled (it is scale invariant per row).
+
+_SAFE_EXP = {torch.float32: 40, torch.float64: 400}  # |log2 max|x|| below this: no rescaling
+_STEP = 100  # largest power of two applied in one multiplication (representable in float32)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _mul_pow2(t: torch.Tensor, k: int) -> torch.Tensor:
+    """t * 2**k without forming an unrepresentable power (a fresh tensor unless k == 0)."""
+    while k != 0:
+        step = max(-_STEP, min(_STEP, k))
+        t = t * (2.0**step)
+        k -= step
+    return t
+
+
+def _pow2_tensor(k: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """2**k as a 1-element tensor of ``dtype`` built from its exponent bits (exact; |k| <= _STEP)."""
+    k = k.reshape(1)
+    if dtype == torch.float64:
+        return ((k.to(torch.int64) + 1023) << 52).view(torch.float64)
+    return ((k.to(torch.int32) + 127) << 23).view(torch.float32)
+
+
+def _mul_pow2_tensor(t: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """t * 2**k for an integer 0-d tensor k, no host synchronisation (for torch.compile graphs)."""
+    k = k.to(torch.int64)
+    for _ in range(3):  # |k| <= 3 * _STEP covers every float32 exponent; float64 has safe k
+        step = k.clamp(-_STEP, _STEP)
+        t = t * _pow2_tensor(step, t.dtype)
+        k = k - step
+    return t
+
+
+def _row_scaled(x: torch.Tensor) -> torch.Tensor:
+    """Each row divided by its largest magnitude (zero rows unchanged): the row norms
+    computed next neither overflow nor underflow."""
+    m = x.abs().amax(dim=1, keepdim=True) if x.shape[1] else x.new_ones((x.shape[0], 1))
+    return x / torch.where(m > 0, m, torch.ones_like(m))
+
+
+def condition_features(x: torch.Tensor, y: torch.Tensor | None, metric: str, *, check: bool = True,
+                       xname: str = "x", yname: str = "y"):
+    """Features ready for the expansion -> ``(x', y', e)``.
+
+    ``x'`` and ``y'`` are in the compute dtype (float64 for float64 ``x``,
+    else float32), scaled by ``2**-e`` and (for the euclidean metrics) centred
+    on the mean of ``y``; the distances between them times ``2**e`` (squared
+    ones times ``4**e``) are those of the inputs. ``y=None``: ``y' is x'``.
+    With ``check`` the values are also checked to be finite (one reduction,
+    the only host synchronisation); inside torch.compile graphs the scale is
+    computed without leaving the device and ``e`` is a 0-d tensor.
+    """
+    dt = compute_dtype(x)
+    same = y is None
+    x = x.to(dt)
+    y = x if same else y.to(dt)
+    if metric == "cosine":
+        x = _row_scaled(x)
+        return x, (x if same else _row_scaled(y)), 0
+    if x.numel() == 0 and y.numel() == 0:
+        return x, y, 0
+    amax = torch.stack([t.abs().amax() if t.numel() else t.new_zeros(()) for t in ((x,) if same else (x, y))]).amax()
+    if torch.compiler.is_compiling():
+        e = torch.frexp(amax).exponent
+        x = _mul_pow2_tensor(x, -e)
+        y = x if same else _mul_pow2_tensor(y, -e)
+    else:
+        m = float(amax)
+        if check and not (m < float("inf")):
+            check_finite(xname, x)
+            check_finite(yname, y)
+        e = torch.frexp(torch.tensor(m, dtype=torch.float64)).exponent.item() if m > 0 else 0
+        if abs(e) <= _SAFE_EXP[dt]:
+            e = 0
+        x = _mul_pow2(x, -e)
+        y = x if same else _mul_pow2(y, -e)
+    c = y.mean(0) if y.shape[0] else y.new_zeros(y.shape[1])
+    x = x - c
+    return x, (x if same else y - c), e
+
+
+def undo_scale(d: torch.Tensor, e, metric: str) -> torch.Tensor:
+    """Distances of conditioned features -> distances of the inputs (in place where possible)."""
+    if metric == "cosine":
+        return d
+    k = e if metric == "euclidean" else 2 * e
+    if isinstance(k, torch.Tensor):
+        return _mul_pow2_tensor(d, k)
+    while k != 0:
+        step = max(-_STEP, min(_STEP, k))
+        d.mul_(2.0**step)
+        k -= step
+    return d
+
 
 # ---------------------------------------------------------------------------
 # pairwise_distance
@@ -115,14 +229,28 @@ def pairwise_distance(
     clamped to [0, 2]). With ``y=None`` the distances of ``x`` to itself are
     returned and the diagonal is exactly 0. Output float32 (float64 for
     float64 inputs, except on the triton backend which accumulates in float32).
+
+    Any finite input gives finite, accurate distances: the features are
+    scaled by a power of two and centred before the expansion (see
+    :func:`condition_features`), so float32 features of magnitude 1e-20 or
+    1e20, or far from the origin, are handled; a squared distance above the
+    dtype's range is inf. NaN / Inf inputs raise ValueError (torch.cdist
+    would propagate them); tensors that require grad raise (the op has no
+    autograd formula: pass ``.detach()``); meta tensors raise.
     """
     if metric not in METRICS:
         raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
     self_distance = y is None
     x = as_tensor("x", x)
     x, y, dev = check_feature_pair("x", x, "y", x if y is None else y, "M,D", "N,D")
+    check_not_meta("x", x)
+    check_not_meta("y", y)
+    check_no_grad("x", x, "pairwise_distance")
+    check_no_grad("y", y, "pairwise_distance")
     be = choose_backend("pairwise_distance", dev, backend, cuda_default="cuda")
-    return _pairwise_distance_op(x, y, metric, self_distance, be)
+    xc, yc, e = condition_features(x, None if self_distance else y, metric)
+    d = _pairwise_distance_op(xc, yc, metric, self_distance, be)
+    return undo_scale(d, e, metric)
 
 
 # ---------------------------------------------------------------------------
@@ -209,7 +337,11 @@ def reid_rank_stats(
     (num_matches / (1 + rank of the hardest match)), int64 [Q] matches.
     protocol: "torchreid" (junk = same pid and camera; AP = mean precision at
     hits) or "market1501" (junk also pid -1; AP by the official trapezoid
-    rule). Ties in distance go to the lower gallery index.
+    rule). Ties in distance go to the lower gallery index. Float ids must
+    be integral (1.5 raises instead of becoming 1). With
+    ``check_finite_values=False`` the caller promises finite distances; the
+    CPU kernel still ranks a NaN distance after every number (as numpy's
+    sort does) and never counts it as a hit before a real distance.
 
     ``epilogue`` / ``q_norms`` (internal, used by pyfici.reid.evaluate): the
     tile holds the raw GEMM output of :func:`distance_tile_raw` and the
@@ -219,6 +351,8 @@ def reid_rank_stats(
         raise ValueError(f"protocol: expected 'torchreid' or 'market1501', got {protocol!r}")
     dist = as_tensor("distmat", dist)
     check_ndim("distmat", dist, 2, "Q,G")
+    check_not_meta("distmat", dist)
+    check_no_grad("distmat", dist, "reid_rank_stats")
     if dist.dtype not in _DIST_DTYPES:
         check_float("distmat", dist)
         dist = dist.float()
@@ -230,10 +364,10 @@ def reid_rank_stats(
         dist = dist.contiguous()
     Q, G = dist.shape
     dev = dist.device
-    q_pids = as_tensor("q_pids", q_pids, dtype=torch.int64, device=dev).contiguous()
-    g_pids = as_tensor("g_pids", g_pids, dtype=torch.int64, device=dev).contiguous()
-    q_camids = as_tensor("q_camids", q_camids, dtype=torch.int64, device=dev).contiguous()
-    g_camids = as_tensor("g_camids", g_camids, dtype=torch.int64, device=dev).contiguous()
+    q_pids = as_ids("q_pids", q_pids, device=dev)
+    g_pids = as_ids("g_pids", g_pids, device=dev)
+    q_camids = as_ids("q_camids", q_camids, device=dev)
+    g_camids = as_ids("g_camids", g_camids, device=dev)
     check_length("q_pids", q_pids, Q, "distmat")
     check_length("q_camids", q_camids, Q, "distmat")
     check_length("g_pids", g_pids, G, "the columns of distmat")

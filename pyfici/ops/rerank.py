@@ -20,6 +20,8 @@ See docs/ops_rerank.md for the reference's surprising points that we match.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from pyfici import _native
@@ -32,8 +34,11 @@ from pyfici.ops._validate import (
     check_float,
     check_int_range,
     check_ndim,
+    check_no_grad,
+    check_not_meta,
     check_same_device,
 )
+from pyfici.ops.distance import _SAFE_EXP, _mul_pow2, condition_features
 
 METRICS = ("euclidean", "sqeuclidean", "cosine")
 _MODES = {"distmat": 0, "euclidean": 1, "sqeuclidean": 2, "cosine": 3}
@@ -448,11 +453,29 @@ def rerank_features(
         raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
     _check_params(k1, k2, lambda_value, tile)
     query, gallery, dev = check_feature_pair("query", query, "gallery", gallery)
-    if not torch.compiler.is_compiling():  # data-dependent check: skipped inside torch.compile graphs
-        check_finite("query", query)
-        check_finite("gallery", gallery)
+    for name, t in (("query", query), ("gallery", gallery)):
+        check_not_meta(name, t)
+        check_no_grad(name, t, "rerank_features")
     be = choose_backend("rerank", dev, backend, cuda_default="triton", supported=_SUPPORTED)
+    if query.shape[0] and gallery.shape[0]:
+        # The result is invariant to a common scale of the distances and to a
+        # translation of the features: condition them so that the expansion
+        # neither overflows (features ~1e20) nor cancels (features far from 0).
+        dt = torch.float64 if torch.float64 in (query.dtype, gallery.dtype) else torch.float32
+        query, gallery, _ = condition_features(query.to(dt), gallery.to(dt), metric, xname="query", yname="gallery")
     return _rerank_op(query, gallery, int(k1), int(k2), float(lambda_value), metric, int(tile or 0), be)
+
+
+def _scaled_distances(*mats: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The matrices times one power of two that keeps their squares in range
+    (the re-ranked result is invariant to a common scale of the distances)."""
+    m = max(float(t.abs().amax()) if t.numel() else 0.0 for t in mats)
+    if m == 0.0:
+        return mats
+    e = math.frexp(m)[1]
+    if abs(e) <= _SAFE_EXP[mats[0].dtype]:
+        return mats
+    return tuple(_mul_pow2(t, -e) for t in mats)
 
 
 def rerank_distmat(
@@ -487,10 +510,15 @@ def rerank_distmat(
     if tuple(g_g.shape) != (G, G):
         raise ValueError(f"g_g: expected shape [{G}, {G}] (G from q_g), got {tuple(g_g.shape)}")
     dev = check_same_device(q_g=q_g, q_q=q_q, g_g=g_g)
+    for name, t in (("q_g", q_g), ("q_q", q_q), ("g_g", g_g)):
+        check_not_meta(name, t)
+        check_no_grad(name, t, "rerank_distmat")
     if not torch.compiler.is_compiling():
         for name, t in (("q_g", q_g), ("q_q", q_q), ("g_g", g_g)):
             check_finite(name, t)
     dt = torch.float64 if torch.float64 in (q_g.dtype, q_q.dtype, g_g.dtype) else torch.float32
     q_g, q_q, g_g = (t.to(dt).contiguous() for t in (q_g, q_q, g_g))
+    if not torch.compiler.is_compiling():
+        q_g, q_q, g_g = _scaled_distances(q_g, q_q, g_g)
     be = choose_backend("rerank_distmat", dev, backend, cuda_default="triton", supported=_SUPPORTED)
     return _rerank_distmat_op(q_g, q_q, g_g, int(k1), int(k2), float(lambda_value), int(tile or 0), be)

@@ -29,8 +29,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pyfici.ops import pairwise_distance, reid_rank_stats
+from pyfici.ops import reid_rank_stats
+from pyfici.ops._backend import choose_backend
 from pyfici.ops._validate import (
+    as_ids,
     as_tensor,
     check_feature_pair,
     check_finite,
@@ -39,10 +41,13 @@ from pyfici.ops._validate import (
     check_length,
     check_ndim,
     check_nonempty,
+    check_not_meta,
 )
 from pyfici.ops.distance import (
     METRICS,
+    _pairwise_distance_op,
     apply_epilogue,
+    condition_features,
     distance_tile,
     distance_tile_raw,
     prepare_gallery,
@@ -126,7 +131,7 @@ def _check_ids(Q: int, G: int, device, q_pids, g_pids, q_camids, g_camids, qname
         ("q_camids", q_camids, Q, qname),
         ("g_camids", g_camids, G, gname),
     ):
-        t = as_tensor(name, arr, dtype=torch.int64, device=device).contiguous()
+        t = as_ids(name, arr, device=device)
         check_length(name, t, n, other)
         out.append(t)
     return out
@@ -207,7 +212,7 @@ def evaluate_distmat(
     naming the argument on bad input, and when no query is valid.
     """
     _check_protocol(protocol, max_rank)
-    dist = as_tensor("distmat", distmat)
+    dist = _features("distmat", distmat)
     check_ndim("distmat", dist, 2, "Q,G")
     check_nonempty("distmat", dist, 0)
     check_nonempty("distmat", dist, 1)
@@ -227,14 +232,24 @@ def evaluate_distmat(
     return acc.result(Q, protocol)
 
 
+def _features(name: str, x) -> torch.Tensor:
+    """Evaluation input -> tensor: detached (evaluation is not differentiable;
+    the numbers are the same with or without grad), meta tensors refused."""
+    t = as_tensor(name, x)
+    check_not_meta(name, t)
+    return t.detach()
+
+
 def _scorer(gallery: torch.Tensor, metric: str, backend: str | None):
-    """tile -> [tile, G] distances. The gallery is prepared once (norms,
-    normalisation); the triton backend uses its fused distance kernel."""
+    """tile -> [tile, G] distances of features already conditioned by
+    :func:`pyfici.ops.distance.condition_features`. The gallery is prepared
+    once (norms, normalisation); the triton backend uses its fused kernel."""
     if metric not in METRICS:
         raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
     be = backend or os.environ.get("PYFICI_BACKEND")
     if be in ("triton", "torch"):
-        return lambda q: (pairwise_distance(q, gallery, metric, backend=be), 0, None)
+        be = choose_backend("pairwise_distance", gallery.device, be, cuda_default="cuda")
+        return lambda q: (_pairwise_distance_op(q, gallery, metric, False, be), 0, None)
     yp, yn = prepare_gallery(gallery, metric)
     if gallery.device.type == "cpu" and be in (None, "cpu"):
         # the CPU rank kernel applies the distance epilogue as it reads the tile
@@ -273,7 +288,9 @@ def evaluate(
     re-ranked distances (pyfici.reid.rerank; this needs the full matrix).
     """
     _check_protocol(protocol, max_rank)
-    query, gallery, _ = check_feature_pair("query", query, "gallery", gallery)
+    if metric not in METRICS:
+        raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
+    query, gallery, _ = check_feature_pair("query", _features("query", query), "gallery", _features("gallery", gallery))
     check_nonempty("query", query)
     check_nonempty("gallery", gallery)
     check_finite("query", query)
@@ -291,6 +308,8 @@ def evaluate(
     check_int_range("tile", tile, 1)
     rank_protocol = "torchreid" if protocol == "cuhk03" else protocol
     acc = _Accumulator(max_rank, query.device)
+    # rankings are invariant to the conditioning's power-of-two scale: no undo needed
+    query, gallery, _ = condition_features(query, gallery, metric, check=False)
     score = _scorer(gallery, metric, backend)
     for q0 in range(0, Q, tile):
         q1 = min(Q, q0 + tile)
@@ -323,13 +342,15 @@ def recall_at_k(
     of the others. Returns {K: recall}. Queries whose label has no other
     sample cannot be hit and count as misses (the denominator is all N).
     """
-    feats = as_tensor("features", features)
+    feats = _features("features", features)
     check_ndim("features", feats, 2, "N,D")
     check_float("features", feats)
     check_nonempty("features", feats)
     check_finite("features", feats)
+    if metric not in METRICS:
+        raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
     N = feats.shape[0]
-    lab = as_tensor("labels", labels, dtype=torch.int64, device=feats.device).contiguous()
+    lab = as_ids("labels", labels, device=feats.device)
     check_length("labels", lab, N, "features")
     ks = tuple(int(k) for k in ks)
     if not ks:
@@ -342,6 +363,7 @@ def recall_at_k(
     tile = tile or _default_tile(N)
     hits = torch.zeros(len(ks), dtype=torch.float64, device=feats.device)
     kt = torch.tensor([k - 1 for k in ks], device=feats.device)
+    feats, _, _ = condition_features(feats, None, metric, check=False)
     score = _scorer(feats, metric, backend)
     for q0 in range(0, N, tile):
         q1 = min(N, q0 + tile)

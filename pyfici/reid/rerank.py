@@ -33,9 +33,17 @@ def rerank(
     query expansion (1 = none); lambda_value: weight of the original distance
     in the final blend (0 = Jaccard only). metric: "euclidean" (default, as
     torchreid), "sqeuclidean" or "cosine" — the reference squares whatever
-    distance it is given. Lower is closer.
+    distance it is given. Lower is closer. Inputs are detached (re-ranking is
+    not differentiable); any finite features work (they are rescaled and
+    centred first; the result is invariant to both).
     """
-    return _ops.rerank_features(query, gallery, k1, k2, lambda_value, metric, tile=tile, backend=backend)
+    return _ops.rerank_features(_detached(query), _detached(gallery), k1, k2, lambda_value, metric,
+                                tile=tile, backend=backend)
+
+
+def _detached(x):
+    """Evaluation inputs are detached (re-ranking is not differentiable)."""
+    return x.detach() if isinstance(x, torch.Tensor) else x
 
 
 def rerank_distmat(q_g, q_q, g_g, k1: int = 20, k2: int = 6, lambda_value: float = 0.3, *, tile: int | None = None,
@@ -46,5 +54,6 @@ def rerank_distmat(q_g, q_q, g_g, k1: int = 20, k2: int = 6, lambda_value: float
     lambda_value)``. Returns a numpy array when the three inputs are numpy
     arrays, else a tensor on their device."""
     as_numpy = all(isinstance(a, np.ndarray) for a in (q_g, q_q, g_g))
+    q_g, q_q, g_g = (_detached(t) for t in (q_g, q_q, g_g))
     out = _ops.rerank_distmat(q_g, q_q, g_g, k1, k2, lambda_value, tile=tile, backend=backend)
     return out.cpu().numpy() if as_numpy else out
