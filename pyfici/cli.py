@@ -18,7 +18,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, str, str]] = {
     ("train", "rollback"): ("pyfici.methods.rollback", "add_train_arguments", "train_main", "rolling-back fine-tuning for ReID"),
     ("train", "ficgan"): ("pyfici.methods.ficgan.train", "add_train_arguments", "train_main", "train FICGAN"),
     ("deid",): ("pyfici.methods.ficgan.deid", "add_deid_arguments", "deid_main", "de-identify faces with k-anonymity"),
-    ("eval", "reid"): ("pyfici.methods.rollback", "add_eval_arguments", "eval_main", "evaluate a ReID checkpoint"),
+    ("eval", "reid"): ("pyfici.engine.eval_reid", "add_arguments", "main", "evaluate a trained model or saved features"),
     ("bench",): ("pyfici.bench", "add_arguments", "main", "benchmark every op against the anchors"),
     ("demo",): ("pyfici.demo", "add_arguments", "main", "run everything on built-in data, write an HTML report"),
 }
@@ -43,8 +43,17 @@ def _info_main(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Reports a bad command line as one line on stderr (exit status 2), like a UserError."""
+
+    def error(self, message: str):
+        command = self.prog.removeprefix("pyfici").strip()
+        where = f"{command}: " if command else ""
+        self.exit(2, f"pyfici: error: {where}{' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def _build_parser(argv: list[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pyfici", description="pyfici: fast ops and methods for de-identification, fine-tuning and ReID")
+    parser = _Parser(prog="pyfici", description="pyfici: fast ops and methods for de-identification, fine-tuning and ReID")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     groups: dict[str, argparse._SubParsersAction] = {}
     for path, (mod, add, main, help_) in COMMANDS.items():

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from pyfici.engine import UserError
 from pyfici.methods.autolr import (
     AutoLRConfig,
     auto_prune_choice,
@@ -150,7 +151,7 @@ def split():
 
 def _cfg(tmp_path, **kw):
     base = dict(dataset="builtin", backbone="tiny", epochs=2, batch_size=10, image_size=16, workers=0,
-                progress=False, prune="none", max_retries=2, out=str(tmp_path), eval_batch_size=32, plot=False)
+                quiet=True, prune="none", max_retries=2, out=str(tmp_path), eval_batch_size=32, plot=False)
     base.update(kw)
     return AutoLRConfig(**base)
 
@@ -197,9 +198,11 @@ def test_resume_after_interruption_gives_the_same_state(tmp_path, split):
 
 def test_resume_with_another_config_refuses(tmp_path, split):
     _run(_cfg(tmp_path, epochs=1), split)
-    with pytest.raises(ValueError, match=r"lr: checkpoint has 0.001, this run has 0.002"):
+    with pytest.raises(UserError, match=r"lr: checkpoint 0.001, this run 0.002"):
         _run(_cfg(tmp_path, epochs=2, lr=2e-3, resume=True), split)
-    with pytest.raises(FileNotFoundError, match="checkpoint"):
+    with pytest.raises(UserError, match="workers: checkpoint 0, this run 3"):
+        _run(_cfg(tmp_path, epochs=2, workers=3, resume=True), split)
+    with pytest.raises(UserError, match="nothing to resume"):
         _run(_cfg(tmp_path / "empty", resume=True), split)
 
 
@@ -256,11 +259,13 @@ def test_bn_eval_flag_keeps_running_stats(tmp_path, split):
 def test_cli_bad_inputs(tmp_path, capsys):
     from pyfici.cli import main
 
-    rc = main(["train", "autolr", "--dataset", "cub200", "--root", str(tmp_path), "--out", str(tmp_path / "o"),
-               "--no-progress"])
+    (tmp_path / "cub").mkdir()
+    rc = main(["train", "autolr", "--dataset", "cub200", "--root", str(tmp_path / "cub"), "--out", str(tmp_path / "o"),
+               "--quiet"])
     assert rc == 2
-    assert "images.txt" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="--prune released is the ResNet-50 preset"):
+    err = capsys.readouterr().err
+    assert "images.txt" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(UserError, match="--prune released is the ResNet-50 preset"):
         AutoLRConfig(backbone="resnet18", prune="released").check()
 
 
@@ -270,10 +275,10 @@ def test_cli_resnet18_builtin_runs(tmp_path, capsys):
 
     rc = main(["train", "autolr", "--dataset", "builtin", "--backbone", "resnet18", "--epochs", "1",
                "--image-size", "32", "--per-class", "2", "--batch-size", "10", "--max-retries", "0",
-               "--workers", "0", "--out", str(tmp_path), "--no-progress", "--prune", "none"])
+               "--workers", "0", "--out", str(tmp_path), "--quiet", "--prune", "none"])
     assert rc == 0
-    out = capsys.readouterr().out
-    assert "epoch 0: S=" in out and "R@1=" in out
+    cap = capsys.readouterr()
+    assert "epoch 0: S=" in cap.err and "R@1=" in cap.err and "done: 1 epochs" in cap.out
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert len(m["epochs"][0]["lrs"]) == 1 + 8 + 1
 

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from pyfici.data.reid import builtin_reid
+from pyfici.engine import UserError
+from pyfici.engine.files import load_checkpoint
 from pyfici.methods import rollback as rb
-from pyfici.methods._common import load_checkpoint
 from pyfici.methods.rollback import (
     Period,
     RollbackConfig,
@@ -153,28 +154,30 @@ def test_schedule_presets_and_validation():
 
 def test_bad_schedule_refused_before_training(tmp_path, data):
     sched = [released_schedule()[0], Period(("stem", "head"), ("layer1", "layer2", "layer3", "layer9"), {"stem": 1, "layer": 1, "head": 1})]
-    with pytest.raises(ValueError, match="layer9"):
+    with pytest.raises(UserError, match="layer9"):
         run(cfg(tmp_path), model_fn=tiny_model, data=data, schedule=sched)
-    assert not (tmp_path / "last.pt").exists()
+    assert not (tmp_path / "checkpoint.pt").exists()
 
 
 def test_run_rolls_back_at_period_start_and_resume_across_boundary(tmp_path, data, monkeypatch):
     # uninterrupted: 3 periods x 1 epoch (the released schedule's first 3 periods)
     sched = released_schedule()[:3]
     starts = []
-    real = rb._make_optimizer
+    from pyfici.methods.rollback import train as rb_train
+
+    real = rb_train._make_optimizer
 
     def spy(c, model, groups, period):
         starts.append({k: v.clone() for k, v in model.state_dict().items()})
         return real(c, model, groups, period)
 
-    monkeypatch.setattr(rb, "_make_optimizer", spy)
+    monkeypatch.setattr(rb_train, "_make_optimizer", spy)
     full = run(cfg(tmp_path / "full"), model_fn=tiny_model, data=data, schedule=sched)
     assert full["rollback_epochs"] == [1, 2] and len(starts) == 3
     # interrupted at the end of period 1, then resumed
     part = run(cfg(tmp_path / "part", stop_after_epochs=1), model_fn=tiny_model, data=data, schedule=sched)
     assert part["completed_epochs"] == 1
-    ck = load_checkpoint(tmp_path / "part" / "last.pt")
+    ck = load_checkpoint(tmp_path / "part" / "checkpoint.pt")
     assert ck["epoch"] == 1
     starts.clear()
     res = run(cfg(tmp_path / "part", resume=True), model_fn=tiny_model, data=data, schedule=sched)
@@ -201,14 +204,17 @@ def test_resume_mid_period_and_config_mismatch(tmp_path, data):
     sched = released_schedule()[:2]
     full = run(cfg(tmp_path / "a", epochs_per_period=2), model_fn=tiny_model, data=data, schedule=sched)
     run(cfg(tmp_path / "b", epochs_per_period=2, stop_after_epochs=3), model_fn=tiny_model, data=data, schedule=sched)
-    with pytest.raises(ValueError, match="lr_gamma: checkpoint has 0.1, this run has 0.5"):
+    with pytest.raises(UserError, match="lr_gamma: checkpoint 0.1, this run 0.5"):
         run(cfg(tmp_path / "b", epochs_per_period=2, resume=True, lr_gamma=0.5), model_fn=tiny_model, data=data, schedule=sched)
 
     def other_pretrained(n):
         torch.manual_seed(999)
         return TinyReIDNet(n)
 
-    with pytest.raises(ValueError, match="pre-trained weights differ"):
+    with pytest.raises(UserError, match="workers: checkpoint 0, this run 1"):
+        run(cfg(tmp_path / "b", epochs_per_period=2, resume=True, workers=1), model_fn=tiny_model, data=data,
+            schedule=sched)
+    with pytest.raises(UserError, match="pre-trained weights differ"):
         run(cfg(tmp_path / "b", epochs_per_period=2, resume=True), model_fn=other_pretrained, data=data, schedule=sched)
     res = run(cfg(tmp_path / "b", epochs_per_period=2, resume=True), model_fn=tiny_model, data=data, schedule=sched)
     for k, v in full["model"].state_dict().items():
@@ -257,10 +263,10 @@ def test_cli_train_eval_and_bad_inputs(tmp_path, capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert main(args) == 0
-        assert load_checkpoint(out / "last.pt")["epoch"] == 1
+        assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 1
         assert main(args + ["--resume", "--lr-gamma", "0.3"]) == 2
         assert "lr_gamma" in capsys.readouterr().err
-        assert main(["eval", "reid", "--checkpoint", str(out / "last.pt"), "--device", "cpu", "--workers", "0", "--json"]) == 0
+        assert main(["eval", "reid", "--checkpoint", str(out / "checkpoint.pt"), "--device", "cpu", "--workers", "0", "--json", "-"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert {"mAP", "mINP", "rank1", "rank5", "rank10"} <= set(d)
     assert main(["train", "rollback", "--dataset", "market1501", "--root", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2

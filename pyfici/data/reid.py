@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from pyfici.data._image import load_rgb
+from pyfici.data._image import is_image_file, load_rgb
 
 __all__ = [
     "ReIDDataset",
@@ -60,7 +60,7 @@ __all__ = [
 ]
 
 Item = tuple[Any, int, int]
-_IMG_EXT = (".jpg", ".jpeg", ".png", ".bmp")
+
 _NAME_RE = re.compile(r"^([-\d]+)_c(\d+)")
 
 
@@ -115,7 +115,7 @@ def _read_named_dir(d: Path, dataset: str, *, drop_distractors: bool, num_cams: 
     if not d.is_dir():
         raise FileNotFoundError(f"{dataset}: expected the folder {d}")
     items: list[Item] = []
-    files = sorted(p for p in d.iterdir() if p.suffix.lower() in _IMG_EXT)
+    files = sorted(p for p in d.iterdir() if is_image_file(p))
     if not files:
         raise FileNotFoundError(f"{dataset}: the folder {d} holds no images (*.jpg / *.png)")
     for p in files:

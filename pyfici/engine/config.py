@@ -31,7 +31,7 @@ from pyfici.engine.runtime import DEVICE_HELP
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, choices: Any = None, min: float | None = None,
-           flag: str | None = None, cli: bool = True, metavar: str | None = None,
+           flag: str | None = None, cli: bool = True, metavar: str | None = None, validate: bool = True,
            default_factory: Callable[[], Any] | None = None) -> Any:
     """A dataclass field with its command-line description.
 
@@ -39,10 +39,12 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *, choices: Any =
     the parser is built, so registries can be used); ``min``: smallest allowed
     value of a number (``None`` = unchecked; ``None`` values always pass);
     ``flag``: the option name when it is not ``--field-name``; ``cli=False``:
-    library-only setting. A bool field becomes ``--name`` when its default is
+    library-only setting; ``validate=False``: the choices are offered on the command line but
+    :func:`validate` accepts other values (e.g. a custom model's name). A bool field becomes ``--name`` when its default is
     False and ``--no-name`` when it is True.
     """
-    md = {"help": help, "choices": choices, "min": min, "flag": flag, "cli": cli, "metavar": metavar}
+    md = {"help": help, "choices": choices, "min": min, "flag": flag, "cli": cli, "metavar": metavar,
+          "validate": validate}
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata=md)
     return dataclasses.field(default=default, metadata=md)
@@ -173,7 +175,7 @@ def validate(cfg) -> None:
         if lo is not None and any(isinstance(x, (int, float)) and not isinstance(x, bool) and not x >= lo
                                   for x in values):
             raise UserError(f"{_flag(f)} must be >= {lo:g}, got {v}")
-        choices = _choices(f)
+        choices = _choices(f) if f.metadata.get("validate", True) else None
         if choices is not None and v not in choices:
             raise UserError(f"{_flag(f)} {v!r}: choose one of {', '.join(map(str, choices))}")
 

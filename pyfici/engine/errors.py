@@ -8,6 +8,8 @@ traceback; library callers get an ordinary exception.
 
 from __future__ import annotations
 
+import contextlib
+
 
 class UserError(Exception):
     """A problem with the user's input that the user can fix; the message says what and how."""
@@ -15,3 +17,16 @@ class UserError(Exception):
     def __str__(self) -> str:
         # always one line: the CLI prints it after "pyfici: error: "
         return " ".join(super().__str__().split())
+
+
+@contextlib.contextmanager
+def user_errors(*types: type[BaseException]):
+    """Re-raise the given exception types (default ``ValueError``, ``FileNotFoundError``) as
+    :class:`UserError`: for calls into readers whose errors describe the user's input."""
+    types = types or (ValueError, FileNotFoundError)
+    try:
+        yield
+    except UserError:
+        raise
+    except types as e:
+        raise UserError(str(e)) from None

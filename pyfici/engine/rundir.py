@@ -74,14 +74,17 @@ class RunDir:
 
     ``with RunDir(out, inputs=[("--data", data)], resume=args.resume) as rd: ...``
 
-    ``main=False`` (ranks other than 0 under torchrun) checks nothing and writes nothing.
+    ``main=False`` (ranks other than 0 under torchrun) checks nothing and writes nothing;
+    ``path=None`` is a run that keeps no files (library use).
     """
 
-    def __init__(self, path: str | os.PathLike, *, inputs: Sequence[tuple[str, Any]] = (), resume: bool = False,
+    def __init__(self, path: str | os.PathLike | None, *, inputs: Sequence[tuple[str, Any]] = (), resume: bool = False,
                  main: bool = True):
-        self.path = Path(path)
+        self.path = Path(path) if path is not None else None
         self.resume = bool(resume)
-        self.main = main
+        if self.path is None and self.resume:
+            raise UserError("--resume needs --out (the folder of the run to continue)")
+        self.main = main and self.path is not None
         self._inputs = list(inputs)
         self._lock: Path | None = None
 

@@ -16,7 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+from pyfici.data._image import IMAGE_EXTENSIONS
+
+IMAGE_EXTS = IMAGE_EXTENSIONS  # the name de-identification imports
 
 
 class ImageInputError(ValueError):
