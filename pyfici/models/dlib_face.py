@@ -67,16 +67,18 @@ class DlibFormatError(ValueError):
     """The file is not a dlib face-recognition ResNet as this reader knows it."""
 
 
-def find_dlib_model_file() -> Path:
-    """Path of ``dlib_face_recognition_resnet_model_v1.dat`` inside the installed
-    ``face-recognition-models`` package (the package is not imported).
+def find_dlib_model_file(name: str = MODEL_FILE) -> Path:
+    """Path of a model file (default ``dlib_face_recognition_resnet_model_v1.dat``;
+    also ``mmod_human_face_detector.dat``, ``shape_predictor_5_face_landmarks.dat``)
+    inside the installed ``face-recognition-models`` package (the package is not
+    imported).
 
     Raises ``FileNotFoundError`` with install instructions when it is absent.
     """
     spec = importlib.util.find_spec("face_recognition_models")
     if spec is None or spec.origin is None:
         raise FileNotFoundError("package 'face_recognition_models' is not installed; " + INSTALL_HINT)
-    path = Path(spec.origin).parent / "models" / MODEL_FILE
+    path = Path(spec.origin).parent / "models" / name
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing from the installed package; " + INSTALL_HINT)
     return path
@@ -187,7 +189,7 @@ class _Reader:
         start = self.p
         kind = self.str()
         rec = LayerRecord(kind)
-        if kind == "con_4":
+        if kind in ("con_4", "con_5", "con_6"):
             params = self.tensor()
             keys = ("num_filters", "nr", "nc", "stride_y", "stride_x", "padding_y", "padding_x")
             rec.ints = {k: self.int() for k in keys}
@@ -195,6 +197,10 @@ class _Reader:
             bshape = self.alias()
             for _ in range(4):  # lr / weight-decay multipliers of filters and biases
                 self.float()
+            if kind in ("con_5", "con_6"):
+                rec.ints["use_bias"] = int(self.bool())
+            if kind == "con_6":
+                rec.ints["use_relu"] = int(self.bool())
             flat = params.reshape(-1)
             nw, nb = int(np.prod(wshape)), int(np.prod(bshape))
             if nw + nb != flat.size or wshape[0] != rec.ints["num_filters"] or nb != wshape[0]:
@@ -211,6 +217,30 @@ class _Reader:
                 raise DlibFormatError(f"{self.path}: byte {start}: affine_ params {params.size} != gamma {gshape} + beta {bshape}")
             rec.arrays["gamma"] = params[:ng]
             rec.arrays["beta"] = params[ng:]
+        elif kind in ("bn_con2", "bn_fc2"):
+            # a batch-norm record as written at training time; dlib loads it into an
+            # affine_ layer: gamma / sqrt(running_var + eps), beta - gamma' * running_mean
+            params = self.tensor().reshape(-1)
+            gshape = self.alias()
+            bshape = self.alias()
+            for _ in range(2):  # means, invstds of the last batch
+                self.tensor()
+            rmean = self.tensor().reshape(-1)
+            rvar = self.tensor().reshape(-1)
+            self.int()  # num_updates
+            self.int()  # running_stats_window_size
+            for _ in range(4):
+                self.float()
+            eps = self.float()
+            ng, nb = int(np.prod(gshape)), int(np.prod(bshape))
+            if ng + nb != params.size or ng != nb or rmean.size != ng or rvar.size != ng:
+                raise DlibFormatError(f"{self.path}: byte {start}: {kind} params {params.size} != gamma {gshape} + beta {bshape}")
+            g = (params[:ng] / np.sqrt(rvar + np.float32(eps))).astype(np.float32)
+            rec.kind = "affine_"
+            rec.ints["mode"] = 1 if kind == "bn_con2" else 0
+            rec.ints["from_batch_norm"] = 1
+            rec.arrays["gamma"] = g
+            rec.arrays["beta"] = (params[ng:] - g * rmean).astype(np.float32)
         elif kind in ("relu_", "add_prev_"):
             pass
         elif kind in ("max_pool_2", "avg_pool_2"):
@@ -236,6 +266,31 @@ class _Reader:
         return rec
 
 
+def read_dlib_layers(r: _Reader, read_input) -> tuple[list[int], dict, list[LayerRecord]]:
+    """Read what follows a dlib loss layer's own record: the nested ``add_layer``
+    version numbers (outermost first), the input layer's record (parsed by
+    ``read_input(r) -> dict``), the first layer record, the input layer's
+    trailer and the remaining records in forward order. Raises
+    :class:`DlibFormatError` when bytes are left over."""
+    versions = []
+    while True:
+        v = r.int()
+        if v == 3:
+            break
+        if v not in (1, 2) or len(versions) > 10000:
+            raise r.fail(f"unexpected layer version {v}")
+        versions.append(v)
+    inp = read_input(r)
+    layers = [r.layer()]
+    r.trailer(input_layer=True)
+    for _ in range(versions.count(2)):
+        layers.append(r.layer())
+        r.trailer()
+    if r.p != len(r.b):
+        raise r.fail(f"{len(r.b) - r.p} bytes left after the {len(layers)} layer records")
+    return versions, inp, layers
+
+
 def read_dlib_resnet(path: str | os.PathLike | None = None) -> DlibNetFile:
     """Parse the whole dlib network file (every byte is accounted for).
 
@@ -252,27 +307,16 @@ def read_dlib_resnet(path: str | os.PathLike | None = None) -> DlibNetFile:
     if kind != "loss_metric_2":
         raise r.fail(f"expected 'loss_metric_2', found {kind!r} (not a dlib metric-learning network)")
     loss = {"kind": kind, "margin": r.float(), "distance_threshold": r.float()}
-    versions = []
-    while True:
-        v = r.int()
-        if v == 3:
-            break
-        if v not in (1, 2) or len(versions) > 10000:
-            raise r.fail(f"unexpected layer version {v}")
-        versions.append(v)
-    kind = r.str()
-    if kind != "input_rgb_image_sized":
-        raise r.fail(f"expected 'input_rgb_image_sized', found {kind!r}")
-    inp = {"mean": (r.float(), r.float(), r.float())}
-    inp["nr"], inp["nc"] = r.int(), r.int()
-    layers = [r.layer()]
-    r.trailer(input_layer=True)
-    n_layers = versions.count(2)
-    for _ in range(n_layers):
-        layers.append(r.layer())
-        r.trailer()
-    if r.p != len(data):
-        raise r.fail(f"{len(data) - r.p} bytes left after the {len(layers)} layer records")
+
+    def read_input(r: _Reader) -> dict:
+        kind = r.str()
+        if kind != "input_rgb_image_sized":
+            raise r.fail(f"expected 'input_rgb_image_sized', found {kind!r}")
+        inp = {"mean": (r.float(), r.float(), r.float())}
+        inp["nr"], inp["nc"] = r.int(), r.int()
+        return inp
+
+    versions, inp, layers = read_dlib_layers(r, read_input)
     return DlibNetFile(str(path), len(data), loss, inp, versions, layers)
 
 
