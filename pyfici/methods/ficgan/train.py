@@ -45,20 +45,19 @@ import torch
 import torch.nn.functional as F
 
 from pyfici.deid.metrics import luma
-from pyfici.methods._common import (
-    atomic_save,
-    check_resume_config,
-    distributed_info,
-    load_checkpoint,
-    resolve_device,
-    seed_everything,
-    write_json,
-)
+from pyfici.engine import UserError
+from pyfici.engine.errors import user_errors
+from pyfici.engine.files import load_checkpoint
+from pyfici.engine.loop import CallbackHook, Trainer
+from pyfici.engine.rundir import RunDir, check_resume_config
+from pyfici.engine.runtime import DEVICE_HELP, log, seed_everything, setup
 from pyfici.methods.ficgan.data import load_face_folder, save_grid
 from pyfici.methods.ficgan.model import FICGAN, FICGANConfig
 from pyfici.optim import LayerwiseAdamW
 
-_RESUME_IGNORE = ("steps", "out", "resume", "device", "sample_every", "checkpoint_every", "log_every", "amp")
+_RESUME_IGNORE = ("steps", "out", "resume", "device", "sample_every", "checkpoint_every", "log_every", "amp", "quiet")
+KIND_TRAIN, KIND_FINAL = "ficgan-train", "ficgan"
+BUILTIN_QUICK_STEPS = 500
 
 
 def make_optimizer(params, lr: float, betas=(0.0, 0.99)):
@@ -69,12 +68,15 @@ def make_optimizer(params, lr: float, betas=(0.0, 0.99)):
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     d = _defaults()  # one source of defaults: the signature of train_ficgan
     p.add_argument("--data", required=True, help="folder of aligned face crops, or 'builtin' (the built-in faces)")
-    p.add_argument("--size", type=int, default=128, help="image size (power of two, 64..256)")
-    p.add_argument("--steps", type=int, default=d["steps"])
-    p.add_argument("--batch-size", type=int, default=d["batch_size"])
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--out", required=True, help="output folder (checkpoints, samples, metrics.json, last.pt)")
-    p.add_argument("--resume", default=None, help="checkpoint to resume from ('auto': OUT/checkpoint.pt)")
+    p.add_argument("--size", type=_count(16), default=d["size"], help="image size (power of two, 64..256)")
+    p.add_argument("--steps", type=_count(0), default=None,
+                   help=f"training steps (default {d['steps']}; with --data builtin and no other size option the "
+                        f"quick built-in run: {BUILTIN_QUICK_STEPS} steps of train_builtin's CPU recipe)")
+    p.add_argument("--batch-size", type=_count(2), default=d["batch_size"])
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--out", required=True, help="output folder (checkpoint.pt, final.pt, metrics.json, samples/)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt (an error when there is none)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--lr", type=float, default=d["lr"])
     p.add_argument("--base-channels", type=int, default=d["base_channels"])
     p.add_argument("--max-channels", type=int, default=d["max_channels"])
@@ -133,7 +135,21 @@ def _defaults() -> dict:
 
 
 # the run configuration: every parameter of train_ficgan but the objects that are not settings
-_NOT_CONFIG = ("identity_encoder", "progress")
+_NOT_CONFIG = ("identity_encoder",)
+
+
+def _count(lo: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {text}")
+        return v
+
+    parse.__name__ = "int"
+    return parse
 
 
 def _config_from_args(a) -> dict:
@@ -141,11 +157,16 @@ def _config_from_args(a) -> dict:
 
 
 def train_main(args) -> int:
-    try:
-        train_ficgan(**_config_from_args(args))
-    except (ValueError, FileNotFoundError) as e:
-        print(f"pyfici train ficgan: error: {e}")
-        return 2
+    kw = _config_from_args(args)
+    if args.steps is None and args.data == "builtin":
+        log(f"--data builtin without --steps: the quick built-in run, {BUILTIN_QUICK_STEPS} steps of train_builtin's "
+            "CPU recipe (16/64 channels, batch 6, 60 % reconstruction warm-up); give --steps for the full recipe")
+        train_builtin(out=args.out, steps=BUILTIN_QUICK_STEPS, size=args.size, device=args.device, resume=args.resume,
+                      quiet=args.quiet, seed=args.seed)
+        return 0
+    if kw["steps"] is None:
+        kw["steps"] = _defaults()["steps"]
+    train_ficgan(**kw)
     return 0
 
 
@@ -165,7 +186,7 @@ def _step_batch(n_data: int, batch: int, seed: int, step: int, rank: int, swap_p
 
 
 def train_ficgan(data: str = "builtin", size: int = 64, steps: int = 10000, out: str = "runs/ficgan", *,
-                 batch_size: int = 8, device: str = "auto", resume: str | None = None, lr: float = 1e-3,
+                 batch_size: int = 8, device: str = "auto", resume: bool = False, lr: float = 1e-3,
                  base_channels: int = 32, max_channels: int = 128, attr_channels: int = 8,
                  attr_group_channels: list[int] | tuple[int, ...] | None = (2, 2, 0), center_identity: bool = True,
                  attr_input: str = "masked", attr_mask_scale: float = 1.55,
@@ -175,229 +196,268 @@ def train_ficgan(data: str = "builtin", size: int = 64, steps: int = 10000, out:
                  swap_prob: float = 0.5, w_id: float = 2.0, w_rec: float = 10.0, w_attr: float = 1.0,
                  w_adv: float = 1.0, w_lowpass: float = 10.0, w_chroma: float = 10.0, r1_gamma: float = 1.0, r1_every: int = 4,
                  sample_every: int = 100, checkpoint_every: int = 200, log_every: int = 10, seed: int = 0, amp: bool = True,
-                 identity_encoder=None, progress: bool = True) -> dict:
+                 identity_encoder=None, quiet: bool = False) -> dict:
     """Train FICGAN; returns the metrics dict (also in ``out/metrics.json``).
 
-    Writes ``out/checkpoint.pt`` (atomic, resumable), ``out/last.pt`` (final
-    weights + config), ``out/samples/step_XXXXXX.png`` (rows: input,
-    reconstruction with own identity, identity of the neighbour in the batch).
-    Under ``torchrun`` gradients are averaged over ranks (data parallel).
+    Writes the run folder ``out``: ``checkpoint.pt`` (atomic, resumable with
+    ``resume=True``), ``final.pt`` (final weights + model config),
+    ``metrics.json``, ``samples/step_XXXXXX.png`` (rows: input, reconstruction
+    with own identity, identity of the neighbour in the batch). Under
+    ``torchrun`` gradients are averaged over ranks (data parallel).
     """
     # first statement: locals() holds exactly the parameters here
     cfg_run = {k: v for k, v in locals().items() if k not in _NOT_CONFIG}
     if attr_group_channels is not None:
         cfg_run["attr_group_channels"] = [int(c) for c in attr_group_channels]
-    from tqdm import tqdm
-
-    id_loss_kind = id_loss
     if id_loss not in ("cos", "centered", "contrastive"):
-        raise ValueError(f"--id-loss must be cos, centered or contrastive, got {id_loss!r}")
+        raise UserError(f"--id-loss must be cos, centered or contrastive, got {id_loss!r}")
     if steps < 0 or batch_size < 2:
-        raise ValueError("--steps must be >= 0 and --batch-size >= 2 (the identity swap needs two faces)")
-    rank, world, local = distributed_info()
-    if world > 1:
-        import torch.distributed as dist
+        raise UserError("--steps must be >= 0 and --batch-size >= 2 (the identity swap needs two faces)")
+    for name in ("sample_every", "checkpoint_every", "log_every", "r1_every"):
+        if cfg_run[name] < (1 if name in ("log_every", "r1_every") else 0):
+            raise UserError(f"--{name.replace('_', '-')} must be >= {1 if name in ('log_every', 'r1_every') else 0}, "
+                            f"got {cfg_run[name]}")
+    with setup(device) as rt, RunDir(out, inputs=[("--data", data)], resume=resume, main=rt.main) as rd:
+        seed_everything(seed)
+        t = _FICGANTrainer(cfg_run, rt, rd, identity_encoder)
+        t.hooks.append(CallbackHook(after_epoch=_after_step))
+        if rt.main and 0 < steps <= recon_warmup:
+            rt.log(f"pyfici train ficgan: note: all {steps} steps are the reconstruction warm-up (--recon-warmup "
+                   f"{recon_warmup}); the GAN and identity losses start after it")
+        t.t0 = time.time()
+        t.train(t.start, steps, desc="ficgan", quiet=quiet, main=rt.main)
+        return t.finish()
 
-        dev = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
-        if dev.type == "cuda":
-            torch.cuda.set_device(dev)
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    else:
-        dev = resolve_device(device)
-    seed_everything(seed)
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    images, names = load_face_folder(data, size)
-    if len(images) < 2:
-        raise ValueError(f"--data {data}: need at least 2 face images, found {len(images)}")
-    # the model's structure: the FICGANConfig fields among the run's settings
-    cfg = FICGANConfig(**{f.name: cfg_run[f.name] for f in fields(FICGANConfig) if f.name in cfg_run and f.name != "identity_encoder"},
-                       identity_encoder="dlib" if identity_encoder is None else getattr(identity_encoder, "name", "custom"))
-    if identity_encoder is not None:
-        cfg.id_dim = int(identity_encoder(images[:2]).shape[1])
-    model = FICGAN(cfg, identity_encoder).to(dev)
-    E_id = model.E_id
-    if isinstance(E_id, torch.nn.Module):
-        E_id.to(dev)
-    gen_params = list(model.E_attr.parameters()) + list(model.G.parameters())
-    opt_g, opt_name = make_optimizer(gen_params, lr)
-    opt_d, _ = make_optimizer(model.D.parameters(), lr)
-    history: list[dict] = []
-    start = 0
-    if resume:
-        ck_path = out_dir / "checkpoint.pt" if resume == "auto" else Path(resume)
-        ck = load_checkpoint(ck_path, map_location="cpu")
-        if ck.get("kind") != "ficgan-train":
-            raise ValueError(f"--resume {ck_path}: not a FICGAN training checkpoint")
-        check_resume_config(ck["run"], cfg_run, ignore=_RESUME_IGNORE)
-        model.load_weights(ck["weights"])
-        opt_g.load_state_dict(ck["opt_g"])
-        opt_d.load_state_dict(ck["opt_d"])
-        start = int(ck["step"])
-        history = list(ck.get("history", []))
-        if start > steps:
-            raise ValueError(f"--resume: checkpoint is at step {start}, beyond --steps {steps}")
-    model.train()
-    D = model.D
-    if world > 1:
-        _broadcast_params(gen_params + list(model.D.parameters()))
 
-    def G_forward(x, z):
-        return model.G(model.E_attr(x), z)
+class _FICGANTrainer(Trainer):
+    """One step per unit: the reconstruction warm-up, then a D step and a G/E_attr step."""
 
-    use_amp = amp and dev.type == "cuda"
-    ac = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if use_amp else torch.autocast("cpu", enabled=False)
-    sample_x = images[: min(8, len(images))].to(dev)
-    images_dev = images.to(dev)
-    # E_id is frozen and the data fixed: embed every image and its mirror once.
-    with torch.no_grad():
-        z_all = torch.cat([model.identity(images_dev[i:i + 32]) for i in range(0, len(images), 32)])
-        z_all_flip = torch.cat([model.identity(images_dev[i:i + 32].flip(-1)) for i in range(0, len(images), 32)])
-        mean_all = torch.cat([z_all, z_all_flip]).mean(0)
-        if center_identity and start == 0:
+    def __init__(self, c: dict, rt, rd: RunDir, identity_encoder):
+        super().__init__()
+        self.c, self.rt, self.rd, self.dev = c, rt, rd, rt.device
+        with user_errors():
+            self.images, _names = load_face_folder(c["data"], c["size"])
+        if len(self.images) < 2:
+            raise UserError(f"--data {c['data']}: need at least 2 face images, found {len(self.images)}")
+        # the model's structure: the FICGANConfig fields among the run's settings
+        cfg = FICGANConfig(**{f.name: c[f.name] for f in fields(FICGANConfig) if f.name in c and f.name != "identity_encoder"},
+                           identity_encoder="dlib" if identity_encoder is None else getattr(identity_encoder, "name", "custom"))
+        if identity_encoder is not None:
+            cfg.id_dim = int(identity_encoder(self.images[:2]).shape[1])
+        self.cfg = cfg
+        self.model = model = FICGAN(cfg, identity_encoder).to(self.dev)
+        if isinstance(model.E_id, torch.nn.Module):
+            model.E_id.to(self.dev)
+        self.gen_params = list(model.E_attr.parameters()) + list(model.G.parameters())
+        self.opt_g, self.opt_name = make_optimizer(self.gen_params, c["lr"])
+        self.opt_d, _ = make_optimizer(model.D.parameters(), c["lr"])
+        self.log_rows: list[dict] = []
+        self.start = 0
+        ck = rd.resume_checkpoint(KIND_TRAIN)
+        if ck is not None:
+            check_resume_config(ck["run"], c, ignore=_RESUME_IGNORE)
+            model.load_weights(ck["weights"])
+            self.opt_g.load_state_dict(ck["opt_g"])
+            self.opt_d.load_state_dict(ck["opt_d"])
+            self.start = int(ck["step"])
+            self.log_rows = list(ck.get("history", []))
+            if self.start > c["steps"]:
+                raise UserError(f"--resume: checkpoint is at step {self.start}, beyond --steps {c['steps']}")
+        model.train()
+        if rt.distributed:
+            _broadcast_params(self.gen_params + list(model.D.parameters()))
+        self.use_amp = c["amp"] and self.dev.type == "cuda"
+        self.ac = (torch.autocast(device_type="cuda", dtype=torch.bfloat16) if self.use_amp
+                   else torch.autocast("cpu", enabled=False))
+        self.sample_x = self.images[: min(8, len(self.images))].to(self.dev)
+        self.images_dev = self.images.to(self.dev)
+        self._embed_all()
+        self.last: dict = {}
+
+    @torch.no_grad()
+    def _embed_all(self) -> None:
+        """E_id is frozen and the data fixed: embed every image and its mirror once."""
+        model, imgs, n = self.model, self.images_dev, len(self.images)
+        self.z_all = torch.cat([model.identity(imgs[i:i + 32]) for i in range(0, n, 32)])
+        self.z_all_flip = torch.cat([model.identity(imgs[i:i + 32].flip(-1)) for i in range(0, n, 32)])
+        mean_all = torch.cat([self.z_all, self.z_all_flip]).mean(0)
+        if self.c["center_identity"] and self.start == 0:
             model.G.id_mean.copy_(mean_all)  # the training set's mean identity (images and mirrors), saved with G
-        mu = model.G.id_mean.clone() if center_identity else mean_all
-        bank = F.normalize(torch.cat([z_all, z_all_flip]) - mu, dim=1)  # centred identity bank (contrastive loss)
-    if rank == 0 and 0 < steps <= recon_warmup:
-        print(f"pyfici train ficgan: note: all {steps} steps are the reconstruction warm-up (--recon-warmup "
-              f"{recon_warmup}); the GAN and identity losses start after it", flush=True)
-    t0 = time.time()
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc="ficgan", disable=not progress or rank != 0)
-    last = {}
-    for step in bar:
-        idx, flip, swap, mix = _step_batch(len(images), batch_size, seed, step, rank, swap_prob, mix_prob)
-        x = images_dev[idx.to(dev)]
+        self.mu = model.G.id_mean.clone() if self.c["center_identity"] else mean_all
+        self.bank = F.normalize(torch.cat([self.z_all, self.z_all_flip]) - self.mu, dim=1)  # centred identity bank
+
+    def run_epoch(self, step: int) -> None:
+        c, dev = self.c, self.dev
+        idx, flip, swap, mix = _step_batch(len(self.images), c["batch_size"], c["seed"], step, self.rt.rank,
+                                           c["swap_prob"], c["mix_prob"])
+        x = self.images_dev[idx.to(dev)]
         flip, swap, mix = flip.to(dev), swap.to(dev), mix.to(dev)
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        z = torch.where(flip[:, None], z_all_flip[idx.to(dev)], z_all[idx.to(dev)])
-        for grp in opt_g.param_groups:  # the warm-up may run at its own learning rate
-            grp["lr"] = warmup_lr if (step < recon_warmup and warmup_lr is not None) else lr
-        if step < recon_warmup:
-            # warm-up: E_attr + G as an autoencoder (L1 reconstruction with the own code, no D, no identity loss)
-            with ac:
-                fake = model.G(model.E_attr(x), z)
-            rec = F.l1_loss(fake.float(), x)
-            opt_g.zero_grad(set_to_none=True)
-            rec.backward()
-            if world > 1:
-                _allreduce_grads(gen_params, world)
-            opt_g.step()
-            done = step + 1
-            if not math.isfinite(float(rec.detach())):
-                raise FloatingPointError(f"non-finite reconstruction loss at step {done}")
-            zero = 0.0
-            last = {"step": done, "d_loss": zero, "r1": zero, "g_adv": zero, "id_loss": zero, "rec_l1": float(rec.detach()),
-                    "lowpass_l1": zero, "chroma_l1": zero, "attr_mse": zero, "sec": round(time.time() - t0, 2), "phase": "warmup"}
-            if rank == 0:
-                _log_step(model, opt_g, opt_d, done, steps, last, history, bar, sample_x, out_dir, cfg_run,
-                          log_every, sample_every, checkpoint_every)
-            continue
+        z = torch.where(flip[:, None], self.z_all_flip[idx.to(dev)], self.z_all[idx.to(dev)])
+        warm = step < c["recon_warmup"]
+        for grp in self.opt_g.param_groups:  # the warm-up may run at its own learning rate
+            grp["lr"] = c["warmup_lr"] if (warm and c["warmup_lr"] is not None) else c["lr"]
+        self.last = self._warmup_step(step, x, z) if warm else self._gan_step(step, x, z, idx, flip, swap, mix)
+        return None
+
+    def _warmup_step(self, step: int, x, z) -> dict:
+        """E_attr + G as an autoencoder (L1 reconstruction with the own code, no D, no identity loss)."""
+        with self.ac:
+            fake = self.model.G(self.model.E_attr(x), z)
+        rec = F.l1_loss(fake.float(), x)
+        self.opt_g.zero_grad(set_to_none=True)
+        rec.backward()
+        if self.rt.distributed:
+            _allreduce_grads(self.gen_params, self.rt.world)
+        self.opt_g.step()
+        if not math.isfinite(float(rec.detach())):
+            raise FloatingPointError(f"non-finite reconstruction loss at step {step + 1}")
+        zero = 0.0
+        return {"step": step + 1, "d_loss": zero, "r1": zero, "g_adv": zero, "id_loss": zero,
+                "rec_l1": float(rec.detach()), "lowpass_l1": zero, "chroma_l1": zero, "attr_mse": zero,
+                "sec": round(time.time() - self.t0, 2), "phase": "warmup"}
+
+    def _targets(self, z, idx, flip, swap, mix):
+        """Identity targets: swapped inside the batch for ``swap``, spherical means of two faces for ``mix``."""
+        n, mu, bank = len(self.images), self.mu, self.bank
         z_t = torch.where(swap[:, None], z.roll(1, 0), z)
-        bank_idx = idx.to(dev) + flip.long() * len(images)
+        bank_idx = idx.to(self.dev) + flip.long() * n
         t_idx = torch.where(swap, bank_idx.roll(1, 0), bank_idx)
         t2_idx = torch.where(mix, bank_idx.roll(2, 0), t_idx)  # second face of a mixed target (= t_idx when not mixed)
         if mix.any():
             # surrogate-like targets, as de-identification uses: the spherical mean of two faces' codes
             raw_mix = F.normalize(z.roll(1, 0) + z.roll(2, 0), dim=1)
             # G centres its input: mu + v becomes normalize(v), the spherical mean in the centred space
-            m_code = mu + F.normalize(bank[t_idx] + bank[t2_idx], dim=1) if center_identity else raw_mix
+            m_code = mu + F.normalize(bank[t_idx] + bank[t2_idx], dim=1) if self.c["center_identity"] else raw_mix
             z_t_raw = torch.where(mix[:, None], raw_mix, z_t)  # the target of the plain "cos" identity loss
             z_t = torch.where(mix[:, None], m_code, z_t)
         else:
             z_t_raw = z_t
-        # ---- D step
-        with ac:
+        return z_t, z_t_raw, t_idx, t2_idx
+
+    def _d_step(self, step: int, x, z_t):
+        c, D = self.c, self.model.D
+        with self.ac:
             with torch.no_grad():
-                fake = G_forward(x, z_t)
+                fake = self.model.G(self.model.E_attr(x), z_t)
             d_loss = F.softplus(D(fake.float())).mean() + F.softplus(-D(x)).mean()
-        r1 = torch.zeros((), device=dev)
-        if r1_gamma > 0 and step % r1_every == 0:
+        r1 = torch.zeros((), device=self.dev)
+        if c["r1_gamma"] > 0 and step % c["r1_every"] == 0:
             xr = x.detach().requires_grad_(True)
             (g,) = torch.autograd.grad(D(xr).sum(), xr, create_graph=True)
-            r1 = g.pow(2).sum(dim=(1, 2, 3)).mean() * (r1_gamma / 2) * r1_every
-        opt_d.zero_grad(set_to_none=True)
+            r1 = g.pow(2).sum(dim=(1, 2, 3)).mean() * (c["r1_gamma"] / 2) * c["r1_every"]
+        self.opt_d.zero_grad(set_to_none=True)
         (d_loss.float() + r1).backward()
-        if world > 1:
-            _allreduce_grads(model.D.parameters(), world)
-        opt_d.step()
-        # ---- G step
-        with ac:
+        if self.rt.distributed:
+            _allreduce_grads(D.parameters(), self.rt.world)
+        self.opt_d.step()
+        return d_loss, r1
+
+    def _identity_loss(self, step: int, fake, z_t_raw, t_idx, t2_idx):
+        """Identity loss on a random view of the output (see the module docstring)."""
+        c, mu, bank, n = self.c, self.mu, self.bank, len(self.images)
+        view = fake.float()
+        if c["id_blur"] > 0:
+            view = _gaussian_blur(view, c["id_blur"])
+        if c["id_augment"]:
+            view = _augment(view, step, c["seed"], self.rt.rank)
+        e_fake = self.model.identity(view)
+        if c["id_loss"] == "cos":
+            return (1 - (e_fake * z_t_raw).sum(1)).mean()
+        # cosine in the centred identity space: different people of one face set are far apart there
+        e_c = F.normalize(e_fake - mu, dim=1)
+        t_vec = F.normalize(bank[t_idx] + bank[t2_idx], dim=1)  # = bank[t_idx] for a single target
+        loss = (1 - (e_c * t_vec).sum(1)).mean()
+        if c["id_loss"] != "contrastive":
+            return loss
+        # InfoNCE over every training identity: the output must be closer to its target than to any
+        # other face, in particular to its source (a mixed target: equally close to both of its faces)
+        logits = e_c @ bank.T / c["id_tau"]
+        not_neg = torch.zeros_like(logits, dtype=torch.bool)
+        for ti in (t_idx, t2_idx):  # the targets' mirrors: same people, not negatives
+            not_neg.scatter_(1, ((ti + n) % (2 * n))[:, None], True)
+        for ti in (t_idx, t2_idx):  # ... unless that mirror is itself a target
+            not_neg.scatter_(1, ti[:, None], False)
+        logits = logits.masked_fill(not_neg, float("-inf"))
+        p_t = torch.zeros_like(logits).scatter_add_(1, t_idx[:, None], torch.full_like(e_c[:, :1], 0.5))
+        p_t = p_t.scatter_add_(1, t2_idx[:, None], torch.full_like(e_c[:, :1], 0.5))
+        return loss - (p_t * torch.log_softmax(logits, dim=1).clamp_min(-1e4)).sum(1).mean()
+
+    def _gan_step(self, step: int, x, z, idx, flip, swap, mix) -> dict:
+        c, model, dev = self.c, self.model, self.dev
+        z_t, z_t_raw, t_idx, t2_idx = self._targets(z, idx, flip, swap, mix)
+        d_loss, r1 = self._d_step(step, x, z_t)
+        with self.ac:
             a = model.E_attr(x)
             fake = model.G(a, z_t)
-            adv = F.softplus(-D(fake)).mean()
+            adv = F.softplus(-model.D(fake)).mean()
             a_fake = model.E_attr(fake)
             pairs = [(af, ar) for af, ar in zip(a_fake, a) if ar.shape[1] > 0]  # levels of width 0 carry nothing
             attr = sum((F.mse_loss(af.float(), ar.detach().float()) for af, ar in pairs),
                        torch.zeros((), device=dev)) / max(1, len(pairs))
-        view = fake.float()
-        if id_blur > 0:
-            view = _gaussian_blur(view, id_blur)
-        if id_augment:
-            view = _augment(view, step, seed, rank)
-        e_fake = model.identity(view)
-        if id_loss_kind == "cos":
-            id_loss = (1 - (e_fake * z_t_raw).sum(1)).mean()
-        else:
-            # cosine in the centred identity space: different people of one face set are far apart there
-            e_c = F.normalize(e_fake - mu, dim=1)
-            t_vec = F.normalize(bank[t_idx] + bank[t2_idx], dim=1)  # = bank[t_idx] for a single target
-            id_loss = (1 - (e_c * t_vec).sum(1)).mean()
-            if id_loss_kind == "contrastive":
-                # InfoNCE over every training identity: the output must be closer to its
-                # target than to any other face, in particular to its source (a mixed target:
-                # equally close to both of its faces)
-                logits = e_c @ bank.T / id_tau
-                n2 = 2 * len(images)
-                not_neg = torch.zeros_like(logits, dtype=torch.bool)
-                for ti in (t_idx, t2_idx):  # the targets' mirrors: same people, not negatives
-                    not_neg.scatter_(1, ((ti + len(images)) % n2)[:, None], True)
-                for ti in (t_idx, t2_idx):  # ... unless that mirror is itself a target
-                    not_neg.scatter_(1, ti[:, None], False)
-                logits = logits.masked_fill(not_neg, float("-inf"))
-                p_t = torch.zeros_like(logits).scatter_add_(1, t_idx[:, None], torch.full_like(e_c[:, :1], 0.5))
-                p_t = p_t.scatter_add_(1, t2_idx[:, None], torch.full_like(e_c[:, :1], 0.5))
-                id_loss = id_loss - (p_t * torch.log_softmax(logits, dim=1).clamp_min(-1e4)).sum(1).mean()
+        id_loss = self._identity_loss(step, fake, z_t_raw, t_idx, t2_idx)
         keep = ~swap
-        rec = F.l1_loss(fake[keep].float(), x[keep]) if keep.any() else torch.zeros((), device=dev)
+        zero = torch.zeros((), device=dev)
+        rec = F.l1_loss(fake[keep].float(), x[keep]) if keep.any() else zero
         # swapped samples: only the 8x8 low-pass image (layout, lighting, colour; no identity detail) must match
         lowpass = (F.l1_loss(F.adaptive_avg_pool2d(fake[swap].float(), 8), F.adaptive_avg_pool2d(x[swap], 8))
-                   if swap.any() and w_lowpass > 0 else torch.zeros((), device=dev))
+                   if swap.any() and c["w_lowpass"] > 0 else zero)
         # swapped samples: colour (RGB minus luma) must stay the source's, at full resolution: an identity is
         # a face structure, and colour is where a recognizer-fooling pattern is cheapest to paint
-        chroma = (F.l1_loss(_chroma(fake[swap].float()), _chroma(x[swap]))
-                  if swap.any() and w_chroma > 0 else torch.zeros((), device=dev))
-        g_loss = (w_adv * adv.float() + w_id * id_loss + w_rec * rec + w_attr * attr.float() + w_lowpass * lowpass
-                  + w_chroma * chroma)
-        opt_g.zero_grad(set_to_none=True)
+        chroma = (F.l1_loss(_chroma(fake[swap].float()), _chroma(x[swap])) if swap.any() and c["w_chroma"] > 0 else zero)
+        g_loss = (c["w_adv"] * adv.float() + c["w_id"] * id_loss + c["w_rec"] * rec + c["w_attr"] * attr.float()
+                  + c["w_lowpass"] * lowpass + c["w_chroma"] * chroma)
+        self.opt_g.zero_grad(set_to_none=True)
         g_loss.backward()
-        if world > 1:
-            _allreduce_grads(gen_params, world)
-        opt_g.step()
-        done = step + 1
+        if self.rt.distributed:
+            _allreduce_grads(self.gen_params, self.rt.world)
+        self.opt_g.step()
         if not all(math.isfinite(float(v.detach())) for v in (g_loss, d_loss)):
-            raise FloatingPointError(f"non-finite loss at step {done}: g={float(g_loss)} d={float(d_loss)}")
-        last = {"step": done, "d_loss": float(d_loss.detach()), "r1": float(r1.detach()), "g_adv": float(adv.detach()),
-                "id_loss": float(id_loss.detach()), "rec_l1": float(rec.detach()), "lowpass_l1": float(lowpass.detach()), "chroma_l1": float(chroma.detach()), "attr_mse": float(attr.detach()), "sec": round(time.time() - t0, 2)}
-        if rank == 0:
-            _log_step(model, opt_g, opt_d, done, steps, last, history, bar, sample_x, out_dir, cfg_run,
-                      log_every, sample_every, checkpoint_every)
-    elapsed = time.time() - t0
-    metrics = {"config": cfg_run, "model": cfg.to_dict(), "optimizer": opt_name, "device": str(dev),
-               "world_size": world, "amp_bf16": use_amp, "images": len(images), "steps_done": steps,
-               "steps_this_run": steps - start, "seconds_this_run": round(elapsed, 2),
-               "sec_per_step": round(elapsed / max(1, steps - start), 4), "final": last, "history": history}
-    if rank == 0:
-        if steps == start and not (out_dir / "checkpoint.pt").exists():
-            _save_checkpoint(model, opt_g, opt_d, steps, cfg_run, history, out_dir / "checkpoint.pt")
-        atomic_save({"kind": "ficgan", "config": cfg.to_dict(), "weights": model.weights(), "step": steps},
-                    out_dir / "last.pt")
-        write_json(metrics, out_dir / "metrics.json")
-    if world > 1:
-        import torch.distributed as dist
+            raise FloatingPointError(f"non-finite loss at step {step + 1}: g={float(g_loss)} d={float(d_loss)}")
+        return {"step": step + 1, "d_loss": float(d_loss.detach()), "r1": float(r1.detach()),
+                "g_adv": float(adv.detach()), "id_loss": float(id_loss.detach()), "rec_l1": float(rec.detach()),
+                "lowpass_l1": float(lowpass.detach()), "chroma_l1": float(chroma.detach()),
+                "attr_mse": float(attr.detach()), "sec": round(time.time() - self.t0, 2)}
 
-        dist.barrier()
-    return metrics
+    def checkpoint(self, step: int) -> dict:
+        return {"kind": KIND_TRAIN, "config": self.model.cfg.to_dict(), "run": self.c, "weights": self.model.weights(),
+                "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(), "step": step,
+                "history": self.log_rows}
+
+    def finish(self) -> dict:
+        c, steps = self.c, self.c["steps"]
+        elapsed = time.time() - self.t0
+        metrics = {"config": c, "model": self.cfg.to_dict(), "optimizer": self.opt_name, "device": str(self.dev),
+                   "world_size": self.rt.world, "amp_bf16": self.use_amp, "images": len(self.images),
+                   "steps_done": steps, "steps_this_run": steps - self.start, "seconds_this_run": round(elapsed, 2),
+                   "sec_per_step": round(elapsed / max(1, steps - self.start), 4), "final": self.last,
+                   "history": self.log_rows}
+        if self.rt.main:
+            if steps == self.start and not self.rd.checkpoint.exists():
+                self.rd.save_checkpoint(self.checkpoint(steps))
+            self.rd.save_final({"kind": KIND_FINAL, "config": self.cfg.to_dict(), "weights": self.model.weights(),
+                                "step": steps})
+            self.rd.write_metrics(metrics)
+        self.rt.barrier()
+        return metrics
+
+
+def _after_step(t: _FICGANTrainer, step: int, _record) -> None:
+    """Rank 0 after each step: history / progress bar, sample grid, atomic checkpoint."""
+    if not t.rt.main:
+        return
+    c, done, last = t.c, step + 1, t.last
+    if done % c["log_every"] == 0 or done == c["steps"]:
+        t.log_rows.append(last)
+        if hasattr(t.bar, "set_postfix"):
+            if last.get("phase") == "warmup":
+                t.bar.set_postfix(phase="warm-up", rec=f"{last['rec_l1']:.3f}")
+            else:
+                t.bar.set_postfix(id=f"{last['id_loss']:.3f}", rec=f"{last['rec_l1']:.3f}", d=f"{last['d_loss']:.2f}")
+    if c["sample_every"] and (done % c["sample_every"] == 0 or done == c["steps"]):
+        _write_samples(t.model, t.sample_x, t.rd.file("samples") / f"step_{done:06d}.png")
+    if c["checkpoint_every"] and (done % c["checkpoint_every"] == 0 or done == c["steps"]):
+        t.rd.save_checkpoint(t.checkpoint(done))
 
 
 def _chroma(x: torch.Tensor) -> torch.Tensor:
@@ -436,21 +496,6 @@ def _augment(x: torch.Tensor, step: int, seed: int, rank: int) -> torch.Tensor:
     return y * (1 - w) + grey * w
 
 
-def _log_step(model, opt_g, opt_d, done, steps, last, history, bar, sample_x, out_dir, cfg_run,
-              log_every, sample_every, checkpoint_every) -> None:
-    """Rank 0 after each step: history / progress bar, sample grid, atomic checkpoint."""
-    if done % log_every == 0 or done == steps:
-        history.append(last)
-        if last.get("phase") == "warmup":
-            bar.set_postfix(phase="warm-up", rec=f"{last['rec_l1']:.3f}")
-        else:
-            bar.set_postfix(id=f"{last['id_loss']:.3f}", rec=f"{last['rec_l1']:.3f}", d=f"{last['d_loss']:.2f}")
-    if sample_every and (done % sample_every == 0 or done == steps):
-        _write_samples(model, sample_x, out_dir / "samples" / f"step_{done:06d}.png")
-    if checkpoint_every and (done % checkpoint_every == 0 or done == steps):
-        _save_checkpoint(model, opt_g, opt_d, done, cfg_run, history, out_dir / "checkpoint.pt")
-
-
 def _broadcast_params(params) -> None:
     import torch.distributed as dist
 
@@ -470,11 +515,6 @@ def _allreduce_grads(params, world: int) -> None:
             p.grad.div_(world)
 
 
-def _save_checkpoint(model, opt_g, opt_d, step, cfg_run, history, path) -> None:
-    atomic_save({"kind": "ficgan-train", "config": model.cfg.to_dict(), "run": cfg_run, "weights": model.weights(),
-                 "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "step": step, "history": history}, path)
-
-
 @torch.no_grad()
 def _write_samples(model: FICGAN, x: torch.Tensor, path: Path) -> None:
     was = model.training
@@ -486,13 +526,16 @@ def _write_samples(model: FICGAN, x: torch.Tensor, path: Path) -> None:
 
 
 def load_ficgan(checkpoint: str | os.PathLike, identity_encoder=None, device: str | torch.device = "cpu") -> FICGAN:
-    """Load ``last.pt`` (or a training ``checkpoint.pt``) into an eval-mode :class:`FICGAN`."""
-    ck = load_checkpoint(checkpoint, map_location="cpu")
-    if ck.get("kind") not in ("ficgan", "ficgan-train") or "config" not in ck:
-        raise ValueError(f"{checkpoint}: not a FICGAN checkpoint (written by pyfici train ficgan)")
+    """Load ``final.pt`` (or a training ``checkpoint.pt``) into an eval-mode :class:`FICGAN`."""
+    ck = load_checkpoint(checkpoint, kind=(KIND_FINAL, KIND_TRAIN), what="FICGAN checkpoint")
+    if "config" not in ck or "weights" not in ck:
+        raise UserError(f"{checkpoint}: not a FICGAN checkpoint (written by pyfici train ficgan)")
     cfg = FICGANConfig(**ck["config"])
     model = FICGAN(cfg, identity_encoder)
-    model.load_weights(ck["weights"])
+    try:
+        model.load_weights(ck["weights"])
+    except (RuntimeError, KeyError, TypeError):
+        raise UserError(f"{checkpoint}: its weights do not match its FICGAN configuration") from None
     model.to(device).eval()
     if isinstance(model.E_id, torch.nn.Module):
         model.E_id.to(device)
@@ -505,7 +548,7 @@ def train_builtin(out: str | os.PathLike = "runs/ficgan_builtin", steps: int = 1
     CPU-friendly widths (base 16 / max 64 channels, batch 6) with the first
     60 % of the steps as the reconstruction warm-up. About 2.5 min for 1,000
     steps on one CPU thread (docs/ficgan.md, section 5, run D). Returns the
-    metrics; weights in ``out/last.pt``."""
+    metrics; weights in ``out/final.pt``."""
     kw.setdefault("base_channels", 16)
     kw.setdefault("max_channels", 64)
     kw.setdefault("batch_size", 6)
