@@ -38,6 +38,14 @@ inline int64_t count_before(const T* __restrict v, int64_t G, int64_t idx, T m) 
   return static_cast<int64_t>(c1) + static_cast<int64_t>(c2);
 }
 
+// Number of valid items whose value equals m, less one (m's own; junk is NaN: never equal).
+template <typename T>
+inline int64_t count_equal(const T* __restrict v, int64_t G, T m) {
+  int32_t c = 0;
+  for (int64_t j = 0; j < G; ++j) c += (v[j] == m);
+  return static_cast<int64_t>(c) - 1;
+}
+
 struct RowResult {
   double ap, inp;
   int64_t first, nmatch;
@@ -130,7 +138,8 @@ template <typename T, int Epi>
 void rank_stats_impl(const T* dist, const T* qnorm, int64_t Q, int64_t G, int64_t ld, const int64_t* qpid,
                      const int64_t* gpid, const int64_t* qcam, const int64_t* gcam,
                      bool junk_minus1, bool trapezoid, double* out_ap, int64_t* out_first,
-                     double* out_inp, int64_t* out_nmatch, int nthreads) {
+                     double* out_inp, int64_t* out_nmatch, int nthreads, int64_t* out_ranks,
+                     const int64_t* rank_offsets, int64_t* out_ties) {
   const T inf = std::numeric_limits<T>::infinity();
   const T junk_value = std::numeric_limits<T>::quiet_NaN();
   const GalleryIndex gi(gpid, gcam, G);
@@ -140,7 +149,8 @@ void rank_stats_impl(const T* dist, const T* qnorm, int64_t Q, int64_t G, int64_
 #pragma omp parallel num_threads(nthreads)
   {
     std::vector<T> v(static_cast<size_t>(G));
-    std::vector<int64_t> midx, ranks, order;
+    std::vector<int64_t> midx, ranks, order, ties;
+    std::vector<std::pair<int64_t, int64_t>> rank_tie;
     midx.reserve(64);
     ranks.reserve(64);
 #pragma omp for schedule(dynamic, 8)
@@ -165,9 +175,13 @@ void rank_stats_impl(const T* dist, const T* qnorm, int64_t Q, int64_t G, int64_
         }
       }
       ranks.clear();
+      ties.clear();
       const int64_t M = static_cast<int64_t>(midx.size());
       if (M > 0 && M <= kMaxCountMatches) {
-        for (int64_t k = 0; k < M; ++k) ranks.push_back(count_before(vv, G, midx[k], vv[midx[k]]));
+        for (int64_t k = 0; k < M; ++k) {
+          ranks.push_back(count_before(vv, G, midx[k], vv[midx[k]]));
+          if (out_ties != nullptr) ties.push_back(count_equal(vv, G, vv[midx[k]]));
+        }
       } else if (M > kMaxCountMatches) {
         // full stable ordering of the valid items
         order.clear();
@@ -176,9 +190,30 @@ void rank_stats_impl(const T* dist, const T* qnorm, int64_t Q, int64_t G, int64_
         std::sort(order.begin(), order.end(), [vv](int64_t a, int64_t b) {
           return vv[a] < vv[b] || (vv[a] == vv[b] && a < b);
         });
-        for (int64_t r = 0; r < static_cast<int64_t>(order.size()); ++r) {
+        const int64_t n = static_cast<int64_t>(order.size());
+        for (int64_t r = 0; r < n; ++r) {
           const int64_t j = order[r];
-          if (gkey[j] == qk) ranks.push_back(r);
+          if (gkey[j] != qk) continue;
+          ranks.push_back(r);
+          if (out_ties != nullptr) {
+            int64_t t = 0;
+            for (int64_t a = r - 1; a >= 0 && vv[order[a]] == vv[j]; --a) ++t;
+            for (int64_t a = r + 1; a < n && vv[order[a]] == vv[j]; ++a) ++t;
+            ties.push_back(t);
+          }
+        }
+      }
+      if (out_ranks != nullptr) {
+        // sorted ranks (and the tie count of each) at this query's offset
+        rank_tie.clear();
+        for (size_t k = 0; k < ranks.size(); ++k)
+          rank_tie.emplace_back(ranks[k], out_ties != nullptr ? ties[k] : 0);
+        std::sort(rank_tie.begin(), rank_tie.end());
+        const int64_t o = rank_offsets[q];
+        const int64_t cap = rank_offsets[q + 1] - o;
+        for (int64_t k = 0; k < static_cast<int64_t>(rank_tie.size()) && k < cap; ++k) {
+          out_ranks[o + k] = rank_tie[k].first;
+          if (out_ties != nullptr) out_ties[o + k] = rank_tie[k].second;
         }
       }
       RowResult res = stats_from_ranks(ranks, trapezoid);
@@ -198,7 +233,8 @@ PYFICI_REGISTER(m) {
       [](std::uintptr_t dist, int dtype, int64_t Q, int64_t G, int64_t ld, std::uintptr_t qpid,
          std::uintptr_t gpid, std::uintptr_t qcam, std::uintptr_t gcam, bool junk_minus1,
          bool trapezoid, std::uintptr_t out_ap, std::uintptr_t out_first, std::uintptr_t out_inp,
-         std::uintptr_t out_nmatch, int nthreads, int epi, std::uintptr_t qnorm) {
+         std::uintptr_t out_nmatch, int nthreads, int epi, std::uintptr_t qnorm, std::uintptr_t out_ranks,
+         std::uintptr_t rank_offsets, std::uintptr_t out_ties) {
         if (epi < 0 || epi > 3) throw std::invalid_argument("reid_rank_stats: epi must be 0..3");
         py::gil_scoped_release nogil;
         auto run = [&](auto* p) {
@@ -211,7 +247,9 @@ PYFICI_REGISTER(m) {
           impl(p, qn, Q, G, ld, as_ptr<const int64_t>(qpid), as_ptr<const int64_t>(gpid),
                           as_ptr<const int64_t>(qcam), as_ptr<const int64_t>(gcam), junk_minus1,
                           trapezoid, as_ptr<double>(out_ap), as_ptr<int64_t>(out_first),
-                          as_ptr<double>(out_inp), as_ptr<int64_t>(out_nmatch), nthreads);
+                          as_ptr<double>(out_inp), as_ptr<int64_t>(out_nmatch), nthreads,
+                          as_ptr<int64_t>(out_ranks), as_ptr<const int64_t>(rank_offsets),
+                          as_ptr<int64_t>(out_ties));
         };
         if (dtype == kFloat32)
           run(as_ptr<const float>(dist));
@@ -222,7 +260,10 @@ PYFICI_REGISTER(m) {
       },
       "Per-query AP, first-hit rank, INP and match count from a [Q, G] distance tile "
       "(row stride ld). pids/cams int64. Junk: same pid and camera (and pid -1 if junk_minus1). "
-      "epi/qnorm: optional fused distance epilogue (0 none, 1 sqeuclidean, 2 euclidean, 3 cosine).");
+      "epi/qnorm: optional fused distance epilogue (0 none, 1 sqeuclidean, 2 euclidean, 3 cosine). "
+      "out_ranks/rank_offsets (optional, 0 = none): the sorted 0-based ranks of each query's matches "
+      "at ranks[offsets[q]:offsets[q+1]]; out_ties (optional): for each, the number of other valid "
+      "items with exactly the same distance.");
 }
 
 }  // namespace pyfici

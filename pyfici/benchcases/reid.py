@@ -1,12 +1,19 @@
 """Benchmarks of family 1 (ReID evaluation) against what users run today:
-torchreid's evaluation (its Cython ``evaluate_cy`` when importable, else its
-pure-Python ``eval_market1501`` from the installed ``torchreid`` package), the
-numpy argsort of the matrix alone, and the matrix product alone."""
+fast-reid's Cython evaluator (``rank_cy.pyx`` from the installed ``fastreid``
+wheel, compiled here with Cython on first use), torchreid's evaluation (its
+Cython ``evaluate_cy`` when importable, else its pure-Python
+``eval_market1501`` from the installed ``torchreid`` package), the numpy
+argsort of the matrix alone, and the matrix product alone."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -51,6 +58,64 @@ def torchreid_evaluator():
     return None
 
 
+def fastreid_cython(module: str = "rank_cy"):
+    """fast-reid's own compiled evaluator module (``rank_cy`` or ``roc_cy``).
+
+    The ``fastreid`` wheel (``pip install --no-deps fastreid``) ships the Cython
+    sources ``fastreid/evaluation/rank_cylib/{rank_cy,roc_cy}.pyx`` but no
+    compiled module. They are found without importing fastreid (its package
+    imports need its training dependencies), compiled with Cython and the C
+    compiler once, and cached under ``$PYFICI_CACHE`` (default
+    ``~/.cache/pyfici``)/fastreid_cython keyed by the source's hash. Returns
+    ``(module, None)``, or ``(None, reason)`` when fastreid, Cython or a
+    compiler is missing or the build fails.
+    """
+    spec = importlib.util.find_spec("fastreid")
+    if spec is None or not spec.submodule_search_locations:
+        return None, "fastreid is not installed (pip install --no-deps fastreid)"
+    src = Path(list(spec.submodule_search_locations)[0]) / "evaluation" / "rank_cylib" / f"{module}.pyx"
+    if not src.is_file():
+        return None, f"the installed fastreid has no {src.name}"
+    try:
+        import Cython
+        from Cython.Build import cythonize
+        from setuptools import Extension
+        from setuptools.dist import Distribution
+    except ImportError as e:
+        return None, f"cannot build fast-reid's Cython evaluator: {e} (pip install cython setuptools)"
+    key = hashlib.sha256(src.read_bytes() + Cython.__version__.encode() + sys.version.encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("PYFICI_CACHE", Path.home() / ".cache" / "pyfici")) / "fastreid_cython" / key
+    name = f"_fastreid_{module}_{key}"
+    built = list(cache.glob(f"{name}*.so")) if cache.is_dir() else []
+    if not built:
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory() as tmp:
+                pyx = Path(tmp) / f"{name}.pyx"
+                shutil.copyfile(src, pyx)
+                ext = Extension(name, [str(pyx)], include_dirs=[np.get_include()],
+                                define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")])
+                mods = cythonize([ext], language_level=3, quiet=True, build_dir=tmp)
+                dist = Distribution({"ext_modules": mods})
+                cmd = dist.get_command_obj("build_ext")
+                cmd.build_lib = str(cache)
+                cmd.build_temp = tmp
+                cmd.ensure_finalized()
+                cmd.run()
+        except Exception as e:  # a compiler error, a missing header
+            return None, f"building fast-reid's {src.name} failed: {type(e).__name__}: {e}"
+        built = list(cache.glob(f"{name}*.so"))
+        if not built:
+            return None, f"building fast-reid's {src.name} produced no module"
+    s = importlib.util.spec_from_file_location(name, built[0])
+    mod = importlib.util.module_from_spec(s)
+    try:
+        s.loader.exec_module(mod)
+    except ImportError as e:  # roc_cy imports faiss
+        return None, f"fast-reid's compiled {module} does not import: {e}"
+    return mod, None
+
+
 def cases(size: str, device: str) -> list[Case]:
     Q, G, D, n_ids = SIZES[size]
     out = []
@@ -65,6 +130,10 @@ def cases(size: str, device: str) -> list[Case]:
                 "pyfici evaluate_distmat": lambda: evaluate_distmat(dist, qp, gp, qc, gc, max_rank=50),
                 "numpy argsort of the matrix alone": lambda: np.argsort(dn, axis=1),
             }
+            fr, _ = fastreid_cython("rank_cy")
+            if fr is not None:
+                fns["fast-reid evaluate_cy (Cython, from its wheel)"] = (
+                    lambda: fr.evaluate_cy(dn, qpn, gpn, qcn, gcn, 50, False), 1)
             tr = torchreid_evaluator()
             if tr is not None:
                 name, fn = tr

@@ -298,7 +298,7 @@ def _reid_rank_stats_op(
     )
     if backend == "cpu":
         qn_ptr = q_norms.data_ptr() if (epilogue != 0 and q_norms is not None) else 0
-        _native.cpu_module().reid_rank_stats(*args, _native.num_threads(), epilogue, qn_ptr)
+        _native.cpu_module().reid_rank_stats(*args, _native.num_threads(), epilogue, qn_ptr, 0, 0, 0)
     else:
         with torch.cuda.device(dev):
             _native.cuda_module().reid_rank_stats(*args, _native.stream_ptr(dev))
@@ -385,3 +385,69 @@ def reid_rank_stats(
     else:
         q_norms = None
     return _reid_rank_stats_op(dist, q_pids, g_pids, q_camids, g_camids, market, market, be, epilogue, q_norms)
+
+
+def match_counts(q_pids: torch.Tensor, g_pids: torch.Tensor, q_camids: torch.Tensor, g_camids: torch.Tensor) -> torch.Tensor:
+    """[Q] int64: gallery items with the query's pid and another camera (the
+    matches under the torchreid protocol), without a [Q, G] matrix."""
+    g = torch.stack([g_pids, g_camids], 1)
+    pairs, pair_count = torch.unique(g, dim=0, return_counts=True)
+    pids, pid_count = torch.unique(g_pids, return_counts=True)
+
+    def lookup(keys, table, counts):
+        if table.numel() == 0:
+            return torch.zeros(keys.shape[0], dtype=torch.int64, device=keys.device)
+        pos = torch.searchsorted(table, keys).clamp_max(table.numel() - 1)
+        return torch.where(table[pos] == keys, counts[pos], torch.zeros_like(pos))
+
+    same_pid = lookup(q_pids, pids, pid_count)
+    # pairs are sorted lexicographically: search them through one int64 key per (pid, camera) rank
+    cam_vals = torch.unique(torch.cat([g_camids, q_camids]))
+    pid_vals = torch.unique(torch.cat([g_pids, q_pids]))
+    n_cam = cam_vals.numel()
+    pkey = (torch.searchsorted(pid_vals, pairs[:, 0].contiguous()) * n_cam
+            + torch.searchsorted(cam_vals, pairs[:, 1].contiguous()))
+    qkey = torch.searchsorted(pid_vals, q_pids) * n_cam + torch.searchsorted(cam_vals, q_camids)
+    same_pid_cam = lookup(qkey, pkey, pair_count)
+    return same_pid - same_pid_cam
+
+
+def reid_match_ranks(dist: torch.Tensor, q_pids, g_pids, q_camids, g_camids, *, with_ties: bool = False):
+    """Sorted 0-based ranks of every query's matches (torchreid protocol, ties
+    to the lower index) from a CPU [Q, G] float32/float64 distance matrix.
+
+    Returns ``(ranks, offsets, ties)``: the ranks of query q are
+    ``ranks[offsets[q]:offsets[q + 1]]``; ``ties`` (or None) gives for each the
+    number of other valid gallery items at exactly the same distance. Used to
+    reproduce other libraries' float arithmetic and tie orders exactly.
+    """
+    dist = as_tensor("distmat", dist)
+    check_ndim("distmat", dist, 2, "Q,G")
+    if dist.device.type != "cpu":
+        raise ValueError(f"distmat: reid_match_ranks runs on the CPU, got a tensor on {dist.device}")
+    if dist.dtype not in _DIST_DTYPES:
+        raise TypeError(f"distmat: expected float32 or float64, got {dist.dtype}")
+    dist = dist.contiguous()
+    Q, G = dist.shape
+    ids = [as_ids(n, t) for n, t in zip(("q_pids", "g_pids", "q_camids", "g_camids"), (q_pids, g_pids, q_camids, g_camids))]
+    for n, t, k in zip(("q_pids", "g_pids", "q_camids", "g_camids"), ids, (Q, G, Q, G)):
+        check_length(n, t, k, "distmat")
+    counts = match_counts(*ids)
+    offsets = torch.zeros(Q + 1, dtype=torch.int64)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    total = int(offsets[-1])
+    ranks = torch.empty(total, dtype=torch.int64)
+    ties = torch.empty(total, dtype=torch.int64) if with_ties else None
+    ap = torch.empty(Q, dtype=torch.float64)
+    inp = torch.empty(Q, dtype=torch.float64)
+    first = torch.empty(Q, dtype=torch.int64)
+    nmatch = torch.empty(Q, dtype=torch.int64)
+    if Q and G:
+        _native.cpu_module().reid_rank_stats(
+            dist.data_ptr(), _native.DTYPE_CODES[dist.dtype], Q, G, dist.stride(0),
+            ids[0].data_ptr(), ids[1].data_ptr(), ids[2].data_ptr(), ids[3].data_ptr(), False, False,
+            ap.data_ptr(), first.data_ptr(), inp.data_ptr(), nmatch.data_ptr(), _native.num_threads(), 0, 0,
+            ranks.data_ptr(), offsets.data_ptr(), ties.data_ptr() if ties is not None else 0)
+        if not torch.equal(nmatch, counts):
+            raise RuntimeError("reid_match_ranks: match counts disagree with the kernel's")
+    return ranks, offsets, ties

@@ -7,3 +7,6 @@ __all__ = ["PROTOCOLS", "ReIDResult", "evaluate", "evaluate_distmat", "recall_at
 from pyfici.reid.rerank import rerank, rerank_distmat  # noqa: E402
 
 __all__ += ["rerank", "rerank_distmat"]
+from pyfici.reid.query_expansion import average_query_expansion  # noqa: E402
+
+__all__ += ["average_query_expansion"]
