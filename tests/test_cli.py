@@ -35,3 +35,129 @@ def test_bench_small_prints_table(capsys):
     assert main(["bench", "--family", "reid", "--size", "small", "--device", "cpu", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "anchor/pyfici" in out and "pyfici evaluate_distmat" in out
+
+
+# ----------------------------------------------------------------------------- the CLI convention
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+TRAIN = [("train", "autolr"), ("train", "rollback"), ("train", "ficgan")]
+
+
+def _one_line_error(capsys, *needles):
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "error" in ln.lower()]
+    assert len(errors) == 1 and lines[-1] == errors[0] and errors[0].startswith("pyfici: error: "), err
+    for n in needles:
+        assert n in errors[0], (n, errors[0])
+    assert "Traceback" not in err and "weights_only=False" not in err
+
+
+@pytest.mark.parametrize("cmd", TRAIN + [("eval", "reid")])
+def test_convention_flags_exist(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*cmd, "--help"])
+    assert e.value.code == 0
+    help_ = capsys.readouterr().out
+    flags = ["--device", "--quiet"] + (["--out", "--resume", "--seed"] if cmd[0] == "train" else ["--json", "--workers"])
+    if cmd != ("train", "ficgan"):
+        flags.append("--workers")
+    for flag in flags:
+        assert flag in help_, (cmd, flag)
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "rollback", "--stop-after-epochs", "-1"],
+    ["train", "autolr", "--epochs", "0"],
+    ["train", "autolr", "--workers", "-3"],
+    ["train", "autolr", "--dataset", "nope"],
+    ["train", "ficgan", "--data", "builtin", "--out", "x", "--steps", "-5"],
+    ["eval", "reid", "--features", "f.pt", "--batch-size", "0"],
+    ["train", "rollback", "--image-size", "32"],
+])
+def test_bad_argument_exits_2_with_one_line(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    _one_line_error(capsys, argv[1])
+
+
+@pytest.mark.parametrize("cmd", TRAIN)
+def test_resume_with_nothing_to_resume(cmd, tmp_path, capsys):
+    extra = ["--data", "builtin"] if cmd[1] == "ficgan" else []
+    assert main([*cmd, *extra, "--out", str(tmp_path / "empty"), "--resume", "--device", "cpu"]) == 2
+    _one_line_error(capsys, "nothing to resume")
+
+
+@pytest.mark.parametrize("cmd", TRAIN)
+def test_two_runs_on_one_out_refused(cmd, tmp_path, capsys):
+    from pyfici.engine import RunDir
+
+    extra = ["--data", "builtin"] if cmd[1] == "ficgan" else []
+    with RunDir(tmp_path / "run"):
+        assert main([*cmd, *extra, "--out", str(tmp_path / "run"), "--device", "cpu"]) == 2
+    _one_line_error(capsys, "another pyfici run")
+
+
+def test_out_inside_input_refused_before_writing(tmp_path, capsys):
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    (faces / "a.png").write_bytes(b"")
+    for out in (faces, faces / "runs" / "x"):
+        assert main(["train", "ficgan", "--data", str(faces), "--out", str(out), "--steps", "1"]) == 2
+        _one_line_error(capsys, "input folder --data")
+    assert sorted(p.name for p in faces.rglob("*")) == ["a.png"]
+    root = _market(tmp_path / "market")
+    assert main(["train", "rollback", "--dataset", "market1501", "--root", str(root), "--out", str(root / "o")]) == 2
+    _one_line_error(capsys, "inside the input folder --root")
+
+
+def _market(root, empty_query: bool = False):
+    from PIL import Image
+
+    img = Image.new("RGB", (16, 32), (120, 30, 60))
+    for sub, pids in (("bounding_box_train", (1, 2)), ("query", (3,)), ("bounding_box_test", (3, 4))):
+        (root / sub).mkdir(parents=True)
+        for pid in pids:
+            for cam in (1, 2):
+                img.save(root / sub / f"{pid:04d}_c{cam}s1_000001_00.jpg")
+    if empty_query:
+        (root / "query" / "0003_c3s1_000002_00.jpg").write_bytes(b"")
+    return root
+
+
+def test_empty_image_refused_up_front(tmp_path, capsys):
+    root = _market(tmp_path / "market", empty_query=True)
+    out = tmp_path / "o"
+    assert main(["train", "rollback", "--dataset", "market1501", "--root", str(root), "--out", str(out),
+                 "--backbone", "resnet18", "--pretrained", "none", "--device", "cpu"]) == 2
+    _one_line_error(capsys, "0003_c3s1_000002_00.jpg (empty)")
+    assert not (out / "checkpoint.pt").exists()
+
+
+def test_eval_reid_corrupt_checkpoint_and_features(tmp_path, capsys):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"PK\x03\x04 not really a zip")
+    assert main(["eval", "reid", "--checkpoint", str(bad)]) == 2
+    _one_line_error(capsys, "bad.pt")
+    torch.save({"kind": "ficgan", "weights": {}}, tmp_path / "gan.pt")
+    assert main(["eval", "reid", "--checkpoint", str(tmp_path / "gan.pt")]) == 2
+    _one_line_error(capsys, "not a rollback or autolr checkpoint")
+    g = torch.Generator().manual_seed(0)
+    f = {part: {"feats": torch.randn(n, 8, generator=g), "pids": torch.arange(n) % 5,
+                "camids": (torch.arange(n) + (part == "gallery")) % 2} for part, n in (("query", 10), ("gallery", 30))}
+    torch.save(f, tmp_path / "feats.pt")
+    assert main(["eval", "reid", "--features", str(tmp_path / "feats.pt"), "--json", "-", "--device", "cpu"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    from pyfici.reid import evaluate
+
+    ref = evaluate(f["query"]["feats"], f["gallery"]["feats"], f["query"]["pids"], f["gallery"]["pids"],
+                   f["query"]["camids"], f["gallery"]["camids"], metric="cosine", max_rank=30,
+                   protocol="market1501")
+    assert d["mAP"] == pytest.approx(ref.mAP) and d["protocol"] == "market1501"
+    f["query"]["feats"] = torch.randn(10, 4)
+    torch.save(f, tmp_path / "feats2.pt")
+    assert main(["eval", "reid", "--features", str(tmp_path / "feats2.pt")]) == 2
+    _one_line_error(capsys, "different widths")
