@@ -23,10 +23,10 @@ def bench_device(request):
 
 
 def run_case(benchmark, family, index, impl_index, size, device):
-    import importlib
+    """Time implementation ``impl_index`` of case ``index`` of a family, as ``pyfici bench`` does."""
+    from pyfici.bench import load_cases, timing_plan
 
-    mod = importlib.import_module(f"pyfici.benchcases.{family}")
-    cases = mod.cases(size, device)
+    cases = load_cases((family,), size, device)
     if index >= len(cases):
         pytest.skip(f"no case {index} for {device}/{size}")
     case = cases[index]
@@ -37,7 +37,5 @@ def run_case(benchmark, family, index, impl_index, size, device):
     name = names[impl_index]
     benchmark.extra_info["case"] = case.name
     benchmark.extra_info["impl"] = name
-    fn, rounds, warm = fns[name], case.repeats, case.warmup
-    if isinstance(fn, tuple):
-        fn, rounds, warm = fn[0], min(rounds, fn[1]), 0
+    fn, rounds, warm = timing_plan(case, fns[name])
     benchmark.pedantic(fn, rounds=rounds, warmup_rounds=warm, iterations=1)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import platform
 import statistics
 import sys
@@ -80,6 +79,16 @@ def time_call(fn: Callable[[], object], repeats: int, warmup: int, device: str) 
     return runs
 
 
+def timing_plan(case: Case, fn, repeats: int | None = None) -> tuple[Callable[[], object], int, int]:
+    """(callable, timed runs, warm-up runs) of one implementation of a case. An implementation
+    given as ``(fn, n)`` is a slow anchor: no warm-up and at most ``n`` runs. Used by
+    ``pyfici bench`` and by the pytest-benchmark suite in benchmarks/."""
+    reps, warm = repeats or case.repeats, case.warmup
+    if isinstance(fn, tuple):
+        fn, reps, warm = fn[0], min(reps, fn[1]), 0
+    return fn, reps, warm
+
+
 def run_cases(cases: list[Case], device: str, repeats: int | None = None, progress: bool = True) -> list[Row]:
     rows: list[Row] = []
     for case in cases:
@@ -88,9 +97,7 @@ def run_cases(cases: list[Case], device: str, repeats: int | None = None, progre
         fns = case.setup()
         ours_t = None
         for impl, fn in fns.items():
-            reps, warm = repeats or case.repeats, case.warmup
-            if isinstance(fn, tuple):  # (fn, repeats) for a slow anchor: no warm-up, fewer runs
-                fn, reps, warm = fn[0], min(reps, fn[1]), 0
+            fn, reps, warm = timing_plan(case, fn, repeats)
             runs = time_call(fn, reps, warm, device)
             med = statistics.median(runs)
             row = Row(case.family, case.name, impl, med, runs, note=case.note if impl == case.ours else "")
@@ -146,30 +153,48 @@ def plot_rows(rows: list[Row], path: str) -> None:
 
 def run(families=FAMILIES, size: str = "small", device: str = "cpu", repeats: int | None = None, progress: bool = True) -> list[Row]:
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is visible")
+        from pyfici.engine import UserError
+
+        raise UserError("--device cuda: no CUDA device is visible")
     return run_cases(load_cases(families, size, device), device, repeats, progress)
 
 
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return v
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from pyfici.engine.config import add_json_argument
+
     p.add_argument("--size", choices=("small", "full"), default="small", help="small: seconds; full: the sizes of the issues")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
     p.add_argument("--family", action="append", choices=FAMILIES, help="restrict to a family (repeatable)")
-    p.add_argument("--repeats", type=int, default=None, help="timed runs per implementation")
-    p.add_argument("--json", metavar="PATH", help="write all rows to this JSON file")
+    p.add_argument("--repeats", type=_positive, default=None, help="timed runs per implementation")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    add_json_argument(p)
     p.add_argument("--plot", metavar="PATH", help="write a speed-up bar chart (PNG)")
 
 
 def main(args: argparse.Namespace) -> int:
+    from pyfici.engine.config import emit_json
+
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    rows = run(tuple(args.family or FAMILIES), args.size, device, args.repeats)
+    rows = run(tuple(args.family or FAMILIES), args.size, device, args.repeats, progress=not args.quiet)
+    result = {"machine": machine_line(device), "size": args.size, "device": device, "rows": [r.__dict__ for r in rows]}
+    if args.json == "-":
+        emit_json(result, "-")
+        return 0
     print(f"pyfici bench --size {args.size} --device {device}: {machine_line(device)}")
     print(format_table(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": machine_line(device), "size": args.size, "device": device,
-                       "rows": [r.__dict__ for r in rows]}, f, indent=2)
+    emit_json(result, args.json)
     if args.plot:
         plot_rows(rows, args.plot)
     return 0

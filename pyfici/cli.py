@@ -25,17 +25,19 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, str, str]] = {
 
 
 def _add_info_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
+                   help="write the result as JSON to PATH (no PATH or '-': to stdout)")
 
 
 def _info_main(args: argparse.Namespace) -> int:
-    import json
 
     from pyfici._native import info
 
     d = info()
-    if args.json:
-        print(json.dumps(d, indent=2))
+    if args.json is not None:
+        from pyfici.engine.config import emit_json
+
+        emit_json(d, args.json)
     else:
         width = max(len(k) for k in d)
         for k, v in d.items():
