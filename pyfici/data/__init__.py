@@ -1,12 +1,14 @@
 """Dataset readers (official folder layouts) and built-in data from pip packages."""
 
-from pyfici.data.builtin import BuiltinRetrieval, builtin_images, builtin_retrieval
+from pyfici.data.builtin import builtin_images
 from pyfici.data.retrieval import (
     RECALL_KS,
     RETRIEVAL_DATASETS,
+    BuiltinRetrieval,
     RetrievalImageDataset,
     RetrievalSplit,
     aircraft,
+    builtin_retrieval,
     cars196,
     cub200,
     inshop,

@@ -1,31 +1,36 @@
-"""Built-in datasets made of real images that ship with pip packages (no download).
+"""The built-in sample sets: real images that ship with pip packages (no download),
+one loader each. The datasets built from them live with their task
+(:func:`pyfici.data.retrieval.builtin_retrieval`, :func:`pyfici.data.reid.builtin_reid`,
+the FICGAN faces).
 
-- :func:`builtin_images`: real RGB photographs from scikit-image
-  (``astronaut``, ``chelsea``, ``coffee``, ``rocket``, ...; grey ones as RGB), then
-  the 100 real LFW face crops of ``skimage.data.lfw_subset()`` (25x25 grey -> RGB).
-  Source images for ReID-style data and demos.
-- :func:`builtin_retrieval` / :class:`BuiltinRetrieval`: a class-disjoint
-  retrieval task on the real handwritten digits of ``sklearn.datasets.load_digits``
-  (UCI optical digits, 1,797 8x8 images of 10 classes written by 43 people):
-  digits 0-4 are the training classes, 5-9 the test classes (searched against
-  themselves minus self, like CUB's 101-200). Each image is grey 0..16, scaled to
-  0..255, upscaled (bicubic) to ``size`` x ``size`` and copied to RGB.
-  ``per_class`` caps the images per class (the first ones in file order).
+- :func:`skimage_photos`: real photographs of scikit-image (:data:`PHOTO_NAMES`), RGB.
+- :func:`lfw_faces`: the 100 real 25x25 LFW face crops of ``skimage.data.lfw_subset()``
+  (the first 100 of its 200 images; the others are not faces).
+- :func:`sklearn_digits`: the UCI optical digits of ``sklearn.datasets.load_digits``
+  (1,797 8x8 images, 10 classes, written by 43 people).
+- :func:`builtin_images`: the photographs, then the faces, as RGB PIL images.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from pyfici.data.retrieval import RECALL_KS, RetrievalImageDataset, RetrievalSplit
-
-__all__ = ["builtin_images", "builtin_retrieval", "BuiltinRetrieval", "PHOTO_NAMES"]
+__all__ = ["PHOTO_NAMES", "builtin_images", "lfw_faces", "skimage_photos", "sklearn_digits"]
 
 PHOTO_NAMES = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
                "retina", "colorwheel", "camera", "coins", "horse", "clock", "moon", "brick", "grass", "gravel",
                "cell", "page", "text")
+
+
+def _skimage_data():
+    try:
+        from skimage import data
+    except ImportError as e:
+        raise ImportError("the built-in data needs scikit-image: pip install 'pyfici[data]'") from e
+    return data
 
 
 def _to_rgb_uint8(a: np.ndarray) -> np.ndarray:
@@ -37,69 +42,45 @@ def _to_rgb_uint8(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a[..., :3])
 
 
-def builtin_images(n: int | None = None) -> list[Any]:
-    """Real RGB images (``PIL.Image.Image``, mode RGB) from pip packages, in a fixed order:
-    the scikit-image photographs of :data:`PHOTO_NAMES` (sizes 172x448 .. 1411x1411),
-    then the 100 real LFW face crops (25x25). ``n`` = how many (default all, 119);
-    raises ``ValueError`` if more are asked than exist."""
+def skimage_photos(names: Sequence[str] = PHOTO_NAMES) -> list[Any]:
+    """The named scikit-image photographs as RGB ``PIL.Image`` (grey ones copied to RGB;
+    non-8-bit ones scaled to 0..255)."""
     from PIL import Image
-    from skimage import data
 
-    out = [Image.fromarray(_to_rgb_uint8(getattr(data, name)())) for name in PHOTO_NAMES]
-    if n is not None and n <= len(out):
-        return out[:n]
-    faces = data.lfw_subset()[:100]  # the first 100 are faces, the rest are not
-    out += [Image.fromarray(_to_rgb_uint8(f)) for f in faces]
-    if n is not None:
-        if n < 0 or n > len(out):
-            raise ValueError(f"builtin_images: n must be in 0..{len(out)}, got {n}")
-        out = out[:n]
-    return out
+    data = _skimage_data()
+    return [Image.fromarray(_to_rgb_uint8(getattr(data, name)())) for name in names]
 
 
-def _digits(size: int, per_class: int | None) -> list[tuple[Any, int]]:
+def lfw_faces() -> np.ndarray:
+    """(100, 25, 25) float32 grey LFW face crops (values as scikit-image gives them)."""
+    return _skimage_data().lfw_subset()[:100]
+
+
+def sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
+    """``(images (1797, 8, 8) float 0..16, labels (1797,) int)``."""
     try:
         from sklearn.datasets import load_digits
     except ImportError as e:
         raise ImportError("the built-in retrieval data needs scikit-learn (pip install scikit-learn, "
                           "or pyfici[data])") from e
+    d = load_digits()
+    return d.images, d.target
+
+
+def builtin_images(n: int | None = None) -> list[Any]:
+    """Real RGB images (``PIL.Image.Image``, mode RGB) in a fixed order: the scikit-image
+    photographs of :data:`PHOTO_NAMES` (sizes 172x448 .. 1411x1411), then the 100 LFW
+    face crops (25x25). ``n`` = how many (default all, 119); raises ``ValueError`` if
+    more are asked than exist."""
     from PIL import Image
 
-    d = load_digits()
-    counts: dict[int, int] = {}
-    items = []
-    for img, y in zip(d.images, d.target):
-        y = int(y)
-        if per_class is not None and counts.get(y, 0) >= per_class:
-            continue
-        counts[y] = counts.get(y, 0) + 1
-        a = (img * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
-        im = Image.fromarray(a).resize((size, size), Image.BICUBIC).convert("RGB")
-        items.append((im, y))
-    return items
-
-
-def builtin_retrieval(size: int = 64, per_class: int | None = 60) -> RetrievalSplit:
-    """The built-in retrieval task (see module docstring): digits 0-4 train
-    (labels 0-4), digits 5-9 test (labels 5-9); K = 1, 2, 4, 8."""
-    if size < 8:
-        raise ValueError(f"builtin_retrieval: size must be >= 8, got {size}")
-    if per_class is not None and per_class < 2:
-        raise ValueError(f"builtin_retrieval: per_class must be >= 2 (a query needs a positive), got {per_class}")
-    items = _digits(size, per_class)
-    train = [(im, y) for im, y in items if y < 5]
-    test = [(im, y) for im, y in items if y >= 5]
-    return RetrievalSplit("builtin", train, test, RECALL_KS["builtin"],
-                          info={"source": "sklearn.datasets.load_digits", "size": size, "per_class": per_class})
-
-
-class BuiltinRetrieval(RetrievalImageDataset):
-    """``torch.utils.data.Dataset`` of the built-in retrieval task: ``split`` = ``"train"``
-    (digits 0-4) or ``"test"`` (digits 5-9); items are ``(transform(PIL image), label)``."""
-
-    def __init__(self, split: str = "train", transform=None, size: int = 64, per_class: int | None = 60):
-        if split not in ("train", "test"):
-            raise ValueError(f"BuiltinRetrieval: split must be 'train' or 'test', got {split!r}")
-        s = builtin_retrieval(size=size, per_class=per_class)
-        super().__init__(s.train if split == "train" else s.test, transform)
-        self.ks = s.ks
+    if n is not None and n <= len(PHOTO_NAMES):
+        if n < 0:
+            raise ValueError(f"builtin_images: n must be in 0..{len(PHOTO_NAMES) + 100}, got {n}")
+        return skimage_photos(PHOTO_NAMES[:n])
+    out = skimage_photos() + [Image.fromarray(_to_rgb_uint8(f)) for f in lfw_faces()]
+    if n is not None:
+        if n > len(out):
+            raise ValueError(f"builtin_images: n must be in 0..{len(out)}, got {n}")
+        out = out[:n]
+    return out

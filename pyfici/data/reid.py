@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from pyfici.data._image import is_image_file, load_rgb
+from pyfici.data.builtin import PHOTO_NAMES, skimage_photos
 
 __all__ = [
     "ReIDDataset",
@@ -218,25 +219,8 @@ def msmt17(root: str | Path) -> ReIDDataset:
 
 
 def _source_images() -> list[Any]:
-    """Real RGB images that ship with scikit-image (no download), as PIL images."""
-    from PIL import Image
-
-    try:
-        from skimage import data
-    except ImportError as e:
-        raise ImportError("the built-in ReID data needs scikit-image: pip install 'pyfici[data]'") from e
-
-    names = ["astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
-             "retina", "colorwheel", "camera", "coins", "horse", "clock", "moon", "brick", "grass", "gravel"]
-    out = []
-    for n in names:
-        a = np.asarray(getattr(data, n)())
-        if a.dtype != np.uint8:
-            a = (a.astype(np.float64) * (255.0 / max(float(a.max()), 1.0))).astype(np.uint8)
-        if a.ndim == 2:
-            a = np.stack([a, a, a], axis=-1)
-        out.append(Image.fromarray(np.ascontiguousarray(a[..., :3])))
-    return out
+    """The 16 scikit-image photographs the built-in identities are made from."""
+    return skimage_photos(PHOTO_NAMES[:16])
 
 
 def _camera_params(num_cams: int) -> list[dict]:

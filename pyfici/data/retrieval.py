@@ -31,6 +31,11 @@ Layouts and splits (the standard ones in the metric-learning literature):
   those variants from trainval + test (the split used by e.g. the
   Proxy-Anchor / "metric learning reality check" style benchmarks differs between
   papers; this one is deterministic and documented). K = 1, 2, 4, 8, 16, 32.
+- ``builtin`` (:func:`builtin_retrieval`, no files): the handwritten digits of
+  ``sklearn.datasets.load_digits``; digits 0-4 train, 5-9 test (searched against
+  themselves minus self, like CUB's 101-200); each 8x8 image scaled to 0..255,
+  upscaled (bicubic) to ``size`` x ``size`` and copied to RGB; ``per_class``
+  caps the images per class (the first ones in file order). K = 1, 2, 4, 8.
 
 Errors name the file that was expected or that is malformed.
 """
@@ -42,7 +47,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pyfici.data._image import load_rgb
+from pyfici.data.builtin import sklearn_digits
 
 __all__ = [
     "RetrievalSplit",
@@ -55,6 +63,8 @@ __all__ = [
     "load_retrieval_dataset",
     "RETRIEVAL_DATASETS",
     "RECALL_KS",
+    "BuiltinRetrieval",
+    "builtin_retrieval",
 ]
 
 Item = tuple[Any, int]
@@ -277,9 +287,51 @@ def aircraft(root: str | Path) -> RetrievalSplit:
                           info={"train_variants": variants[:half], "test_variants": variants[half:]})
 
 
-def _builtin(root: str | Path | None = None, **kwargs: Any) -> RetrievalSplit:
-    from pyfici.data.builtin import builtin_retrieval
+def _digits(size: int, per_class: int | None) -> list[tuple[Any, int]]:
+    """The digits as RGB ``size`` x ``size`` PIL images (0..16 scaled to 0..255, bicubic),
+    the first ``per_class`` of each class in file order."""
+    from PIL import Image
 
+    images, targets = sklearn_digits()
+    counts: dict[int, int] = {}
+    items = []
+    for img, y in zip(images, targets):
+        y = int(y)
+        if per_class is not None and counts.get(y, 0) >= per_class:
+            continue
+        counts[y] = counts.get(y, 0) + 1
+        a = (img * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+        items.append((Image.fromarray(a).resize((size, size), Image.BICUBIC).convert("RGB"), y))
+    return items
+
+
+def builtin_retrieval(size: int = 64, per_class: int | None = 60) -> RetrievalSplit:
+    """The built-in retrieval task (see the module docstring): digits 0-4 train
+    (labels 0-4), digits 5-9 test (labels 5-9); K = 1, 2, 4, 8."""
+    if size < 8:
+        raise ValueError(f"builtin_retrieval: size must be >= 8, got {size}")
+    if per_class is not None and per_class < 2:
+        raise ValueError(f"builtin_retrieval: per_class must be >= 2 (a query needs a positive), got {per_class}")
+    items = _digits(size, per_class)
+    train = [(im, y) for im, y in items if y < 5]
+    test = [(im, y) for im, y in items if y >= 5]
+    return RetrievalSplit("builtin", train, test, RECALL_KS["builtin"],
+                          info={"source": "sklearn.datasets.load_digits", "size": size, "per_class": per_class})
+
+
+class BuiltinRetrieval(RetrievalImageDataset):
+    """``torch.utils.data.Dataset`` of the built-in retrieval task: ``split`` = ``"train"``
+    (digits 0-4) or ``"test"`` (digits 5-9); items are ``(transform(PIL image), label)``."""
+
+    def __init__(self, split: str = "train", transform=None, size: int = 64, per_class: int | None = 60):
+        if split not in ("train", "test"):
+            raise ValueError(f"BuiltinRetrieval: split must be 'train' or 'test', got {split!r}")
+        s = builtin_retrieval(size=size, per_class=per_class)
+        super().__init__(s.train if split == "train" else s.test, transform)
+        self.ks = s.ks
+
+
+def _builtin(root: str | Path | None = None, **kwargs: Any) -> RetrievalSplit:
     return builtin_retrieval(**kwargs)
 
 

@@ -134,9 +134,10 @@ def builtin_face_images() -> list[LoadedImage]:
     (the LFW subset has no labels)."""
     import skimage.data as sd
 
+    from pyfici.data.builtin import lfw_faces
+
     out = []
-    lfw = sd.lfw_subset()[:100]
-    for i, f in enumerate(lfw):
+    for i, f in enumerate(lfw_faces()):
         img, notes = to_rgb_float(f.astype(np.float32), f"lfw_{i:03d}")
         out.append(LoadedImage(f"lfw_{i:03d}.png", img, notes))
     ast = sd.astronaut()
