@@ -172,7 +172,7 @@ def _positive(text: str) -> int:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from pyfici.engine.config import add_json_argument
 
-    p.add_argument("--size", choices=("small", "full"), default="small", help="small: seconds; full: the sizes of the issues")
+    p.add_argument("--size", choices=("small", "full"), default="small", help="small: seconds; full: the sizes of real workloads (Market-1501, MSMT17 galleries, ResNet-50 parameter sets)")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
     p.add_argument("--family", action="append", choices=FAMILIES, help="restrict to a family (repeatable)")
     p.add_argument("--repeats", type=_positive, default=None, help="timed runs per implementation")
