@@ -5,7 +5,7 @@ import pytest
 from conftest import run_case
 
 
-@pytest.mark.parametrize("impl", range(3))
+@pytest.mark.parametrize("impl", range(4))
 @pytest.mark.parametrize("case", range(2))
 def test_reid(benchmark, case, impl, bench_size, bench_device):
     run_case(benchmark, "reid", case, impl, bench_size, bench_device)

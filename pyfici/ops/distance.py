@@ -103,11 +103,16 @@ def condition_features(x: torch.Tensor, y: torch.Tensor | None, metric: str, *, 
     x = x.to(dt)
     y = x if same else y.to(dt)
     if metric == "cosine":
+        if check and not torch.compiler.is_compiling():
+            check_finite(xname, x)
+            check_finite(yname, y)
         x = _row_scaled(x)
         return x, (x if same else _row_scaled(y)), 0
     if x.numel() == 0 and y.numel() == 0:
         return x, y, 0
-    amax = torch.stack([t.abs().amax() if t.numel() else t.new_zeros(()) for t in ((x,) if same else (x, y))]).amax()
+    # largest magnitude from one min/max pass per tensor (NaN propagates: it also flags non-finite input)
+    ext = [torch.stack(torch.aminmax(t)) for t in ((x,) if same else (x, y)) if t.numel()]
+    amax = torch.cat(ext).abs().amax()
     if torch.compiler.is_compiling():
         e = torch.frexp(amax).exponent
         x = _mul_pow2_tensor(x, -e)

@@ -99,8 +99,10 @@ class _Accumulator:
         self.ap_sum += torch.where(ok, ap, torch.zeros_like(ap)).sum()
         self.inp_sum += torch.where(ok, inp, torch.zeros_like(inp)).sum()
         if cmc_rows is None:
-            hit = (first[:, None] <= self.arange[None, :]) & ok[:, None]
-            self.cmc_counts += hit.sum(0).double()
+            # queries whose first hit is at rank r count for ranks r.. max_rank-1: a
+            # histogram and a prefix sum (O(Q), no [Q, max_rank] temporary)
+            r = torch.where(ok, first, torch.full_like(first, self.max_rank)).clamp_(0, self.max_rank)
+            self.cmc_counts += torch.bincount(r, minlength=self.max_rank + 1)[: self.max_rank].cumsum(0).double()
         else:
             self.cmc_counts += torch.where(ok[:, None], cmc_rows, torch.zeros_like(cmc_rows)).sum(0)
         self.aps.append(ap)
@@ -293,8 +295,6 @@ def evaluate(
     query, gallery, _ = check_feature_pair("query", _features("query", query), "gallery", _features("gallery", gallery))
     check_nonempty("query", query)
     check_nonempty("gallery", gallery)
-    check_finite("query", query)
-    check_finite("gallery", gallery)
     Q, G = query.shape[0], gallery.shape[0]
     max_rank = _clip_max_rank(max_rank, G)
     ids = _check_ids(Q, G, query.device, q_pids, g_pids, q_camids, g_camids)
@@ -308,8 +308,9 @@ def evaluate(
     check_int_range("tile", tile, 1)
     rank_protocol = "torchreid" if protocol == "cuhk03" else protocol
     acc = _Accumulator(max_rank, query.device)
-    # rankings are invariant to the conditioning's power-of-two scale: no undo needed
-    query, gallery, _ = condition_features(query, gallery, metric, check=False)
+    # rankings are invariant to the conditioning's power-of-two scale: no undo needed.
+    # Its min/max pass also rejects NaN / Inf features.
+    query, gallery, _ = condition_features(query, gallery, metric, xname="query", yname="gallery")
     score = _scorer(gallery, metric, backend)
     for q0 in range(0, Q, tile):
         q1 = min(Q, q0 + tile)
@@ -363,7 +364,7 @@ def recall_at_k(
     tile = tile or _default_tile(N)
     hits = torch.zeros(len(ks), dtype=torch.float64, device=feats.device)
     kt = torch.tensor([k - 1 for k in ks], device=feats.device)
-    feats, _, _ = condition_features(feats, None, metric, check=False)
+    feats, _, _ = condition_features(feats, None, metric, xname="features")
     score = _scorer(feats, metric, backend)
     for q0 in range(0, N, tile):
         q1 = min(N, q0 + tile)
