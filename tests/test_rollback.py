@@ -301,3 +301,24 @@ def test_efficientnet_default_schedule():
     assert periods[2].kept == ("stem", "blocks.0", "blocks.1", "blocks.2", "blocks.3", "head")
     assert periods[3].reset[0] == "blocks.8" and periods[3].reset[-1] == "top"
     assert periods[1].lr["stem"] == 0.001 and periods[1].lr["top"] == 0.01 and periods[0].lr["head"] == 0.1
+
+
+def test_checkpoint_saved_before_final_evaluation_and_resumed_eval(tmp_path, data, monkeypatch):
+    from pyfici.methods.rollback import train as rb_train
+
+    real = rb_train.RollbackTrainer.evaluate
+
+    def failing(self, epoch, period):
+        raise RuntimeError("evaluation died")
+
+    monkeypatch.setattr(rb_train.RollbackTrainer, "evaluate", failing)
+    sched = released_schedule()[:2]
+    with pytest.raises(RuntimeError, match="evaluation died"):
+        run(cfg(tmp_path), model_fn=tiny_model, data=data, schedule=sched)
+    ck = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert ck["epoch"] == 2 and ck["pending_eval"] and not (tmp_path / "final.pt").exists()
+    monkeypatch.setattr(rb_train.RollbackTrainer, "evaluate", real)
+    res = run(cfg(tmp_path, resume=True), model_fn=tiny_model, data=data, schedule=sched)
+    assert [e["epoch"] for e in res["evaluations"]] == [2] and (tmp_path / "final.pt").is_file()
+    full = run(cfg(tmp_path / "full"), model_fn=tiny_model, data=data, schedule=sched)
+    assert res["final"] == full["final"]
