@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pyfici.methods._common import atomic_write_text
+from pyfici.engine.files import atomic_write_text
 
 
 @dataclass
