@@ -148,7 +148,7 @@ def test_adamw_op_steps_and_frozen():
         p0 = ps[0].clone()
         layerwise_adamw_step_(ps, [torch.randn(4), torch.randn(2, 2), torch.randn(0)], m, v,
                               torch.tensor([0.0, 1e-3, 1e-3]), steps, weight_decay=0.0, backend=be)
-        assert steps.tolist() == [3.0, 1.0, 0.0], be
+        assert steps.tolist() == [3.0, 1.0, 1.0], be  # an empty tensor's step advances, as in torch
         assert torch.equal(ps[0], p0), be
 
 
@@ -315,11 +315,12 @@ def test_custom_ops_pass_opcheck():
     gs = [torch.randn(5), torch.randn(2, 3)]
     bufs = [torch.zeros(5), torch.zeros(2, 3)]
     masks = [None, torch.rand(2, 3) > 0.5]
-    lrs = torch.tensor([0.1, 0.2])
+    lrs = torch.tensor([0.1, 0.2], dtype=torch.float64)
     torch.library.opcheck(o._sgd_op, (ps, gs, bufs, lrs, o.sgd_hyper(2, momentum=0.9), masks, None, None, "cpu"))
     steps = torch.zeros(2)
-    torch.library.opcheck(o._adamw_op, (ps, gs, [b.clone() for b in bufs], [b.clone() for b in bufs], lrs, steps,
-                                        o.adamw_hyper(2), masks, None, None, "cpu"))
+    torch.library.opcheck(o._adamw_op, (ps, gs, [b.clone() for b in bufs], [b.clone() for b in bufs],
+                                        [b.clone() for b in bufs], lrs, steps, o.adamw_hyper(2, amsgrad=True), masks,
+                                        None, None, "cpu"))
     torch.library.opcheck(o._weight_variation_op, (ps, gs, "cpu"))
 
 
@@ -355,17 +356,24 @@ def test_mixed_dtypes_one_call_each(monkeypatch):
     assert all(opt.state[p]["momentum_buffer"].dtype == torch.float32 for p in ps)
 
 
-def test_loading_unsupported_torch_flags_raises():
-    p = torch.nn.Parameter(torch.randn(3))
-    t = torch.optim.AdamW([p], lr=1e-3, amsgrad=True)
-    p.grad = torch.randn(3)
-    t.step()
+def test_loading_torch_amsgrad_state_matches_torch():
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(3, 5))
+    t = torch.optim.AdamW([p], lr=1e-2, amsgrad=True, foreach=False)
+    for _ in range(3):
+        p.grad = torch.randn(3, 5)
+        t.step()
     q = torch.nn.Parameter(p.detach().clone())
-    o = LayerwiseAdamW([q], lr=1e-3)
+    o = LayerwiseAdamW([q], lr=1e-2, amsgrad=True)
     o.load_state_dict(t.state_dict())
-    q.grad = torch.randn(3)
-    with pytest.raises(NotImplementedError, match="amsgrad"):
+    for _ in range(3):
+        g = torch.randn(3, 5)
+        p.grad, q.grad = g.clone(), g.clone()
+        t.step()
         o.step()
+    assert _rel_err([q], [p]) < 1e-6
+    assert _rel_err([o.state[q]["max_exp_avg_sq"]], [t.state[p]["max_exp_avg_sq"]]) < 1e-6
+    assert float(o.state[q]["step"]) == 6.0
 
 
 def test_changing_momentum_and_missing_grads_match_torch():
@@ -388,3 +396,179 @@ def test_changing_momentum_and_missing_grads_match_torch():
         oa.step()
         ob.step()
     assert _rel_err(a, b) < 1e-6
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the Triton interpreter's numpy
+@pytest.mark.parametrize("Opt,TOpt,kw", [
+    (LayerwiseSGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9)),
+    (LayerwiseSGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1)),
+    (LayerwiseSGD, torch.optim.SGD, dict(lr=0.1, maximize=True)),
+    (LayerwiseAdamW, torch.optim.AdamW, dict(lr=0.1)),
+    (LayerwiseAdamW, torch.optim.AdamW, dict(lr=0.1, amsgrad=True, maximize=True)),
+])
+def test_inf_and_nan_grads_like_torch(Opt, TOpt, kw):
+    """An inf / NaN gradient gives exactly what torch gives (-inf where torch writes -inf,
+    not NaN from a 0 * inf), on every backend; a pruned weight stays 0 whatever its gradient."""
+    for be in backends_for("cpu") + ["torch"]:
+        for dtype in (torch.float32, torch.float64):
+            base = torch.randn(4, 5, dtype=dtype)
+            a, b = torch.nn.Parameter(base.clone()), torch.nn.Parameter(base.clone())
+            oa, ob = Opt([a], backend=be, **kw), TOpt([b], foreach=False, **kw)
+            for it in range(3):
+                g = torch.randn(4, 5, dtype=dtype)
+                if it == 1:
+                    g[0, 0], g[1, 1], g[2, 2] = float("inf"), float("-inf"), float("nan")
+                a.grad, b.grad = g.clone(), g.clone()
+                oa.step()
+                ob.step()
+            assert torch.equal(a.isnan(), b.isnan()), (be, dtype)
+            assert torch.equal(a.isposinf(), b.isposinf()) and torch.equal(a.isneginf(), b.isneginf()), (be, dtype)
+            fin = torch.isfinite(b)
+            assert _rel_err([a[fin]], [b[fin]]) < 1e-6, (be, dtype)
+            # pruned weights: exactly 0 even with an inf / nan gradient
+            c = torch.nn.Parameter(base.clone())
+            oc = Opt([c], backend=be, **kw)
+            mask = torch.ones(4, 5, dtype=torch.bool)
+            mask[0, 0] = mask[2, 2] = False
+            oc.set_mask(c, mask)
+            g = torch.randn(4, 5, dtype=dtype)
+            g[0, 0], g[2, 2] = float("inf"), float("nan")
+            c.grad = g
+            oc.step()
+            assert c[0, 0].item() == 0.0 and c[2, 2].item() == 0.0, (be, dtype)
+            assert torch.isfinite(c).all(), (be, dtype)
+
+
+def test_param_data_replaced_raises_like_torch():
+    for Opt, TOpt, kw in ((LayerwiseSGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9)),
+                          (LayerwiseAdamW, torch.optim.AdamW, dict(lr=0.1))):
+        p, q = torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(4, 3))
+        o, t = Opt([p], **kw), TOpt([q], foreach=False, **kw)
+        p.grad, q.grad = torch.randn(4, 3), torch.randn(4, 3)
+        o.step()
+        t.step()
+        p.data, q.data = torch.randn(5, 3), torch.randn(5, 3)
+        p.grad, q.grad = torch.randn(5, 3), torch.randn(5, 3)
+        with pytest.raises(RuntimeError):
+            t.step()
+        with pytest.raises(RuntimeError, match=r"param_groups\[0\]\['params'\]\[0\] has shape \(5, 3\) but its optimizer state"):
+            o.step()
+        # a slice of the same storage (same data_ptr, other size) is caught as well
+        r = torch.nn.Parameter(torch.randn(6))
+        o = Opt([r], **kw)
+        r.grad = torch.randn(6)
+        o.step()
+        r.data = r.data[:4]
+        r.grad = torch.randn(4)
+        with pytest.raises(RuntimeError, match="has shape"):
+            o.step()
+
+
+def test_param_layout_change_follows_torch():
+    """model.to(memory_format=channels_last) after some steps: the state follows the new layout."""
+    torch.manual_seed(1)
+    base = torch.randn(6, 4, 3, 3)
+    a, b = torch.nn.Parameter(base.clone()), torch.nn.Parameter(base.clone())
+    oa = LayerwiseSGD([a], lr=0.1, momentum=0.9)
+    ob = torch.optim.SGD([b], lr=0.1, momentum=0.9, foreach=False)
+    for it in range(6):
+        if it == 3:
+            a.data = a.data.contiguous(memory_format=torch.channels_last)
+            b.data = b.data.contiguous(memory_format=torch.channels_last)
+        g = torch.randn(6, 4, 3, 3)
+        a.grad, b.grad = g.clone(), g.clone()
+        oa.step()
+        ob.step()
+    assert a.is_contiguous(memory_format=torch.channels_last)
+    assert _rel_err([a], [b]) < 1e-6
+    assert oa.state[a]["momentum_buffer"].stride() == a.stride()
+
+
+def test_unsupported_flags_are_refused_clearly():
+    p = [torch.nn.Parameter(torch.randn(3))]
+    with pytest.raises(ValueError, match="differentiable=True is not supported"):
+        LayerwiseSGD(p, differentiable=True)
+    with pytest.raises(ValueError, match="differentiable=True is not supported"):
+        LayerwiseAdamW(p, differentiable=True)
+    with pytest.raises(ValueError, match="capturable=True is not supported"):
+        LayerwiseAdamW(p, capturable=True)
+    with pytest.raises(RuntimeError, match="`fused` and `foreach` cannot be `True` together"):
+        LayerwiseSGD(p, fused=True, foreach=True)
+    # a torch state dict with capturable=True is refused at the step, not silently run
+    t = torch.optim.AdamW([torch.nn.Parameter(torch.randn(3))], capturable=False)
+    sd = t.state_dict()
+    sd["param_groups"][0]["capturable"] = True
+    o = LayerwiseAdamW(p)
+    o.load_state_dict(sd)
+    p[0].grad = torch.randn(3)
+    with pytest.raises(ValueError, match="capturable=True is not supported"):
+        o.step()
+
+
+def test_op_level_float64_maximize_amsgrad_and_layouts():
+    """The ops directly: float64 params in float64 math, maximize, amsgrad, channels_last
+    params with state in their layout and grads/masks in another one; every backend."""
+    gen = torch.Generator().manual_seed(5)
+    for be in backends_for("cpu") + ["torch"]:
+        for dtype in (torch.float32, torch.float64):
+            sdt = dtype
+            ps = [torch.randn(3, 4, 2, 5, generator=gen, dtype=dtype).contiguous(memory_format=torch.channels_last),
+                  torch.randn(7, generator=gen, dtype=dtype)]
+            gs = [torch.randn(3, 4, 2, 5, generator=gen, dtype=dtype), torch.randn(7, generator=gen, dtype=dtype)]
+            masks = [torch.rand(3, 4, 2, 5, generator=gen) > 0.3, None]
+            ref = [p.clone(memory_format=torch.preserve_format) for p in ps]
+            st = [[torch.zeros_like(p, dtype=sdt) for p in ps] for _ in range(3)]
+            rst = [[torch.zeros_like(p, dtype=sdt) for p in ps] for _ in range(3)]
+            steps, rsteps = torch.zeros(2), torch.zeros(2)
+            lrs = torch.tensor([0.01, 0.02], dtype=torch.float64)
+            for _ in range(3):
+                layerwise_adamw_step_(ps, gs, st[0], st[1], lrs, steps, amsgrad=[True, False], max_exp_avg_sqs=st[2],
+                                      maximize=True, masks=masks, backend=be)
+                layerwise_adamw_step_(ref, gs, rst[0], rst[1], lrs, rsteps, amsgrad=[True, False],
+                                      max_exp_avg_sqs=rst[2], maximize=True, masks=masks, backend="torch")
+            tol = 1e-6 if dtype == torch.float32 else 1e-12
+            assert _rel_err(ps, ref) < tol, (be, dtype)
+            assert _rel_err(st[2][:1], rst[2][:1]) < tol, (be, dtype)
+            assert ps[0].is_contiguous(memory_format=torch.channels_last)
+            assert (ps[0][~masks[0]] == 0).all()
+            bufs = [torch.zeros_like(p, dtype=sdt) for p in ps]
+            rbufs = [torch.zeros_like(p, dtype=sdt) for p in ref]
+            layerwise_sgd_step_(ps, gs, bufs, lrs, momentum=0.9, maximize=True, masks=masks, backend=be)
+            layerwise_sgd_step_(ref, gs, rbufs, lrs, momentum=0.9, maximize=True, masks=masks, backend="torch")
+            assert _rel_err(ps, ref) < tol and _rel_err(bufs, rbufs) < tol, (be, dtype)
+    with pytest.raises(TypeError, match=r"momentum_buffers\[0\]: expected dtype in \['torch.float64'\]"):
+        layerwise_sgd_step_([torch.randn(3, dtype=torch.float64)], [torch.randn(3, dtype=torch.float64)],
+                            [torch.zeros(3)], [0.1], momentum=0.9)
+    with pytest.raises(ValueError, match=r"momentum_buffers\[0\]: must have its param's memory layout"):
+        p = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
+        layerwise_sgd_step_([p], [torch.randn(2, 3, 4, 5)], [torch.zeros(2, 3, 4, 5)], [0.1], momentum=0.9)
+    with pytest.raises(ValueError, match=r"params\[0\]: must be dense"):
+        layerwise_sgd_step_([torch.randn(4, 6)[:, ::2]], [torch.randn(4, 3)], None, [0.1])
+    with pytest.raises(ValueError, match="max_exp_avg_sqs: required"):
+        layerwise_adamw_step_([torch.randn(3)], [torch.randn(3)], [torch.zeros(3)], [torch.zeros(3)], [0.1],
+                              torch.zeros(1), amsgrad=True)
+
+
+def test_tensor_lr_and_weight_variation_layouts():
+    torch.manual_seed(2)
+    a = torch.nn.Parameter(torch.randn(5, 3))
+    b = torch.nn.Parameter(a.detach().clone())
+    oa = LayerwiseSGD([a], lr=torch.tensor(0.05), momentum=0.9)
+    ob = torch.optim.SGD([b], lr=torch.tensor(0.05), momentum=0.9, foreach=False)
+    sa = torch.optim.lr_scheduler.ExponentialLR(oa, 0.5)
+    sb = torch.optim.lr_scheduler.ExponentialLR(ob, 0.5)
+    for _ in range(4):
+        g = torch.randn(5, 3)
+        a.grad, b.grad = g.clone(), g.clone()
+        oa.step()
+        ob.step()
+        sa.step()
+        sb.step()
+    assert isinstance(oa.param_groups[0]["lr"], torch.Tensor)
+    assert _rel_err([a], [b]) < 1e-6
+    x = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
+    y = torch.randn(2, 3, 4, 5)
+    for be in backends_for("cpu") + ["torch"]:
+        out = weight_variation([x, x.transpose(0, 1)], [y, y.transpose(0, 1)], backend=be)
+        want = ((x.double() - y.double()) ** 2).sum()
+        assert torch.allclose(out.double(), want.expand(2), rtol=1e-6), be

@@ -10,28 +10,30 @@ PYFICI_REGISTER(m) {
       "layerwise_sgd_step",
       [](int64_t n, int64_t nchunks, std::uintptr_t tables, std::uintptr_t lrs, std::uintptr_t hyper, int pdtype,
          std::uintptr_t grad_scale, std::uintptr_t found_inf, std::uintptr_t stream) {
-        if (pdtype != kFloat32 && pdtype != kFloat16 && pdtype != kBFloat16)
-          throw std::invalid_argument("layerwise_sgd_step: params must be float32, float16 or bfloat16");
-        launch_layerwise_sgd_step(n, nchunks, as_ptr<const int64_t>(tables), as_ptr<const float>(lrs),
-                                  as_ptr<const float>(hyper), pdtype, as_ptr<const float>(grad_scale),
+        if (pdtype != kFloat32 && pdtype != kFloat64 && pdtype != kFloat16 && pdtype != kBFloat16)
+          throw std::invalid_argument("layerwise_sgd_step: params must be float32, float64, float16 or bfloat16");
+        launch_layerwise_sgd_step(n, nchunks, as_ptr<const int64_t>(tables), as_ptr<const double>(lrs),
+                                  as_ptr<const double>(hyper), pdtype, as_ptr<const float>(grad_scale),
                                   as_ptr<const float>(found_inf), reinterpret_cast<cudaStream_t>(stream));
         check_cuda(cudaGetLastError(), "layerwise_sgd_step launch");
       },
-      "CUDA fused SGD step (device tables: meta [5, n], chunk tensor [nchunks], chunk start [nchunks]).");
+      "CUDA fused SGD step (device tables: meta [5, n], chunk tensor [nchunks], chunk start [nchunks]); "
+      "lrs float64 [n], hyper float64 [n, 6].");
   m.def(
       "layerwise_adamw_step",
       [](int64_t n, int64_t nchunks, std::uintptr_t tables, std::uintptr_t lrs, std::uintptr_t steps,
          std::uintptr_t hyper, int pdtype, std::uintptr_t grad_scale, std::uintptr_t found_inf,
          std::uintptr_t stream) {
-        if (pdtype != kFloat32 && pdtype != kFloat16 && pdtype != kBFloat16)
-          throw std::invalid_argument("layerwise_adamw_step: params must be float32, float16 or bfloat16");
-        launch_layerwise_adamw_step(n, nchunks, as_ptr<const int64_t>(tables), as_ptr<const float>(lrs),
-                                    as_ptr<float>(steps), as_ptr<const float>(hyper), pdtype,
+        if (pdtype != kFloat32 && pdtype != kFloat64 && pdtype != kFloat16 && pdtype != kBFloat16)
+          throw std::invalid_argument("layerwise_adamw_step: params must be float32, float64, float16 or bfloat16");
+        launch_layerwise_adamw_step(n, nchunks, as_ptr<const int64_t>(tables), as_ptr<const double>(lrs),
+                                    as_ptr<float>(steps), as_ptr<const double>(hyper), pdtype,
                                     as_ptr<const float>(grad_scale), as_ptr<const float>(found_inf),
                                     reinterpret_cast<cudaStream_t>(stream));
         check_cuda(cudaGetLastError(), "layerwise_adamw_step launch");
       },
-      "CUDA fused AdamW step (device tables: meta [6, n], chunk tensor, chunk start); advances steps.");
+      "CUDA fused AdamW step (device tables: meta [7, n], chunk tensor, chunk start); lrs float64 [n], "
+      "hyper float64 [n, 6]; advances steps.");
   m.def(
       "weight_variation",
       [](int64_t n, int64_t nchunks, std::uintptr_t tables, int dtype, std::uintptr_t scratch, std::uintptr_t out,

@@ -2,9 +2,11 @@
 // variation: multi-tensor apply. One block per chunk of kChunk elements of one
 // tensor; the chunk table (tensor index, start) lives in device memory and is
 // indexed by blockIdx.x, so one launch covers any number of tensors. Per-tensor
-// lr / hyper-parameters are read by global tensor number. Each thread handles
-// kVec consecutive elements per iteration with vector loads when every pointer
-// of the chunk is aligned (scalar otherwise). Frozen tensors (lr == 0 and weight
+// lr / hyper-parameters (float64) are read by global tensor number. float64
+// params step in float64, the others in float32. A tensor is one flat buffer
+// (param, grad, state and mask share strides), so any dense layout works. Each
+// thread handles kVec consecutive elements per iteration with vector loads when
+// every pointer of the chunk is aligned (scalar otherwise). Frozen tensors (lr == 0 and weight
 // decay == 0) and found_inf != 0 return before touching memory.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -68,59 +70,82 @@ __device__ __forceinline__ ChunkRef chunk_of(const int64_t* tables, int64_t n, i
   return ChunkRef{t, start, len};
 }
 
+// float64 params step in float64 (state float64), the other dtypes in float32
+template <typename P>
+struct MathOf {
+  using type = float;
+};
+template <>
+struct MathOf<double> {
+  using type = double;
+};
+__device__ __forceinline__ double to_f(double x) { return x; }
+template <typename P>
+__device__ __forceinline__ P from_c(typename MathOf<P>::type x) { return from_f<P>(x); }
+template <>
+__device__ __forceinline__ double from_c<double>(double x) { return x; }
+
 // ------------------------------------------------------------------ SGD
-struct SgdH {
-  float wd, momentum, c_buf, c_grad, c_dir_grad, c_dir_buf;
+struct SgdH {  // one float64 row of the table
+  double wd, momentum, dampening, nesterov, init, maximize;
+};
+template <typename C>
+struct SgdC {
+  C scale, lr, wd, mom, omd;
+  bool has_wd, nest, init;
 };
 
-template <typename P>
-__device__ __forceinline__ void sgd_elem(P& p, P g, float* buf, uint8_t m, bool has_mask, float lr,
-                                         float inv, const SgdH& h) {
-  float gi = to_f(g) * inv;
-  const float mi = has_mask ? static_cast<float>(m != 0) : 1.0f;
-  gi *= mi;
-  const float pi = to_f(p);
-  if (h.wd != 0.0f) gi += h.wd * pi;
-  float d = gi;
+// Branches instead of 0 * x terms: an inf gradient gives what torch gives, not NaN.
+template <typename P, typename C>
+__device__ __forceinline__ void sgd_elem(P& p, P g, C* buf, uint8_t m, bool has_mask, const SgdC<C>& c) {
+  const bool kept = !has_mask || m != 0;
+  C gi = kept ? static_cast<C>(to_f(g)) * c.scale : C(0);
+  const C pi = static_cast<C>(to_f(p));
+  if (c.has_wd) gi = gi + c.wd * pi;
+  C d = gi;
   if (buf != nullptr) {
-    const float b = h.c_buf * *buf + h.c_grad * gi;
+    const C b = c.init ? gi : *buf * c.mom + c.omd * gi;
     *buf = b;
-    d = h.c_dir_grad * gi + h.c_dir_buf * b;
+    d = c.nest ? gi + c.mom * b : b;
   }
-  p = from_f<P>((pi - lr * d) * mi);
+  const C pn = pi - c.lr * d;
+  p = from_c<P>(kept ? pn : C(0));
 }
 
 template <typename P>
 __global__ void __launch_bounds__(kThreads)
-sgd_kernel(int64_t n, int64_t nchunks, const int64_t* __restrict__ tables, const float* __restrict__ lrs,
+sgd_kernel(int64_t n, int64_t nchunks, const int64_t* __restrict__ tables, const double* __restrict__ lrs,
            const SgdH* __restrict__ hyper, const float* grad_scale, const float* found_inf) {
+  using C = typename MathOf<P>::type;
   const ChunkRef c = chunk_of(tables, n, 5, nchunks);
-  const float lr = lrs[c.t];
+  const double lr = lrs[c.t];
   const SgdH h = hyper[c.t];
-  if (lr == 0.0f && h.wd == 0.0f) return;
+  if (lr == 0.0 && h.wd == 0.0) return;
   if (found_inf != nullptr && *found_inf != 0.0f) return;
   const float inv = grad_scale != nullptr ? 1.0f / *grad_scale : 1.0f;
+  const SgdC<C> k{C(h.maximize != 0.0 ? -inv : inv), C(lr), C(h.wd), C(h.momentum), C(1.0 - h.dampening),
+                  h.wd != 0.0, h.nesterov != 0.0, h.init != 0.0};
   P* p = reinterpret_cast<P*>(tables[n + c.t]) + c.start;
   const P* g = reinterpret_cast<const P*>(tables[2 * n + c.t]) + c.start;
-  float* buf = (h.momentum != 0.0f && tables[3 * n + c.t]) ? reinterpret_cast<float*>(tables[3 * n + c.t]) + c.start : nullptr;
+  C* buf = (h.momentum != 0.0 && tables[3 * n + c.t]) ? reinterpret_cast<C*>(tables[3 * n + c.t]) + c.start : nullptr;
   const uint8_t* mask = tables[4 * n + c.t] ? reinterpret_cast<const uint8_t*>(tables[4 * n + c.t]) + c.start : nullptr;
   const bool has_mask = mask != nullptr;
   const bool vec = aligned(p, sizeof(P) * kVec) && aligned(g, sizeof(P) * kVec) &&
-                   (buf == nullptr || aligned(buf, 4 * kVec)) && (mask == nullptr || aligned(mask, kVec));
+                   (buf == nullptr || aligned(buf, sizeof(C) * kVec)) && (mask == nullptr || aligned(mask, kVec));
   int64_t done = 0;
   if (vec) {
     const int64_t nv = c.len / kVec;
     for (int64_t v = threadIdx.x; v < nv; v += kThreads) {
       const int64_t i = v * kVec;
       P pv[kVec], gv[kVec];
-      float bv[kVec] = {0.f, 0.f, 0.f, 0.f};
+      C bv[kVec] = {C(0), C(0), C(0), C(0)};
       uint8_t mv[kVec] = {1, 1, 1, 1};
       load_vec(pv, p, i);
       load_vec(gv, g, i);
       if (buf) load_vec(bv, buf, i);
       if (has_mask) load_vec(mv, mask, i);
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) sgd_elem(pv[k], gv[k], buf ? &bv[k] : nullptr, mv[k], has_mask, lr, inv, h);
+      for (int q = 0; q < kVec; ++q) sgd_elem(pv[q], gv[q], buf ? &bv[q] : static_cast<C*>(nullptr), mv[q], has_mask, k);
       store_vec(p, i, pv);
       if (buf) store_vec(buf, i, bv);
     }
@@ -128,92 +153,122 @@ sgd_kernel(int64_t n, int64_t nchunks, const int64_t* __restrict__ tables, const
   }
   for (int64_t i = done + threadIdx.x; i < c.len; i += kThreads) {
     P pv = p[i];
-    float b = buf ? buf[i] : 0.0f;
-    sgd_elem(pv, g[i], buf ? &b : nullptr, has_mask ? mask[i] : uint8_t(1), has_mask, lr, inv, h);
+    C b = buf ? buf[i] : C(0);
+    sgd_elem(pv, g[i], buf ? &b : static_cast<C*>(nullptr), has_mask ? mask[i] : uint8_t(1), has_mask, k);
     p[i] = pv;
     if (buf) buf[i] = b;
   }
 }
 
 // ------------------------------------------------------------------ AdamW
-struct AdamH {
-  float beta1, beta2, eps, wd;
+struct AdamH {  // one float64 row of the table
+  double beta1, beta2, eps, wd, amsgrad, maximize;
+};
+template <typename C>
+struct AdamC {
+  C scale, decay, w1, w1c, beta2, w2, eps, step_size, bc2_sqrt;
+  bool lerp_hi;
 };
 
-template <typename P>
-__device__ __forceinline__ void adam_elem(P& p, P g, float& m, float& v, uint8_t mk, bool has_mask,
-                                          float inv, const AdamH& h, float decay, float step_size,
-                                          float bc2_sqrt) {
-  float gi = to_f(g) * inv;
-  const float mi = has_mask ? static_cast<float>(mk != 0) : 1.0f;
-  gi *= mi;
-  float pi = to_f(p) * decay;
-  m = m + (1.0f - h.beta1) * (gi - m);
-  v = v * h.beta2 + (1.0f - h.beta2) * (gi * gi);
-  pi -= step_size * (m / (sqrtf(v) / bc2_sqrt + h.eps));
-  p = from_f<P>(pi * mi);
+template <typename C>
+__device__ __forceinline__ C max_nan(C a, C b) {
+  return (a > b || a != a) ? a : b;
+}
+
+template <typename P, typename C>
+__device__ __forceinline__ void adam_elem(P& p, P g, C& m, C& v, C* vmax, uint8_t mk, bool has_mask,
+                                          const AdamC<C>& c) {
+  const bool kept = !has_mask || mk != 0;
+  const C gi = kept ? static_cast<C>(to_f(g)) * c.scale : C(0);
+  const C pi = static_cast<C>(to_f(p)) * c.decay;
+  const C diff = gi - m;
+  m = c.lerp_hi ? gi - diff * c.w1c : m + c.w1 * diff;  // torch's lerp
+  v = v * c.beta2 + c.w2 * gi * gi;
+  C second = v;
+  if (vmax != nullptr) {
+    second = max_nan(*vmax, v);
+    *vmax = second;
+  }
+  const C pn = pi - c.step_size * (m / (sqrt(second) / c.bc2_sqrt + c.eps));
+  p = from_c<P>(kept ? pn : C(0));
 }
 
 template <typename P>
 __global__ void __launch_bounds__(kThreads)
-adamw_kernel(int64_t n, int64_t nchunks, const int64_t* __restrict__ tables, const float* __restrict__ lrs,
+adamw_kernel(int64_t n, int64_t nchunks, const int64_t* __restrict__ tables, const double* __restrict__ lrs,
              const float* __restrict__ steps, const AdamH* __restrict__ hyper, const float* grad_scale,
              const float* found_inf) {
-  const ChunkRef c = chunk_of(tables, n, 6, nchunks);
-  const float lr = lrs[c.t];
+  using C = typename MathOf<P>::type;
+  const ChunkRef c = chunk_of(tables, n, 7, nchunks);
+  const double lr = lrs[c.t];
   const AdamH h = hyper[c.t];
-  if (lr == 0.0f && h.wd == 0.0f) return;
+  if (lr == 0.0 && h.wd == 0.0) return;
   if (found_inf != nullptr && *found_inf != 0.0f) return;
   const float inv = grad_scale != nullptr ? 1.0f / *grad_scale : 1.0f;
   const double step = static_cast<double>(steps[c.t]) + 1.0;  // steps are advanced by a later kernel
-  const float decay = static_cast<float>(1.0 - static_cast<double>(lr) * h.wd);
-  const float step_size = static_cast<float>(static_cast<double>(lr) / (1.0 - pow(static_cast<double>(h.beta1), step)));
-  const float bc2_sqrt = static_cast<float>(sqrt(1.0 - pow(static_cast<double>(h.beta2), step)));
+  const C w1 = C(1.0 - h.beta1);
+  const AdamC<C> k{C(h.maximize != 0.0 ? -inv : inv),
+                   C(1.0 - lr * h.wd),
+                   w1,
+                   C(1) - w1,
+                   C(h.beta2),
+                   C(1.0 - h.beta2),
+                   C(h.eps),
+                   C(lr / (1.0 - pow(h.beta1, step))),
+                   C(sqrt(1.0 - pow(h.beta2, step))),
+                   !(fabs(static_cast<double>(w1)) < 0.5)};
   P* p = reinterpret_cast<P*>(tables[n + c.t]) + c.start;
   const P* g = reinterpret_cast<const P*>(tables[2 * n + c.t]) + c.start;
-  float* em = reinterpret_cast<float*>(tables[3 * n + c.t]) + c.start;
-  float* ev = reinterpret_cast<float*>(tables[4 * n + c.t]) + c.start;
-  const uint8_t* mask = tables[5 * n + c.t] ? reinterpret_cast<const uint8_t*>(tables[5 * n + c.t]) + c.start : nullptr;
+  C* em = reinterpret_cast<C*>(tables[3 * n + c.t]) + c.start;
+  C* ev = reinterpret_cast<C*>(tables[4 * n + c.t]) + c.start;
+  C* emx = (h.amsgrad != 0.0 && tables[5 * n + c.t]) ? reinterpret_cast<C*>(tables[5 * n + c.t]) + c.start : nullptr;
+  const uint8_t* mask = tables[6 * n + c.t] ? reinterpret_cast<const uint8_t*>(tables[6 * n + c.t]) + c.start : nullptr;
   const bool has_mask = mask != nullptr;
-  const bool vec = aligned(p, sizeof(P) * kVec) && aligned(g, sizeof(P) * kVec) && aligned(em, 4 * kVec) &&
-                   aligned(ev, 4 * kVec) && (mask == nullptr || aligned(mask, kVec));
+  const bool vec = aligned(p, sizeof(P) * kVec) && aligned(g, sizeof(P) * kVec) && aligned(em, sizeof(C) * kVec) &&
+                   aligned(ev, sizeof(C) * kVec) && (emx == nullptr || aligned(emx, sizeof(C) * kVec)) &&
+                   (mask == nullptr || aligned(mask, kVec));
   int64_t done = 0;
   if (vec) {
     const int64_t nv = c.len / kVec;
     for (int64_t v = threadIdx.x; v < nv; v += kThreads) {
       const int64_t i = v * kVec;
       P pv[kVec], gv[kVec];
-      float mv[kVec], vv[kVec];
+      C mv[kVec], vv[kVec], xv[kVec] = {C(0), C(0), C(0), C(0)};
       uint8_t kv[kVec] = {1, 1, 1, 1};
       load_vec(pv, p, i);
       load_vec(gv, g, i);
       load_vec(mv, em, i);
       load_vec(vv, ev, i);
+      if (emx) load_vec(xv, emx, i);
       if (has_mask) load_vec(kv, mask, i);
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) adam_elem(pv[k], gv[k], mv[k], vv[k], kv[k], has_mask, inv, h, decay, step_size, bc2_sqrt);
+      for (int q = 0; q < kVec; ++q)
+        adam_elem(pv[q], gv[q], mv[q], vv[q], emx ? &xv[q] : static_cast<C*>(nullptr), kv[q], has_mask, k);
       store_vec(p, i, pv);
       store_vec(em, i, mv);
       store_vec(ev, i, vv);
+      if (emx) store_vec(emx, i, xv);
     }
     done = nv * kVec;
   }
   for (int64_t i = done + threadIdx.x; i < c.len; i += kThreads) {
     P pv = p[i];
-    float mm = em[i], vv = ev[i];
-    adam_elem(pv, g[i], mm, vv, has_mask ? mask[i] : uint8_t(1), has_mask, inv, h, decay, step_size, bc2_sqrt);
+    C mm = em[i], vv = ev[i], xx = emx ? emx[i] : C(0);
+    adam_elem(pv, g[i], mm, vv, emx ? &xx : static_cast<C*>(nullptr), has_mask ? mask[i] : uint8_t(1), has_mask, k);
     p[i] = pv;
     em[i] = mm;
     ev[i] = vv;
+    if (emx) emx[i] = xx;
   }
 }
 
-__global__ void advance_steps_kernel(int64_t n, const int64_t* __restrict__ tables, const float* __restrict__ lrs,
-                                     float* steps, const AdamH* __restrict__ hyper, const float* found_inf) {
+// every tensor that is stepped advances, empty ones included (as in torch)
+__global__ void advance_steps_kernel(int64_t n, const double* __restrict__ lrs, float* steps,
+                                     const AdamH* __restrict__ hyper, const float* found_inf) {
   const int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (t >= n) return;
   if (found_inf != nullptr && *found_inf != 0.0f) return;
-  if (tables[t] == 0 || (lrs[t] == 0.0f && hyper[t].wd == 0.0f)) return;
+  if (lrs[t] == 0.0 && hyper[t].wd == 0.0) return;
   steps[t] += 1.0f;
 }
 
@@ -238,8 +293,6 @@ sqdiff_kernel(int64_t n, int64_t nchunks, const int64_t* __restrict__ tables, do
   }
   if (threadIdx.x == 0) partial[blockIdx.x] = red[0];
 }
-__device__ __forceinline__ double to_f(double x) { return x; }
-
 template <>
 __global__ void __launch_bounds__(kThreads)
 sqdiff_kernel<double>(int64_t n, int64_t nchunks, const int64_t* __restrict__ tables, double* __restrict__ partial) {
@@ -280,28 +333,30 @@ __global__ void sum_partials_kernel(int64_t n, int64_t nchunks, const int64_t* _
 
 int64_t optim_chunk_size() { return kChunk; }
 
-void launch_layerwise_sgd_step(int64_t n, int64_t nchunks, const int64_t* tables, const float* lrs,
-                               const float* hyper, int pdtype, const float* grad_scale,
+void launch_layerwise_sgd_step(int64_t n, int64_t nchunks, const int64_t* tables, const double* lrs,
+                               const double* hyper, int pdtype, const float* grad_scale,
                                const float* found_inf, cudaStream_t stream) {
   if (nchunks <= 0) return;
   const SgdH* h = reinterpret_cast<const SgdH*>(hyper);
   const dim3 grid(static_cast<unsigned>(nchunks));
   switch (pdtype) {
     case kF32: sgd_kernel<float><<<grid, kThreads, 0, stream>>>(n, nchunks, tables, lrs, h, grad_scale, found_inf); break;
+    case kF64: sgd_kernel<double><<<grid, kThreads, 0, stream>>>(n, nchunks, tables, lrs, h, grad_scale, found_inf); break;
     case kF16: sgd_kernel<__half><<<grid, kThreads, 0, stream>>>(n, nchunks, tables, lrs, h, grad_scale, found_inf); break;
     case kBF16: sgd_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(n, nchunks, tables, lrs, h, grad_scale, found_inf); break;
     default: break;
   }
 }
 
-void launch_layerwise_adamw_step(int64_t n, int64_t nchunks, const int64_t* tables, const float* lrs,
-                                 float* steps, const float* hyper, int pdtype, const float* grad_scale,
+void launch_layerwise_adamw_step(int64_t n, int64_t nchunks, const int64_t* tables, const double* lrs,
+                                 float* steps, const double* hyper, int pdtype, const float* grad_scale,
                                  const float* found_inf, cudaStream_t stream) {
   const AdamH* h = reinterpret_cast<const AdamH*>(hyper);
   if (nchunks > 0) {
     const dim3 grid(static_cast<unsigned>(nchunks));
     switch (pdtype) {
       case kF32: adamw_kernel<float><<<grid, kThreads, 0, stream>>>(n, nchunks, tables, lrs, steps, h, grad_scale, found_inf); break;
+      case kF64: adamw_kernel<double><<<grid, kThreads, 0, stream>>>(n, nchunks, tables, lrs, steps, h, grad_scale, found_inf); break;
       case kF16: adamw_kernel<__half><<<grid, kThreads, 0, stream>>>(n, nchunks, tables, lrs, steps, h, grad_scale, found_inf); break;
       case kBF16: adamw_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(n, nchunks, tables, lrs, steps, h, grad_scale, found_inf); break;
       default: break;
@@ -309,7 +364,7 @@ void launch_layerwise_adamw_step(int64_t n, int64_t nchunks, const int64_t* tabl
   }
   if (n > 0) {
     const unsigned blocks = static_cast<unsigned>((n + 255) / 256);
-    advance_steps_kernel<<<blocks, 256, 0, stream>>>(n, tables, lrs, steps, h, found_inf);
+    advance_steps_kernel<<<blocks, 256, 0, stream>>>(n, lrs, steps, h, found_inf);
   }
 }
 

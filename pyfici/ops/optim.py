@@ -3,15 +3,19 @@
 ``layerwise_sgd_step_`` / ``layerwise_adamw_step_`` update many tensors in one
 pass over memory: each tensor has its own learning rate (``lrs``, a tensor on
 the params' device, so changing it needs no recompile, host sync or graph
-recapture) and optionally its own momentum / weight decay / betas, an optional
-pruning mask (Apex ASP semantics: the gradient is multiplied by the mask, the
-usual step is taken, the param is multiplied by the mask, so a pruned weight
-stays exactly zero), and AMP ``grad_scale`` / ``found_inf`` handled inside the
+recapture) and optionally its own momentum / weight decay / betas / maximize /
+amsgrad, an optional pruning mask (Apex ASP semantics: the gradient is zeroed
+where the mask is 0, the usual step is taken, the param is zeroed there, so a
+pruned weight stays exactly zero), and AMP ``grad_scale`` / ``found_inf`` handled inside the
 kernel without a host sync. A tensor whose lr is 0 and whose weight decay is 0
 is frozen: its memory is not touched at all (nor its optimizer state).
 
 ``weight_variation(params, snapshots)`` gives each tensor's sum of squared
 differences in one fused pass (what AutoLR measures every epoch).
+
+float32 / float16 / bfloat16 params step in float32 math with float32 state;
+float64 params in float64 math with float64 state. Any dense layout works
+(param, grad and state sharing strides are one flat buffer to the kernels).
 
 Backends: ``cpu`` (C++/OpenMP over chunks of all tensors, csrc/cpu/optim.cpp),
 ``cuda`` (multi-tensor apply with a device chunk table, kernels/cuda/optim.cu),
@@ -31,14 +35,55 @@ from pyfici import _native
 from pyfici.ops import reference
 from pyfici.ops._backend import choose_backend
 
-PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+PARAM_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 MASK_DTYPES = (torch.bool, torch.uint8)
 SGD_HYPER_COLS = 6
-ADAMW_HYPER_COLS = 4
+ADAMW_HYPER_COLS = 6
 
 # ---------------------------------------------------------------------------
 # helpers shared by the ops and pyfici.optim
 # ---------------------------------------------------------------------------
+
+
+def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    """dtype of the optimizer state (and of the step math) for params of ``param_dtype``:
+    float64 for float64 params, float32 for float32 / float16 / bfloat16."""
+    return torch.float64 if param_dtype == torch.float64 else torch.float32
+
+
+def is_dense(t: torch.Tensor) -> bool:
+    """True when ``t``'s elements fill ``numel`` consecutive slots from ``data_ptr()``
+    without overlap (any permutation of a contiguous layout: channels_last, a transpose...).
+    Such a tensor is one flat buffer to the kernels."""
+    if t.is_contiguous() or t.numel() <= 1:
+        return True
+    expect = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
+        if stride != expect:
+            return False
+        expect *= size
+    return True
+
+
+def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape and the same strides wherever a dimension has more than one element, so
+    element k of one flat buffer is element k of the other."""
+    if a.shape != b.shape:
+        return False
+    if a.stride() == b.stride():
+        return True
+    return all(sa == sb for sz, sa, sb in zip(a.shape, a.stride(), b.stride()) if sz > 1)
+
+
+def in_layout_of(t: torch.Tensor, p: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``t`` (cast to ``dtype``) with ``p``'s memory layout: ``t`` itself when it already
+    has it, else a copy (``p`` must be dense)."""
+    dtype = t.dtype if dtype is None else dtype
+    if t.dtype == dtype and same_layout(t, p):
+        return t
+    out = torch.empty_like(p, dtype=dtype)  # empty_like keeps a dense tensor's strides
+    out.copy_(t)
+    return out
 
 
 def _per_tensor(name: str, value, n: int, *, finite: bool = True) -> list[float]:
@@ -63,8 +108,10 @@ def _per_tensor(name: str, value, n: int, *, finite: bool = True) -> list[float]
     return vals
 
 
-def sgd_hyper(n: int, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, init_momentum=False) -> torch.Tensor:
-    """Per-tensor SGD table float32 [n, 6] (CPU); see pyfici.ops.reference for the columns.
+def sgd_hyper(n: int, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, init_momentum=False,
+              maximize=False) -> torch.Tensor:
+    """Per-tensor SGD table float64 [n, 6] (CPU): weight_decay, momentum, dampening,
+    nesterov, init_momentum, maximize (flags as 0 / 1).
 
     Each argument is a scalar or a length-n sequence. ``init_momentum`` marks
     tensors whose momentum buffer does not exist yet (torch's first step: the
@@ -75,27 +122,30 @@ def sgd_hyper(n: int, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=
     nest = _per_tensor("nesterov", nesterov, n)
     wd = _per_tensor("weight_decay", weight_decay, n)
     init = _per_tensor("init_momentum", init_momentum, n)
+    maxi = _per_tensor("maximize", maximize, n)
     rows = []
     for i in range(n):
-        m, d, ne, w, first = mom[i], damp[i], nest[i] != 0, wd[i], init[i] != 0
+        m, d, ne, w = mom[i], damp[i], nest[i] != 0, wd[i]
         if m < 0:
             raise ValueError(f"momentum: must be >= 0, got {m} (tensor {i})")
         if w < 0:
             raise ValueError(f"weight_decay: must be >= 0, got {w} (tensor {i})")
         if ne and (m <= 0 or d != 0):
             raise ValueError(f"nesterov: needs momentum > 0 and dampening == 0 (tensor {i}: momentum {m}, dampening {d})")
-        c_buf, c_grad = (0.0, 1.0) if first else (m, 1.0 - d)
-        c_dg, c_db = (1.0, m) if ne else (0.0, 1.0)
-        rows.append((w, m, c_buf, c_grad, c_dg, c_db))
-    return torch.tensor(rows, dtype=torch.float32).reshape(n, SGD_HYPER_COLS)
+        rows.append((w, m, d, float(ne), float(init[i] != 0), float(maxi[i] != 0)))
+    return torch.tensor(rows, dtype=torch.float64).reshape(n, SGD_HYPER_COLS)
 
 
-def adamw_hyper(n: int, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2) -> torch.Tensor:
-    """Per-tensor AdamW table float32 [n, 4] (CPU): beta1, beta2, eps, weight_decay."""
+def adamw_hyper(n: int, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2, amsgrad=False,
+                maximize=False) -> torch.Tensor:
+    """Per-tensor AdamW table float64 [n, 6] (CPU): beta1, beta2, eps, weight_decay,
+    amsgrad, maximize (flags as 0 / 1)."""
     b1 = _per_tensor("beta1", beta1, n)
     b2 = _per_tensor("beta2", beta2, n)
     e = _per_tensor("eps", eps, n)
     wd = _per_tensor("weight_decay", weight_decay, n)
+    ams = _per_tensor("amsgrad", amsgrad, n)
+    maxi = _per_tensor("maximize", maximize, n)
     for i in range(n):
         if not 0.0 <= b1[i] < 1.0:
             raise ValueError(f"beta1: must be in [0, 1), got {b1[i]} (tensor {i})")
@@ -105,7 +155,8 @@ def adamw_hyper(n: int, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2) -> 
             raise ValueError(f"eps: must be >= 0, got {e[i]} (tensor {i})")
         if wd[i] < 0:
             raise ValueError(f"weight_decay: must be >= 0, got {wd[i]} (tensor {i})")
-    return torch.tensor(list(zip(b1, b2, e, wd)), dtype=torch.float32).reshape(n, ADAMW_HYPER_COLS)
+    rows = [(b1[i], b2[i], e[i], wd[i], float(ams[i] != 0), float(maxi[i] != 0)) for i in range(n)]
+    return torch.tensor(rows, dtype=torch.float64).reshape(n, ADAMW_HYPER_COLS)
 
 
 def _ptr(t: torch.Tensor | None) -> int:
@@ -168,8 +219,10 @@ def sgd_plan(params, momentum_buffers, hyper, masks) -> StepPlan:
     return StepPlan(params, [[b.data_ptr() if m != 0 else 0 for b, m in zip(momentum_buffers, mom)]], masks, hyper)
 
 
-def adamw_plan(params, exp_avgs, exp_avg_sqs, hyper, masks) -> StepPlan:
-    return StepPlan(params, [list(_ptrs(exp_avgs)), list(_ptrs(exp_avg_sqs))], masks, hyper)
+def adamw_plan(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, hyper, masks) -> StepPlan:
+    ams = hyper[:, 4].tolist()
+    return StepPlan(params, [list(_ptrs(exp_avgs)), list(_ptrs(exp_avg_sqs)),
+                             [_ptr(v) if a != 0 else 0 for v, a in zip(max_exp_avg_sqs, ams)]], masks, hyper)
 
 
 def _cuda_tables(meta: torch.Tensor, device: torch.device, chunks: tuple[np.ndarray, np.ndarray]) -> tuple[torch.Tensor, int]:
@@ -215,8 +268,9 @@ def _check_params(params: list[torch.Tensor]) -> tuple[torch.device, torch.dtype
             raise TypeError(f"params[{i}]: all params must have one dtype ({dt}), got {p.dtype}; call once per dtype")
         if p.device != dev:
             raise ValueError(f"params[{i}]: all params must be on one device ({dev}), got {p.device}")
-        if not p.is_contiguous():
-            raise ValueError(f"params[{i}]: must be contiguous (shape {tuple(p.shape)}, stride {p.stride()})")
+        if not is_dense(p):
+            raise ValueError(f"params[{i}]: must be dense and non-overlapping (any dimension order, no gaps), "
+                             f"got shape {tuple(p.shape)} stride {p.stride()}")
     return dev, dt
 
 
@@ -233,17 +287,18 @@ def _check_like(name: str, ts: list, params: list[torch.Tensor], dtypes, *, inpl
         want = [p.dtype] if dtypes is None else dtypes
         if t.dtype not in want:
             raise TypeError(f"{name}[{i}]: expected dtype in {[str(d) for d in want]}, got {t.dtype}")
-        if not t.is_contiguous():
+        if not same_layout(t, p):
             if inplace:
-                raise ValueError(f"{name}[{i}]: must be contiguous (it is updated in place)")
-            t = t.contiguous()
+                raise ValueError(f"{name}[{i}]: must have its param's memory layout (it is updated in place): "
+                                 f"param stride {p.stride()}, got {t.stride()}")
+            t = in_layout_of(t, p)
         out.append(t)
     return out
 
 
 def _check_lrs(lrs, n: int, dev: torch.device) -> torch.Tensor:
     if not isinstance(lrs, torch.Tensor):
-        lrs = torch.tensor(_per_tensor("lrs", lrs, n), dtype=torch.float32)
+        lrs = torch.tensor(_per_tensor("lrs", lrs, n), dtype=torch.float64)
     if lrs.dim() != 1 or lrs.shape[0] != n:
         raise ValueError(f"lrs: expected a 1-d tensor of {n} learning rates (one per param), got shape {tuple(lrs.shape)}")
     if not lrs.is_floating_point():
@@ -255,8 +310,8 @@ def _check_lrs(lrs, n: int, dev: torch.device) -> torch.Tensor:
     if lrs.device != dev:
         if lrs.device.type != "cpu":
             raise ValueError(f"lrs: expected device {dev} (the params') or cpu, got {lrs.device}")
-        lrs = lrs.to(torch.float32).to(dev, non_blocking=True)
-    return lrs.to(torch.float32).contiguous()
+        lrs = lrs.to(torch.float64).to(dev, non_blocking=True)
+    return lrs.to(torch.float64).contiguous()
 
 
 def _check_scalar(name: str, t: torch.Tensor | None, dev: torch.device) -> torch.Tensor | None:
@@ -346,6 +401,10 @@ def sgd_step_packed(params, grads, momentum_buffers, lrs, hyper, masks, grad_sca
     _bump_versions(params + momentum_buffers)
 
 
+def _check_state(name: str, ts, params, dt: torch.dtype, skip=None) -> list:
+    return _check_like(name, ts, params, [state_dtype(dt)], inplace=True, skip=skip)
+
+
 def layerwise_sgd_step_(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
@@ -356,6 +415,7 @@ def layerwise_sgd_step_(
     dampening=0.0,
     nesterov=False,
     weight_decay=0.0,
+    maximize=False,
     masks: Sequence[torch.Tensor | None] | None = None,
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
@@ -364,37 +424,42 @@ def layerwise_sgd_step_(
 ) -> None:
     """One SGD step (torch.optim.SGD semantics) over n tensors, in place, in one pass.
 
-    params: n contiguous tensors of one dtype (float32, float16 or bfloat16) on one device.
-    grads: n tensors, each the shape and dtype of its param (read only, never modified).
-    momentum_buffers: n float32 tensors of the params' shapes (updated in place); an entry
-        is ignored where that tensor's momentum is 0, and the list may be None when every
-        momentum is 0.
+    params: n dense tensors of one dtype (float32, float64, float16 or bfloat16) on one
+        device; any non-overlapping layout without gaps (contiguous, channels_last, a
+        transpose) is one flat buffer to the kernels.
+    grads: n tensors, each the shape and dtype of its param (read only, never modified);
+        one with another memory layout than its param is copied into the param's.
+    momentum_buffers: n tensors of the params' shapes and memory layouts, float64 for
+        float64 params, float32 otherwise (updated in place); an entry is ignored where
+        that tensor's momentum is 0, and the list may be None when every momentum is 0.
     lrs: float tensor [n] (on the params' device; a CPU tensor or a sequence is copied
-        there without a host sync), one learning rate per tensor.
-    momentum, dampening, weight_decay: float or n floats; nesterov: bool or n bools.
+        there without a host sync), one learning rate per tensor; used as float64.
+    momentum, dampening, weight_decay: float or n floats; nesterov, maximize: bool or n bools.
     masks: None, or n entries each None or a bool/uint8 tensor of the param's shape:
-        g *= mask before the step, p *= mask after it (Apex ASP).
+        the gradient is zeroed where the mask is 0 before the step and the param after it
+        (Apex ASP; a pruned weight stays exactly 0 whatever its gradient).
     grad_scale, found_inf: float32 one-element tensors on the params' device (as from
-        torch.amp.GradScaler): grads are divided by grad_scale, and nothing is updated
-        when found_inf != 0; no host synchronisation.
+        torch.amp.GradScaler): grads are multiplied by 1 / grad_scale, and nothing is
+        updated when found_inf != 0; no host synchronisation.
     init_momentum: bool or n bools: the buffer does not exist yet (torch's first step:
         buf = g instead of momentum * buf + (1 - dampening) * g).
 
-    A tensor with lr == 0 and weight_decay == 0 is not touched (nor its buffer).
+    Math is float64 for float64 params, float32 otherwise. A tensor with lr == 0 and
+    weight_decay == 0 is not touched (nor its buffer).
     """
     params = _as_list("params", params)
     n = len(params)
     grads = _as_list("grads", grads, n)
-    dev, _ = _check_params(params)
-    hyper = sgd_hyper(n, momentum, dampening, nesterov, weight_decay, init_momentum)
+    dev, dt = _check_params(params)
+    hyper = sgd_hyper(n, momentum, dampening, nesterov, weight_decay, init_momentum, maximize)
     no_mom = [m == 0 for m in hyper[:, 1].tolist()]
     if momentum_buffers is None:
         if not all(no_mom):
-            raise ValueError("momentum_buffers: required (n float32 tensors) when momentum != 0")
+            raise ValueError("momentum_buffers: required (n tensors) when momentum != 0")
         momentum_buffers = [torch.empty(0, device=dev)] * n
     momentum_buffers = _as_list("momentum_buffers", momentum_buffers, n)
     grads = _check_like("grads", grads, params, None, inplace=False)
-    momentum_buffers = _check_like("momentum_buffers", momentum_buffers, params, [torch.float32], inplace=True, skip=no_mom)
+    momentum_buffers = _check_state("momentum_buffers", momentum_buffers, params, dt, skip=no_mom)
     masks = [None] * n if masks is None else _as_list("masks", masks, n, optional_items=True)
     masks = _check_like("masks", masks, params, list(MASK_DTYPES), inplace=False)
     lrs = _check_lrs(lrs, n, dev)
@@ -409,17 +474,19 @@ def layerwise_sgd_step_(
 # ---------------------------------------------------------------------------
 
 
-def _adamw_impl(params, grads, exp_avgs, exp_avg_sqs, lrs, steps, hyper, masks, grad_scale, found_inf, backend,
-                plan=None) -> None:
+def _adamw_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lrs, steps, hyper, masks, grad_scale,
+                found_inf, backend, plan=None) -> None:
     n = len(params)
     if n == 0:
         return
     if backend == "torch":
-        return reference.layerwise_adamw_step_(params, grads, exp_avgs, exp_avg_sqs, lrs, steps, hyper.cpu(), masks, grad_scale, found_inf)
+        return reference.layerwise_adamw_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lrs, steps,
+                                               hyper.cpu(), masks, grad_scale, found_inf)
     if backend == "triton":
-        return _triton().layerwise_adamw_step_(params, grads, exp_avgs, exp_avg_sqs, lrs, steps, hyper, masks, grad_scale, found_inf)
+        return _triton().layerwise_adamw_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lrs, steps,
+                                               hyper, masks, grad_scale, found_inf)
     if plan is None:
-        plan = adamw_plan(params, exp_avgs, exp_avg_sqs, hyper, masks)
+        plan = adamw_plan(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, hyper, masks)
     meta = plan.meta(params, grads)
     code = _native.DTYPE_CODES[params[0].dtype]
     if backend == "cpu":
@@ -435,12 +502,14 @@ def _adamw_impl(params, grads, exp_avgs, exp_avg_sqs, lrs, steps, hyper, masks, 
             _scalar_ptr(grad_scale), _scalar_ptr(found_inf), _native.stream_ptr(dev))
 
 
-@torch.library.custom_op("pyfici::layerwise_adamw_step_", mutates_args=("params", "exp_avgs", "exp_avg_sqs", "steps"))
+@torch.library.custom_op("pyfici::layerwise_adamw_step_",
+                         mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps"))
 def _adamw_op(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
     exp_avgs: list[torch.Tensor],
     exp_avg_sqs: list[torch.Tensor],
+    max_exp_avg_sqs: list[torch.Tensor],
     lrs: torch.Tensor,
     steps: torch.Tensor,
     hyper: torch.Tensor,
@@ -449,21 +518,24 @@ def _adamw_op(
     found_inf: torch.Tensor | None,
     backend: str,
 ) -> None:
-    _adamw_impl(params, grads, exp_avgs, exp_avg_sqs, lrs, steps, hyper, masks, grad_scale, found_inf, backend)
+    _adamw_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lrs, steps, hyper, masks, grad_scale,
+                found_inf, backend)
 
 
 @_adamw_op.register_fake
-def _(params, grads, exp_avgs, exp_avg_sqs, lrs, steps, hyper, masks, grad_scale, found_inf, backend):
+def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lrs, steps, hyper, masks, grad_scale, found_inf, backend):
     return None
 
 
-def adamw_step_packed(params, grads, exp_avgs, exp_avg_sqs, lrs, steps, hyper, masks, grad_scale, found_inf, backend,
-                      plan: StepPlan | None = None) -> None:
+def adamw_step_packed(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lrs, steps, hyper, masks, grad_scale,
+                      found_inf, backend, plan: StepPlan | None = None) -> None:
     """Entry for pyfici.optim; see :func:`sgd_step_packed`."""
     if torch.compiler.is_compiling():
-        return _adamw_op(params, grads, exp_avgs, exp_avg_sqs, lrs, steps, hyper, masks, grad_scale, found_inf, backend)
-    _adamw_impl(params, grads, exp_avgs, exp_avg_sqs, lrs, steps, hyper, masks, grad_scale, found_inf, backend, plan)
-    _bump_versions(params + exp_avgs + exp_avg_sqs + [steps])
+        return _adamw_op(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lrs, steps, hyper, masks,
+                         grad_scale, found_inf, backend)
+    _adamw_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lrs, steps, hyper, masks, grad_scale,
+                found_inf, backend, plan)
+    _bump_versions(params + exp_avgs + exp_avg_sqs + [t for t in max_exp_avg_sqs if t.numel()] + [steps])
 
 
 def layerwise_adamw_step_(
@@ -478,18 +550,26 @@ def layerwise_adamw_step_(
     beta2=0.999,
     eps=1e-8,
     weight_decay=1e-2,
+    amsgrad=False,
+    max_exp_avg_sqs: Sequence[torch.Tensor] | None = None,
+    maximize=False,
     masks: Sequence[torch.Tensor | None] | None = None,
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> None:
-    """One AdamW step (torch.optim.AdamW semantics, amsgrad=False) over n tensors, in place.
+    """One AdamW step (torch.optim.AdamW semantics) over n tensors, in place.
 
-    params / grads / masks / lrs / grad_scale / found_inf: as in :func:`layerwise_sgd_step_`.
-    exp_avgs, exp_avg_sqs: n float32 tensors of the params' shapes (updated in place).
+    params / grads / masks / lrs / maximize / grad_scale / found_inf: as in
+    :func:`layerwise_sgd_step_`.
+    exp_avgs, exp_avg_sqs: n tensors of the params' shapes and layouts (float64 for
+        float64 params, float32 otherwise), updated in place.
     steps: float32 tensor [n] on the params' device, each tensor's step count so far; it is
         incremented for every tensor that is stepped (bias corrections use the new count).
     beta1, beta2, eps, weight_decay: float or n floats (decoupled weight decay).
+    amsgrad: bool or n bools; max_exp_avg_sqs: n state tensors like exp_avg_sqs (the running
+        maximum of exp_avg_sq, updated in place), required when any amsgrad is on; an entry
+        is ignored where amsgrad is off.
     A tensor with lr == 0 and weight_decay == 0 is not touched (nor its state or step).
     """
     params = _as_list("params", params)
@@ -497,11 +577,18 @@ def layerwise_adamw_step_(
     grads = _as_list("grads", grads, n)
     exp_avgs = _as_list("exp_avgs", exp_avgs, n)
     exp_avg_sqs = _as_list("exp_avg_sqs", exp_avg_sqs, n)
-    dev, _ = _check_params(params)
-    hyper = adamw_hyper(n, beta1, beta2, eps, weight_decay)
+    dev, dt = _check_params(params)
+    hyper = adamw_hyper(n, beta1, beta2, eps, weight_decay, amsgrad, maximize)
+    no_ams = [a == 0 for a in hyper[:, 4].tolist()]
+    if max_exp_avg_sqs is None:
+        if not all(no_ams):
+            raise ValueError("max_exp_avg_sqs: required (n tensors) when amsgrad is on")
+        max_exp_avg_sqs = [torch.empty(0, device=dev)] * n
+    max_exp_avg_sqs = _as_list("max_exp_avg_sqs", max_exp_avg_sqs, n)
     grads = _check_like("grads", grads, params, None, inplace=False)
-    exp_avgs = _check_like("exp_avgs", exp_avgs, params, [torch.float32], inplace=True)
-    exp_avg_sqs = _check_like("exp_avg_sqs", exp_avg_sqs, params, [torch.float32], inplace=True)
+    exp_avgs = _check_state("exp_avgs", exp_avgs, params, dt)
+    exp_avg_sqs = _check_state("exp_avg_sqs", exp_avg_sqs, params, dt)
+    max_exp_avg_sqs = _check_state("max_exp_avg_sqs", max_exp_avg_sqs, params, dt, skip=no_ams)
     masks = [None] * n if masks is None else _as_list("masks", masks, n, optional_items=True)
     masks = _check_like("masks", masks, params, list(MASK_DTYPES), inplace=False)
     lrs = _check_lrs(lrs, n, dev)
@@ -513,7 +600,7 @@ def layerwise_adamw_step_(
     grad_scale = _check_scalar("grad_scale", grad_scale, dev)
     found_inf = _check_scalar("found_inf", found_inf, dev)
     be = choose_backend("layerwise_adamw_step_", dev, backend, cuda_default="cuda")
-    _adamw_op(params, grads, exp_avgs, exp_avg_sqs, lrs, steps, hyper, masks, grad_scale, found_inf, be)
+    _adamw_op(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lrs, steps, hyper, masks, grad_scale, found_inf, be)
 
 
 # ---------------------------------------------------------------------------
@@ -565,7 +652,8 @@ def weight_variation(params: Sequence[torch.Tensor], snapshots: Sequence[torch.T
     """Per-tensor sum of squared differences ``sum((p - s)**2)`` -> Tensor [len(params)].
 
     params, snapshots: equal-length lists; each snapshot has its param's shape and dtype
-    (any floating dtype) and device. Output float64 if any param is float64, else float32,
+    (any floating dtype) and device, in any memory layout (one that differs from its
+    param's is copied into the param's; a param that is not dense is copied). Output float64 if any param is float64, else float32,
     on the params' device; accumulated in float64 (cpu, cuda) or float32 (triton).
     Deterministic. An empty list gives an empty float32 CPU tensor.
     """
@@ -580,7 +668,7 @@ def weight_variation(params: Sequence[torch.Tensor], snapshots: Sequence[torch.T
             raise TypeError(f"params[{i}]: expected a floating point tensor, got {p.dtype}")
         if p.device != dev:
             raise ValueError(f"params[{i}]: all params must be on one device ({dev}), got {p.device}")
-    params = [p.contiguous() for p in params]
+    params = [p if is_dense(p) else p.contiguous() for p in params]
     snapshots = _check_like("snapshots", snapshots, params, None, inplace=False)
     be = choose_backend("weight_variation", dev, backend, cuda_default="cuda")
     return _weight_variation_op(params, snapshots, be)

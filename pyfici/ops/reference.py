@@ -94,18 +94,42 @@ def reid_rank_stats(
 # ---------------------------------------------------------------------------
 # family 2: fused layer-wise optimizer steps with pruning masks, weight variation
 # ---------------------------------------------------------------------------
-# Per-tensor hyper-parameter tables (float32 rows, one per tensor), shared by
+# Per-tensor hyper-parameter tables (float64 rows, one per tensor), shared by
 # every backend of pyfici.ops.optim:
-#   SGD   [n, 6]: weight_decay, momentum, c_buf, c_grad, c_dir_grad, c_dir_buf
-#         buf <- c_buf * buf + c_grad * g          (c_buf = 0, c_grad = 1 on the first step)
-#         d   <- c_dir_grad * g + c_dir_buf * buf  (nesterov: 1, momentum; else 0, 1)
-#   AdamW [n, 4]: beta1, beta2, eps, weight_decay
+#   SGD   [n, 6]: weight_decay, momentum, dampening, nesterov, init_momentum, maximize
+#   AdamW [n, 6]: beta1, beta2, eps, weight_decay, amsgrad, maximize
+# Math (and optimizer state) is float64 for float64 params, float32 otherwise.
 
 
 def _skip_flag(found_inf: torch.Tensor | None, device: torch.device) -> torch.Tensor:
     if found_inf is None:
         return torch.zeros((), dtype=torch.bool, device=device)
     return found_inf.reshape(()).to(device) != 0
+
+
+def _math_dtype(p: torch.Tensor) -> torch.dtype:
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+def _step_grad(grad, p_shape, dt, grad_scale, maximize: bool, mask) -> torch.Tensor:
+    """grad / grad_scale (as the float32 reciprocal, like GradScaler), negated for
+    maximize, zero where the mask is 0 (a select: an inf/NaN grad of a pruned weight
+    is dropped, not multiplied by 0). An empty placeholder (a param without a gradient,
+    which the optimizers pass frozen: lr 0, weight decay 0) reads as zeros."""
+    g = grad.to(dt) if grad.shape == p_shape else torch.zeros(p_shape, dtype=dt, device=grad.device)
+    if grad_scale is not None:
+        g = g * torch.reciprocal(grad_scale.float().reshape(())).to(dt)
+    if maximize:
+        g = -g
+    if mask is not None:
+        g = torch.where(mask != 0, g, torch.zeros((), dtype=dt, device=g.device))
+    return g
+
+
+def _apply_mask(x: torch.Tensor, mask) -> torch.Tensor:
+    if mask is None:
+        return x
+    return torch.where(mask != 0, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def layerwise_sgd_step_(
@@ -118,39 +142,38 @@ def layerwise_sgd_step_(
     grad_scale: torch.Tensor | None,
     found_inf: torch.Tensor | None,
 ) -> None:
-    """SGD (torch.optim.SGD semantics) with Apex-ASP masking, tensor by tensor, fp32 math.
+    """SGD (torch.optim.SGD semantics, maximize included) with Apex-ASP masking, tensor by tensor.
 
-    g = grad / grad_scale; g *= mask; g += wd * p; buf = c_buf*buf + c_grad*g (if momentum);
-    d = c_dir_grad*g + c_dir_buf*buf (or g); p -= lr * d; p *= mask. Tensors with lr == 0
-    and wd == 0 are not touched; nothing is touched when found_inf != 0 (no host sync:
-    the new values are selected with torch.where).
+    g = grad / grad_scale; g = -g if maximize; g = 0 where mask == 0; g += wd * p;
+    buf = g (first step) or momentum * buf + (1 - dampening) * g; d = g + momentum * buf
+    (Nesterov) or buf (or g without momentum); p -= lr * d; p = 0 where mask == 0.
+    Tensors with lr == 0 and wd == 0 are not touched; nothing is touched when
+    found_inf != 0 (no host sync: the new values are selected with torch.where).
     """
     for i, p in enumerate(params):
         if p.numel() == 0:
             continue
-        wd, mom, cb, cg, cdg, cdb = (float(v) for v in hyper[i].tolist())
-        lr = lrs[i].float()
+        wd, mom, damp, nest, init, maximize = (float(v) for v in hyper[i].tolist())
+        if mom != 0 and momentum_buffers[i].shape != p.shape:
+            continue  # no buffer yet: the optimizers pass a param without a gradient this way, frozen
+        dt = _math_dtype(p)
+        lr = lrs[i].to(dt)
         skip = _skip_flag(found_inf, p.device) | ((lr == 0) & (wd == 0))
-        g = grads[i].float()
-        if grad_scale is not None:
-            g = g / grad_scale.float().reshape(())
         m = masks[i]
-        if m is not None:
-            g = g * m.to(g.dtype)
-        pf = p.float()
+        g = _step_grad(grads[i], p.shape, dt, grad_scale, maximize != 0, m)
+        pf = p.to(dt)
         if wd != 0:
-            g = g + wd * pf
+            g = g.add(pf, alpha=wd)
         if mom != 0:
             buf = momentum_buffers[i]
-            new_buf = cb * buf + cg * g
-            d = cdg * g + cdb * new_buf
+            new_buf = g.clone() if init != 0 else buf.mul(mom).add(g, alpha=1.0 - damp)
+            d = g.add(new_buf, alpha=mom) if nest != 0 else new_buf
             buf.copy_(torch.where(skip, buf, new_buf))
         else:
             d = g
-        new_p = pf - lr * d
-        if m is not None:
-            new_p = new_p * m.to(new_p.dtype)
+        new_p = _apply_mask(pf - lr * d, m)
         p.copy_(torch.where(skip, pf, new_p).to(p.dtype))
+
 
 
 def layerwise_adamw_step_(
@@ -158,6 +181,7 @@ def layerwise_adamw_step_(
     grads: list[torch.Tensor],
     exp_avgs: list[torch.Tensor],
     exp_avg_sqs: list[torch.Tensor],
+    max_exp_avg_sqs: list[torch.Tensor],
     lrs: torch.Tensor,
     steps: torch.Tensor,
     hyper: torch.Tensor,
@@ -165,36 +189,33 @@ def layerwise_adamw_step_(
     grad_scale: torch.Tensor | None,
     found_inf: torch.Tensor | None,
 ) -> None:
-    """AdamW (torch.optim.AdamW semantics, amsgrad=False) with Apex-ASP masking, fp32 math.
+    """AdamW (torch.optim.AdamW semantics, amsgrad and maximize included) with Apex-ASP masking.
 
     ``steps`` [n] float32 holds each tensor's step count; it is incremented for every
     tensor that is stepped (not frozen, no found_inf), and the bias corrections use the
-    incremented count.
+    incremented count. ``max_exp_avg_sqs[i]`` is read and written only where amsgrad is on.
     """
     for i, p in enumerate(params):
-        if p.numel() == 0:
-            continue
-        b1, b2, eps, wd = (float(v) for v in hyper[i].tolist())
+        b1, b2, eps, wd, ams, maximize = (float(v) for v in hyper[i].tolist())
+        dt = _math_dtype(p)
         lr = lrs[i].double()
         skip = _skip_flag(found_inf, p.device) | ((lr == 0) & (wd == 0))
         step = steps[i].double() + 1.0
-        g = grads[i].float()
-        if grad_scale is not None:
-            g = g / grad_scale.float().reshape(())
         m = masks[i]
-        if m is not None:
-            g = g * m.to(g.dtype)
-        pf = p.float()
-        new_p = pf * (1.0 - lr * wd).float()
+        g = _step_grad(grads[i], p.shape, dt, grad_scale, maximize != 0, m)
+        pf = p.to(dt)
+        new_p = pf * (1.0 - lr * wd).to(dt)
         ea = exp_avgs[i].lerp(g, 1.0 - b1)
-        eas = exp_avg_sqs[i] * b2 + (1.0 - b2) * g * g
+        eas = exp_avg_sqs[i].mul(b2).addcmul(g, g, value=1.0 - b2)
+        second = eas
+        if ams != 0:
+            second = torch.maximum(max_exp_avg_sqs[i], eas)
+            max_exp_avg_sqs[i].copy_(torch.where(skip, max_exp_avg_sqs[i], second))
         bc1 = 1.0 - b1**step
         bc2_sqrt = (1.0 - b2**step).sqrt()
-        step_size = (lr / bc1).float()
-        denom = eas.sqrt() / bc2_sqrt.float() + eps
-        new_p = new_p - step_size * ea / denom
-        if m is not None:
-            new_p = new_p * m.to(new_p.dtype)
+        step_size = (lr / bc1).to(dt)
+        denom = second.sqrt() / bc2_sqrt.to(dt) + eps
+        new_p = _apply_mask(new_p - step_size * (ea / denom), m)
         exp_avgs[i].copy_(torch.where(skip, exp_avgs[i], ea))
         exp_avg_sqs[i].copy_(torch.where(skip, exp_avg_sqs[i], eas))
         p.copy_(torch.where(skip, pf, new_p).to(p.dtype))
