@@ -1,12 +1,22 @@
-"""Loads the compiled modules ``pyfici._C`` (CPU) and ``pyfici._cuda`` (CUDA).
+"""Loads the compiled modules: the CPU kernels ``pyfici._C_<isa>`` and ``pyfici._cuda``.
 
 Neither links libtorch: functions take raw pointers (``tensor.data_ptr()``),
 sizes, dtype codes (:data:`DTYPE_CODES`) and, for CUDA, the caller's stream.
+
+The CPU kernels are built once per instruction-set level (``generic`` = x86-64,
+``avx2`` = x86-64-v3, ``avx512`` = x86-64-v4; only ``generic`` off x86). At import
+the generic module reports the running CPU's features and the best variant the
+CPU supports is imported; ``PYFICI_CPU_ISA=generic|avx2|avx512`` forces one (a
+choice the CPU cannot run, or that is not built, is refused with a clear error:
+an unsupported variant is never imported). :func:`cpu_module` returns the chosen
+module. See docs/cpu_dispatch.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import importlib.util
 import os
 
 import torch
@@ -17,6 +27,15 @@ REBUILD_HINT = (
     "to use the slow reference implementation"
 )
 
+ISA_ORDER = ("native", "avx512", "avx2", "generic")  # preference, best first
+_V3 = ("avx2", "fma", "bmi", "bmi2", "f16c", "movbe", "lzcnt")
+ISA_REQUIRES = {
+    "generic": (),
+    "avx2": _V3,
+    "avx512": _V3 + ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"),
+    "native": (),  # opt-in build (PYFICI_NATIVE_ARCH) for the build machine itself
+}
+
 
 def _load(name: str):
     try:
@@ -25,28 +44,113 @@ def _load(name: str):
         return None, str(e)
 
 
-_C, _C_ERROR = _load("_C")
+def built_isas() -> tuple[str, ...]:
+    """CPU variants present in this installation, best first."""
+    out = []
+    for isa in ISA_ORDER:
+        try:
+            if importlib.util.find_spec(f"pyfici._C_{isa}") is not None:
+                out.append(isa)
+        except (ImportError, ValueError):  # pragma: no cover
+            pass
+    return tuple(out)
+
+
+def supported_isas(features: dict, built: tuple[str, ...]) -> tuple[str, ...]:
+    """The built variants this CPU can run (features: the generic module's cpu_features())."""
+    return tuple(isa for isa in built if all(features.get(f, False) for f in ISA_REQUIRES[isa]))
+
+
+def select_isa(requested: str | None, features: dict, built: tuple[str, ...]) -> str:
+    """The variant to import: ``requested`` (PYFICI_CPU_ISA) if given and runnable, else
+    the best supported one. Raises ValueError with the reason otherwise."""
+    ok = supported_isas(features, built)
+    if requested:
+        if requested not in ISA_REQUIRES:
+            raise ValueError(f"PYFICI_CPU_ISA={requested!r} is not one of {tuple(ISA_REQUIRES)}")
+        if requested not in built:
+            raise ValueError(
+                f"PYFICI_CPU_ISA={requested}: pyfici._C_{requested} is not built (built: {', '.join(built) or 'none'})"
+            )
+        if requested not in ok:
+            missing = [f for f in ISA_REQUIRES[requested] if not features.get(f, False)]
+            raise ValueError(
+                f"PYFICI_CPU_ISA={requested}: this CPU cannot run it (missing {', '.join(missing)}); "
+                f"it supports {', '.join(ok) or 'none'}"
+            )
+        return requested
+    if not ok:
+        raise ValueError("no CPU variant of pyfici is built")
+    return ok[0]
+
+
+def _load_cpu():
+    """-> (module, isa, dtype codes, metric codes, built, supported, error)."""
+    built = built_isas()
+    if "generic" not in built:
+        return None, "", {}, {}, built, (), "pyfici._C_generic is not built"
+    generic, err = _load("_C_generic")
+    if generic is None:
+        return None, "", {}, {}, built, (), err
+    features = dict(generic.cpu_features())
+    supported = supported_isas(features, built)
+    dcodes, mcodes = dict(generic.DTYPE_CODES), dict(generic.METRIC_CODES)
+    try:
+        isa = select_isa(os.environ.get("PYFICI_CPU_ISA") or None, features, built)
+    except ValueError as e:
+        return None, "", dcodes, mcodes, built, supported, str(e)
+    mod, err = (generic, None) if isa == "generic" else _load(f"_C_{isa}")
+    return mod, isa if mod is not None else "", dcodes, mcodes, built, supported, err
+
+
+_C, CPU_ISA, _DTYPES, _METRICS, CPU_ISAS_BUILT, CPU_ISAS_SUPPORTED, _C_ERROR = _load_cpu()
 _cuda, _CUDA_ERROR = (None, "disabled by PYFICI_NO_CUDA") if os.environ.get("PYFICI_NO_CUDA") == "1" else _load("_cuda")
 
 
 def _code_tables():
     """DTYPE_CODES (torch dtype -> int) and METRIC_CODES (name -> int) from the native
-    module's table (csrc/codes.h); every native module exports the same one."""
-    mod = _C if _C is not None else _cuda
-    if mod is None:
-        return {}, {}
-    dtypes = {getattr(torch, name): code for name, code in mod.DTYPE_CODES.items()}
-    return dtypes, dict(mod.METRIC_CODES)
+    table (csrc/codes.h); every native module exports the same one."""
+    dt, mt = _DTYPES, _METRICS
+    if not dt and _cuda is not None:
+        dt, mt = dict(_cuda.DTYPE_CODES), dict(_cuda.METRIC_CODES)
+    return {getattr(torch, name): code for name, code in dt.items()}, dict(mt)
 
 
 DTYPE_CODES, METRIC_CODES = _code_tables()
 
 
+def cpu_error() -> str:
+    """Why the CPU module is unavailable ("" when it is loaded)."""
+    return "" if _C is not None else f"the CPU backend pyfici._C_<isa> is unavailable ({_C_ERROR})"
+
+
 def cpu_module():
-    """The CPU module, or a RuntimeError that says how to rebuild."""
+    """The CPU module of the chosen instruction-set variant, or a RuntimeError that
+    says why it is unavailable and how to rebuild."""
     if _C is None:
-        raise RuntimeError(f"pyfici._C (the CPU backend) is not built or failed to load ({_C_ERROR}); {REBUILD_HINT}")
+        raise RuntimeError(f"{cpu_error()}; {REBUILD_HINT}")
     return _C
+
+
+@contextlib.contextmanager
+def use_isa(isa: str):
+    """Run the CPU ops with the variant ``isa`` inside the block (tests use this to run
+    every variant the machine supports in one process). Refuses a variant the CPU
+    cannot run (ValueError), exactly as PYFICI_CPU_ISA does."""
+    global _C, CPU_ISA
+    generic, err = _load("_C_generic")
+    if generic is None:
+        raise RuntimeError(f"{cpu_error()}; {REBUILD_HINT}")
+    select_isa(isa, dict(generic.cpu_features()), CPU_ISAS_BUILT)
+    mod, err = _load(f"_C_{isa}")
+    if mod is None:
+        raise RuntimeError(f"pyfici._C_{isa} failed to load ({err})")
+    saved = (_C, CPU_ISA)
+    _C, CPU_ISA = mod, isa
+    try:
+        yield mod
+    finally:
+        _C, CPU_ISA = saved
 
 
 def cuda_module():
@@ -107,8 +211,11 @@ def info() -> dict:
     except Exception as e:
         d["triton"] = f"not importable ({type(e).__name__})"
     d["backend_cpu"] = (
-        f"built ({_C.__simd__}, {_C.__compiler__}, OpenMP max threads {_C.max_threads()})" if _C else f"missing: {_C_ERROR}"
+        f"built ({_C.__compiler__}, OpenMP max threads {_C.max_threads()})" if _C else f"missing: {_C_ERROR}"
     )
+    d["cpu_isa"] = CPU_ISA or "none"
+    d["cpu_isas_built"] = ", ".join(CPU_ISAS_BUILT) or "none"
+    d["cpu_isas_supported"] = ", ".join(CPU_ISAS_SUPPORTED) or "none"
     if _cuda is not None:
         d["backend_cuda"] = f"built (archs {_cuda.__archs__}, cudart {_cuda.runtime_version()})"
     else:

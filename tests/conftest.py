@@ -50,3 +50,23 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def device(request):
     return request.param
+
+
+def _cpu_isas():
+    from pyfici import _native
+
+    if os.environ.get("PYFICI_CPU_ISA"):
+        return [_native.CPU_ISA or "none"]
+    return list(_native.CPU_ISAS_SUPPORTED) or ["none"]
+
+
+@pytest.fixture(params=_cpu_isas())
+def cpu_isa(request):
+    """Runs a test once per CPU instruction-set variant this machine supports (generic,
+    avx2, avx512): the CPU ops call that variant inside the test."""
+    from pyfici import _native
+
+    if request.param == "none":
+        pytest.skip("no CPU variant of pyfici is built")
+    with _native.use_isa(request.param):
+        yield request.param

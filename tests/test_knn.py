@@ -111,6 +111,26 @@ def test_knn_all_identical_rows():
             assert torch.equal(i, ri), (be, metric)
 
 
+def test_knn_cpu_every_isa(cpu_isa):
+    """The cpu backend under each instruction-set variant the machine runs."""
+    from pyfici.deid import k_same
+
+    for metric in METRICS:
+        for dtype in (torch.float64, torch.float32):
+            for Q, G, D, k in SHAPES[:3] + [(41, 3001, 19, 12)]:
+                x, y = _data(Q, G, D, dtype, seed=4)
+                rv, ri = reference.knn(x.double(), y.double(), k, metric)
+                v, i = knn(x, y, k, metric=metric, tile=16384, backend="cpu")
+                assert torch.equal(i, ri), (cpu_isa, metric, dtype, Q, G, D, k)
+                assert torch.allclose(v.double(), rv, rtol=1e-5, atol=1e-4), (cpu_isa, metric, dtype)
+        x, y = _data(37, 503, 11, seed=5)
+        for spherical in (True, False):
+            ref = reference.knn_average(x, y, 7, metric, spherical)
+            assert _close(knn_average(x, y, 7, metric=metric, spherical=spherical, tile=2048), ref, "cpu")
+    x = torch.randn(300, 6, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    assert torch.equal(k_same(x, 5, seed=2).assignment, reference.k_same(x, 5, "cosine", 2, "greedy"))
+
+
 def test_knn_large_k_and_sorted():
     x, y = _data(3, 2100, 5)
     for k in (1024, 2100):

@@ -1,5 +1,5 @@
 """The k-Same partition on the cpu backend: candidate lists from one exact kNN pass,
-the greedy / MDAV loops in C++ (pyfici._C), and list refreshes on demand.
+the greedy / MDAV loops in C++ (the CPU module), and list refreshes on demand.
 
 One all-versus-all kNN pass gives every point a candidate list of its W nearest
 neighbours. The loop takes a seed's first k-1 *alive* candidates: since a list

@@ -21,7 +21,7 @@ BACKENDS = ("cpu", "cuda", "triton", "torch")
 
 def _available(backend: str) -> tuple[bool, str]:
     if backend == "cpu":
-        return _native.has_cpu(), "pyfici._C is not built"
+        return _native.has_cpu(), _native.cpu_error()
     if backend == "cuda":
         return _native.has_cuda(), "pyfici._cuda is not built (no CUDA compiler at build time?)"
     if backend == "triton":
