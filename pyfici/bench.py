@@ -159,23 +159,13 @@ def run(families=FAMILIES, size: str = "small", device: str = "cpu", repeats: in
     return run_cases(load_cases(families, size, device), device, repeats, progress)
 
 
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return v
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from pyfici.engine.config import add_json_argument
+    from pyfici.engine.config import add_json_argument, count_type
 
     p.add_argument("--size", choices=("small", "full"), default="small", help="small: seconds; full: the sizes of real workloads (Market-1501, MSMT17 galleries, ResNet-50 parameter sets)")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
     p.add_argument("--family", action="append", choices=FAMILIES, help="restrict to a family (repeatable)")
-    p.add_argument("--repeats", type=_positive, default=None, help="timed runs per implementation")
+    p.add_argument("--repeats", type=count_type(1), default=None, help="timed runs per implementation")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     add_json_argument(p)
     p.add_argument("--plot", metavar="PATH", help="write a speed-up bar chart (PNG)")

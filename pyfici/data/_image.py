@@ -4,7 +4,7 @@ reading, and an up-front check that every listed image can be opened."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -56,3 +56,23 @@ def check_images(items: Iterable, what: str = "dataset") -> None:
     if bad:
         more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
         raise ValueError(f"{what}: {len(bad)} of {n} images cannot be used: {', '.join(bad[:3])}{more}")
+
+
+class ImageDataset:
+    """``torch.utils.data.Dataset`` over ``(image, label, ...)`` items: loads a path with
+    PIL (RGB) or uses a ``PIL.Image`` as is, applies ``transform``, and returns
+    ``(transform(image), label, ...)``."""
+
+    def __init__(self, items: Sequence[tuple], transform: Callable | None = None):
+        self.items = list(items)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        img, *labels = self.items[i]
+        img = load_rgb(img)
+        if self.transform is not None:
+            img = self.transform(img)
+        return (img, *labels)

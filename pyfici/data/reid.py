@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from pyfici.data._image import is_image_file, load_rgb
+from pyfici.data._image import ImageDataset, is_image_file
 from pyfici.data.builtin import PHOTO_NAMES, skimage_photos
 
 __all__ = [
@@ -352,23 +352,9 @@ def load_reid_dataset(name: str, root: str | Path | None = None, **builtin_kwarg
     return REID_DATASETS[name](root)
 
 
-class ReIDImageDataset:
+class ReIDImageDataset(ImageDataset):
     """``torch.utils.data.Dataset`` over ``(image, pid, camid)`` items; returns
     ``(transform(image), pid, camid)``; ``image`` is a path or a PIL image."""
-
-    def __init__(self, items: Sequence[Item], transform: Callable | None = None):
-        self.items = list(items)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int):
-        x, pid, cam = self.items[i]
-        img = load_rgb(x)
-        if self.transform is not None:
-            img = self.transform(img)
-        return img, pid, cam
 
 
 class PKSampler:

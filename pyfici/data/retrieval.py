@@ -49,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from pyfici.data._image import load_rgb
+from pyfici.data._image import ImageDataset
 from pyfici.data.builtin import sklearn_digits
 
 __all__ = [
@@ -105,23 +105,9 @@ class RetrievalSplit:
                 f"test={len(self.test)}{q}, ks={self.ks})")
 
 
-class RetrievalImageDataset:
+class RetrievalImageDataset(ImageDataset):
     """``torch.utils.data.Dataset`` over ``(image, label)`` items: loads a path
     with PIL (RGB) or uses a ``PIL.Image`` as is, applies ``transform``."""
-
-    def __init__(self, items: Sequence[Item], transform: Callable | None = None):
-        self.items = list(items)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int):
-        img, label = self.items[i]
-        img = load_rgb(img)
-        if self.transform is not None:
-            img = self.transform(img)
-        return img, label
 
 
 def _find(root: Path, candidates: Sequence[str], what: str) -> Path:

@@ -105,6 +105,11 @@ def _number(kind: type, flag: str, lo: float | None) -> Callable[[str], Any]:
     return parse
 
 
+def count_type(lo: int = 0) -> Callable[[str], int]:
+    """An argparse ``type`` for an integer >= ``lo`` (a bad value: one-line argparse error, exit 2)."""
+    return _number(int, "", lo)
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = (),
                          defaults: dict[str, Any] | None = None) -> None:
     """Add one option per field of dataclass ``cls`` (see :func:`option`), with the default in the help.

@@ -22,7 +22,7 @@ import contextlib
 import sys
 import warnings
 
-from pyfici.engine.config import add_json_argument, emit_json
+from pyfici.engine.config import add_json_argument, count_type, emit_json
 from pyfici.engine.errors import UserError, user_errors
 from pyfici.engine.files import load_checkpoint, write_json
 from pyfici.engine.runtime import DEVICE_HELP, resolve_device
@@ -48,30 +48,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", default=None, help="dataset folder (not needed for builtin)")
     p.add_argument("--protocol", default="market1501", choices=list(PROTOCOLS), help="ReID protocol (default market1501)")
     p.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking")
-    p.add_argument("--max-rank", type=_positive, default=50, help="CMC ranks kept (default 50)")
+    p.add_argument("--max-rank", type=count_type(1), default=50, help="CMC ranks kept (default 50)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.add_argument("--batch-size", type=_positive, default=64, help="feature-extraction batch size (default 64)")
-    p.add_argument("--workers", type=_non_negative, default=0, help="data-loading worker processes (default 0)")
+    p.add_argument("--batch-size", type=count_type(1), default=64, help="feature-extraction batch size (default 64)")
+    p.add_argument("--workers", type=count_type(0), default=0, help="data-loading worker processes (default 0)")
     p.add_argument("--out", default=None, help="also write OUT/eval.json")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     add_json_argument(p)
-
-
-def _positive(text: str) -> int:
-    v = _non_negative(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return v
-
-
-def _non_negative(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return v
 
 
 def load_features(path: str) -> dict:

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 from pyfici.deid.metrics import luma
 from pyfici.engine import UserError
+from pyfici.engine.config import count_type
 from pyfici.engine.errors import user_errors
 from pyfici.engine.files import load_checkpoint
 from pyfici.engine.loop import CallbackHook, Trainer
@@ -68,11 +69,11 @@ def make_optimizer(params, lr: float, betas=(0.0, 0.99)):
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     d = _defaults()  # one source of defaults: the signature of train_ficgan
     p.add_argument("--data", required=True, help="folder of aligned face crops, or 'builtin' (the built-in faces)")
-    p.add_argument("--size", type=_count(16), default=d["size"], help="image size (power of two, 64..256)")
-    p.add_argument("--steps", type=_count(0), default=None,
+    p.add_argument("--size", type=count_type(16), default=d["size"], help="image size (power of two, 64..256)")
+    p.add_argument("--steps", type=count_type(0), default=None,
                    help=f"training steps (default {d['steps']}; with --data builtin and no other size option the "
                         f"quick built-in run: {BUILTIN_QUICK_STEPS} steps of train_builtin's CPU recipe)")
-    p.add_argument("--batch-size", type=_count(2), default=d["batch_size"])
+    p.add_argument("--batch-size", type=count_type(2), default=d["batch_size"])
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--out", required=True, help="output folder (checkpoint.pt, final.pt, metrics.json, samples/)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt (an error when there is none)")
@@ -136,20 +137,6 @@ def _defaults() -> dict:
 
 # the run configuration: every parameter of train_ficgan but the objects that are not settings
 _NOT_CONFIG = ("identity_encoder",)
-
-
-def _count(lo: int):
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {text}")
-        return v
-
-    parse.__name__ = "int"
-    return parse
 
 
 def _config_from_args(a) -> dict:
