@@ -395,10 +395,10 @@ def test_cli(trained, faces_dir, tmp_path, capsys):
     assert rc == 0 and "k_anonymous=True" in capsys.readouterr().out
     rc = main(["deid", "--checkpoint", str(trained[0] / "final.pt"), "--input", str(faces_dir), "--k", "99",
                "--out", str(tmp_path / "cli2")])
-    assert rc == 2 and "larger than the number of identities" in capsys.readouterr().out
+    assert rc == 2 and "larger than the number of identities" in capsys.readouterr().err
     rc = main(["deid", "--checkpoint", str(trained[0] / "final.pt"), "--input", str(faces_dir), "--k", "2",
                "--size", "128", "--out", str(tmp_path / "cli3")])
-    assert rc == 2 and "trained at image size 64" in capsys.readouterr().out
+    assert rc == 2 and "trained at image size 64" in capsys.readouterr().err
 
 
 def test_torchrun_two_processes(train_dir, tmp_path):
