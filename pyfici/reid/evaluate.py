@@ -280,6 +280,8 @@ def evaluate(
     backend: str | None = None,
     rerank: bool = False,
     rerank_kwargs: dict | None = None,
+    sharded: bool = False,
+    group=None,
 ) -> ReIDResult:
     """Evaluate ReID features ``query`` [Q, D] against ``gallery`` [G, D].
 
@@ -288,12 +290,22 @@ def evaluate(
     per-query AP / CMC / INP. metric: "euclidean" (torchreid's default),
     "sqeuclidean" or "cosine". ``rerank=True`` evaluates k-reciprocal
     re-ranked distances (pyfici.reid.rerank; this needs the full matrix).
+
+    ``sharded=True``: the gallery is split over the ranks of the initialised
+    ``torch.distributed`` process group ``group`` (default: the world), each
+    rank passing all queries and its own consecutive slice of the gallery (and
+    of ``g_pids`` / ``g_camids``), in rank order. Every rank returns the numbers
+    of one process on the whole gallery (see :mod:`pyfici.reid.sharded`); CPU
+    tensors (gloo), protocols "torchreid" and "market1501", no ``rerank``.
     """
     _check_protocol(protocol, max_rank)
     if metric not in METRICS:
         raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
     query, gallery, _ = check_feature_pair("query", _features("query", query), "gallery", _features("gallery", gallery))
     check_nonempty("query", query)
+    if sharded:
+        return _evaluate_sharded(query, gallery, q_pids, g_pids, q_camids, g_camids, metric, max_rank, protocol,
+                                 tile, rerank, group)
     check_nonempty("gallery", gallery)
     Q, G = query.shape[0], gallery.shape[0]
     max_rank = _clip_max_rank(max_rank, G)
@@ -325,6 +337,31 @@ def evaluate(
             rows = _cuhk03_cmc_rows(d, q_idx, qp, ids[1], qc, ids[3], max_rank, num_repeats, seed)
         acc.add(*st, rows)
         del d
+    return acc.result(Q, protocol)
+
+
+def _evaluate_sharded(query, gallery, q_pids, g_pids, q_camids, g_camids, metric, max_rank, protocol, tile,
+                      rerank, group) -> ReIDResult:
+    from pyfici.reid import sharded as sh
+
+    if protocol == "cuhk03":
+        raise ValueError("protocol: 'cuhk03' is not available with sharded=True (use 'torchreid' or 'market1501')")
+    if rerank:
+        raise ValueError("rerank: re-ranking needs the whole gallery on one process; it is not available with sharded=True")
+    dist = sh._dist()
+    Q, G = query.shape[0], gallery.shape[0]
+    n = torch.tensor([G], dtype=torch.int64)
+    dist.all_reduce(n, group=group)
+    G_total = int(n)
+    if G_total == 0:
+        raise ValueError("gallery: is empty on every rank")
+    max_rank = _clip_max_rank(max_rank, G_total)
+    ids = _check_ids(Q, G, query.device, q_pids, g_pids, q_camids, g_camids)
+    tile = tile or _default_tile(max(1, G))
+    check_int_range("tile", tile, 1)
+    acc = _Accumulator(max_rank, query.device)
+    for st in sh.sharded_rank_stats(query, gallery, ids, metric, protocol, tile, group):
+        acc.add(*st)
     return acc.result(Q, protocol)
 
 
