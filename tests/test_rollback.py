@@ -269,6 +269,13 @@ def test_cli_train_eval_and_bad_inputs(tmp_path, capsys):
         assert main(["eval", "reid", "--checkpoint", str(out / "checkpoint.pt"), "--device", "cpu", "--workers", "0", "--json", "-"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert {"mAP", "mINP", "rank1", "rank5", "rank10"} <= set(d)
+    ev = tmp_path / "ev"
+    assert main(["eval", "reid", "--checkpoint", str(out / "checkpoint.pt"), "--device", "cpu", "--visualize", "2",
+                 "--out", str(ev), "--json", str(tmp_path / "r.json")]) == 0
+    assert (ev / "ranked" / "index.html").is_file() and len(list((ev / "ranked").rglob("*.png"))) == 2
+    assert json.loads((tmp_path / "r.json").read_text())["mAP"] == d["mAP"] == json.loads((ev / "eval.json").read_text())["mAP"]
+    assert main(["eval", "reid", "--checkpoint", str(out / "checkpoint.pt"), "--visualize", "2"]) == 2
+    assert "needs --out" in capsys.readouterr().err
     assert main(["train", "rollback", "--dataset", "market1501", "--root", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["train", "rollback", "--dataset", "market1501", "--out", str(tmp_path / "x")]) == 2

@@ -12,7 +12,10 @@ Inputs (one of):
   (N, D) float and ``pids`` / ``camids`` (N,) integers.
 
 The result goes to stdout (a short table) or ``--json PATH|-``; with ``--out``
-it is also written to ``OUT/eval.json``.
+it is also written to ``OUT/eval.json``. ``--visualize N`` (needs ``--out``)
+draws the top-10 gallery images of the first N queries
+(``pyfici.reid.visualize_ranked_results``: ``OUT/ranked/index.html``); with
+``--features`` the file's parts must then also hold ``paths`` (image files).
 """
 
 from __future__ import annotations
@@ -52,7 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--batch-size", type=count_type(1), default=64, help="feature-extraction batch size (default 64)")
     p.add_argument("--workers", type=count_type(0), default=0, help="data-loading worker processes (default 0)")
-    p.add_argument("--out", default=None, help="also write OUT/eval.json")
+    p.add_argument("--out", default=None, help="also write OUT/eval.json (and OUT/ranked/ with --visualize)")
+    p.add_argument("--visualize", type=count_type(1), default=None, metavar="N",
+                   help="draw the ranked gallery of the first N queries into OUT/ranked/ (needs --out)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     add_json_argument(p)
 
@@ -71,7 +76,10 @@ def load_features(path: str) -> dict:
         if f.ndim != 2 or not f.is_floating_point() or p.shape != (f.shape[0],) or c.shape != (f.shape[0],):
             raise UserError(f"--features {path}: {part} feats must be (N, D) float with (N,) pids and camids, got "
                             f"{tuple(f.shape)} {f.dtype}, {tuple(p.shape)}, {tuple(c.shape)}")
-        out[part] = (f.float(), p, c)
+        paths = sub.get("paths")
+        if paths is not None and (not isinstance(paths, (list, tuple)) or len(paths) != f.shape[0]):
+            raise UserError(f"--features {path}: {part} paths must be a list of {f.shape[0]} image files")
+        out[part] = (f.float(), p, c, paths)
     if out["query"][0].shape[1] != out["gallery"][0].shape[1]:
         raise UserError(f"--features {path}: query and gallery features have different widths")
     return out
@@ -137,7 +145,12 @@ def _dataset(args, ck: dict):
 
 
 def evaluate_checkpoint(args) -> dict:
-    from pyfici.engine.evaluation import evaluate_reid, evaluate_retrieval
+    from pyfici.data.reid import ReIDImageDataset
+    from pyfici.engine.evaluation import (
+        evaluate_reid_features,
+        evaluate_retrieval,
+        extract_features,
+    )
 
     ck = load_checkpoint(args.checkpoint, kind=REID_KINDS, what="--checkpoint")
     device = resolve_device(args.device)
@@ -145,11 +158,16 @@ def evaluate_checkpoint(args) -> dict:
     kind, data = _dataset(args, ck)
     tf = _transform(ck["model_spec"])
     if kind == "retrieval":
+        if args.visualize:
+            raise UserError(f"--visualize draws ReID rankings; --dataset {data.name} is a retrieval set")
         rec = evaluate_retrieval(model, data, tf, device, args.batch_size, args.workers)
         return {"dataset": data.name, "recall_at_k": {int(k): v for k, v in rec.items()}}
+    qf, (qp, qc) = extract_features(model, ReIDImageDataset(data.query, tf), device, args.batch_size, args.workers)
+    gf, (gp, gc) = extract_features(model, ReIDImageDataset(data.gallery, tf), device, args.batch_size, args.workers)
     with user_errors():
-        res = evaluate_reid(model, data, tf, device, args.protocol, args.max_rank, args.batch_size, args.workers,
-                            rerank=args.rerank)
+        res = evaluate_reid_features(qf, gf, qp, gp, qc, gc, args.protocol, args.max_rank, args.rerank)
+    if args.visualize:
+        _visualize(args, qf, gf, data.query, data.gallery)
     return {"dataset": data.name, **res.as_dict()}
 
 
@@ -158,15 +176,35 @@ def evaluate_features(args) -> dict:
 
     f = load_features(args.features)
     device = resolve_device(args.device)
-    (qf, qp, qc), (gf, gp, gc) = ((t.to(device) for t in f[k]) for k in ("query", "gallery"))
+    (qf, qp, qc), (gf, gp, gc) = ((t.to(device) for t in f[k][:3]) for k in ("query", "gallery"))
     with user_errors():
         res = evaluate_reid_features(qf, gf, qp, gp, qc, gc, args.protocol, args.max_rank, args.rerank)
+    if args.visualize:
+        if f["query"][3] is None or f["gallery"][3] is None:
+            raise UserError(f"--visualize with --features needs image paths: {args.features} has no query/gallery 'paths'")
+        items = [list(zip(f[k][3], f[k][1].tolist(), f[k][2].tolist())) for k in ("query", "gallery")]
+        _visualize(args, qf, gf, *items)
     return {"dataset": args.features, **res.as_dict()}
+
+
+def _visualize(args, qf, gf, query_items, gallery_items) -> None:
+    """The ranked gallery of the first ``--visualize`` queries (cosine distance, as evaluated)."""
+    from pyfici.reid import visualize_ranked_results
+
+    n = min(args.visualize, qf.shape[0])
+    dist = (1 - qf[:n].float() @ gf.float().T).cpu()
+    full = dist.new_full((qf.shape[0], gf.shape[0]), float("inf"))
+    full[:n] = dist
+    with user_errors(ValueError, FileNotFoundError, OSError):
+        visualize_ranked_results(full, list(query_items), list(gallery_items), f"{args.out}/ranked",
+                                 query_indices=list(range(n)), protocol=args.protocol)
 
 
 def main(args: argparse.Namespace) -> int:
     from pyfici.engine.rundir import check_output_path
 
+    if args.visualize and args.out is None:
+        raise UserError("--visualize N needs --out DIR (the pictures go to DIR/ranked/)")
     if args.out is not None:
         check_output_path(args.out, [("--checkpoint", args.checkpoint), ("--features", args.features),
                                      ("--root", args.root)])

@@ -342,6 +342,10 @@ class AutoLRTrainer(Trainer):
             entry["prune_probe"] = probe
         return entry
 
+    @property
+    def spec(self) -> dict:
+        return model_spec(self.cfg, self.num_classes, self.pruned)
+
     def checkpoint(self) -> dict:
         return {"kind": KIND, "config": self.cfg.resume_key(), "epoch": self.epoch,
                 "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
@@ -436,7 +440,7 @@ def _build(cfg: AutoLRConfig, rt, rd: RunDir, model, groups, split) -> AutoLRTra
     trainer = AutoLRTrainer(cfg, rt, model, groups, split, rd, cfg.resolved_prune() == "auto" and ck is None)
     trainer.pruned = pruned
     trainer.epoch = 0
-    trainer.spec = model_spec(cfg, num_classes, pruned)
+    trainer.num_classes = num_classes
     if ck is not None:
         trainer.restore(ck)
         rt.log(f"resumed from {rd.checkpoint} at epoch {trainer.epoch}")
