@@ -26,10 +26,10 @@ def test_evaluate_distmat_matches_numpy_torchreid(shape):
     dist = np.random.default_rng(G).random((Q, G))
     cmc_ref, map_ref, minp_ref, nv = torchreid_eval(dist, qp, gp, qc, gc, 50)
     for be in backends_for("cpu") + ["torch"]:
-        r = evaluate_distmat(dist, qp, gp, qc, gc, max_rank=50, backend=be) if G >= 50 else None
+        r = evaluate_distmat(dist, qp, gp, qc, gc, max_rank=50, backend=be, protocol="torchreid") if G >= 50 else None
         if r is None:
             with pytest.warns(UserWarning, match="max_rank"):
-                r = evaluate_distmat(dist, qp, gp, qc, gc, max_rank=50, backend=be)
+                r = evaluate_distmat(dist, qp, gp, qc, gc, max_rank=50, backend=be, protocol="torchreid")
         assert r.num_valid == nv
         np.testing.assert_allclose(r.cmc.numpy(), cmc_ref, atol=1e-12)
         assert r.mAP == pytest.approx(map_ref, abs=1e-12)

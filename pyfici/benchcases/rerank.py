@@ -1,8 +1,7 @@
-"""Benchmark cases for k-reciprocal re-ranking (issue 8).
+"""Benchmark cases for k-reciprocal re-ranking.
 
-Anchor: the widely used dense numpy ``re_ranking`` (benchmarks/
-rerank_numpy_reference.py, importable here as a copy-free module path when
-run from the source tree), given the three euclidean distance matrices that
+Anchor: the widely used dense numpy ``re_ranking``
+(:mod:`pyfici.benchcases.rerank_numpy_reference`), given the three euclidean distance matrices that
 torch computes first (included in its time, as ours includes the distances).
 
 ``python -m pyfici.benchcases.rerank Q G D IMPL`` measures one run in this
@@ -17,12 +16,10 @@ torch._dynamo (1-2 s). IMPL is "pyfici", "pyfici-distmat" or
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import resource
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -36,14 +33,10 @@ NUMPY_MAX_N = 10_000  # the dense anchor needs several N x N float32 matrices
 
 
 def numpy_reference():
-    """The dense numpy anchor, loaded from benchmarks/ in the source tree (None if absent)."""
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "rerank_numpy_reference.py"
-    if not path.exists():
-        return None
-    spec = importlib.util.spec_from_file_location("rerank_numpy_reference", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    """The dense numpy anchor (pyfici.benchcases.rerank_numpy_reference)."""
+    from pyfici.benchcases import rerank_numpy_reference
+
+    return rerank_numpy_reference
 
 
 def features(Q: int, G: int, D: int, device: str = "cpu", seed: int = 0):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from pyfici.reid.evaluate import evaluate_distmat
+from pyfici.reid.rerank import rerank_distmat
 
 
 def evaluate_rank(
@@ -37,3 +38,13 @@ def evaluate_rank(
         protocol="cuhk03" if use_metric_cuhk03 else "torchreid",
     )
     return res.cmc.numpy().astype(np.float32), float(res.mAP)
+
+
+def re_ranking(q_g_dist, q_q_dist, g_g_dist, k1: int = 20, k2: int = 6, lambda_value: float = 0.3):
+    """Drop-in for ``torchreid.utils.re_ranking``: numpy [Q, G], [Q, Q], [G, G]
+    distances in, the re-ranked [Q, G] float32 numpy array out, without its
+    dense N x N matrices. Like torchreid's, it squares the distances it is
+    given: torchreid's engine passes its "euclidean" matrices, which are
+    already squared distances (``pyfici.reid.rerank(..., convention="torchreid")``
+    reproduces that from features)."""
+    return rerank_distmat(q_g_dist, q_q_dist, g_g_dist, k1, k2, lambda_value)

@@ -1,6 +1,6 @@
 """ReID evaluation: CMC, mAP, mINP and Recall@K, without full-row sorts.
 
-Protocols (see docs/ops_distance.md and PAPERS.md):
+Protocols (see docs/reid.md):
 
 - ``"torchreid"``: torchreid / fast-reid. Gallery items with the query's ID
   and camera are dropped; queries with no remaining match are skipped and
@@ -54,6 +54,13 @@ from pyfici.ops.distance import (
 )
 
 PROTOCOLS = ("torchreid", "market1501", "cuhk03")
+# pyfici's defaults are the evaluation of the papers it implements (rolling-back, AutoLR):
+# L2-normalised features compared by cosine distance, the official single-query
+# Market-1501 protocol. The CLI (`pyfici eval reid`, the training methods) uses the
+# same. torchreid / fast-reid semantics: protocol="torchreid" (metric "euclidean" as
+# torchreid's default), or the drop-ins in pyfici.compat.
+DEFAULT_PROTOCOL = "market1501"
+DEFAULT_METRIC = "cosine"
 
 
 @dataclass
@@ -201,7 +208,7 @@ def evaluate_distmat(
     g_camids,
     *,
     max_rank: int = 50,
-    protocol: str = "torchreid",
+    protocol: str = DEFAULT_PROTOCOL,
     num_repeats: int = 10,
     seed: int = 0,
     backend: str | None = None,
@@ -271,9 +278,9 @@ def evaluate(
     q_camids,
     g_camids,
     *,
-    metric: str = "euclidean",
+    metric: str = DEFAULT_METRIC,
     max_rank: int = 50,
-    protocol: str = "torchreid",
+    protocol: str = DEFAULT_PROTOCOL,
     tile: int | None = None,
     num_repeats: int = 10,
     seed: int = 0,
@@ -287,8 +294,9 @@ def evaluate(
 
     The full Q x G matrix is never held: ``tile`` queries at a time (default:
     64 MB of distances) are scored with one GEMM and reduced at once to
-    per-query AP / CMC / INP. metric: "euclidean" (torchreid's default),
-    "sqeuclidean" or "cosine". ``rerank=True`` evaluates k-reciprocal
+    per-query AP / CMC / INP. metric: "cosine" (default, the papers'
+    evaluation), "euclidean" (torchreid's default) or "sqeuclidean"; protocol:
+    "market1501" (default), "torchreid" or "cuhk03". ``rerank=True`` evaluates k-reciprocal
     re-ranked distances (pyfici.reid.rerank; this needs the full matrix).
 
     ``sharded=True``: the gallery is split over the ranks of the initialised

@@ -14,6 +14,8 @@ import torch
 
 from pyfici.ops import rerank as _ops
 
+CONVENTIONS = ("reference", "torchreid")
+
 
 def rerank(
     query: torch.Tensor,
@@ -23,6 +25,7 @@ def rerank(
     k2: int = 6,
     lambda_value: float = 0.3,
     metric: str = "euclidean",
+    convention: str = "reference",
     tile: int | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
@@ -33,10 +36,23 @@ def rerank(
     query expansion (1 = none); lambda_value: weight of the original distance
     in the final blend (0 = Jaccard only). metric: "euclidean" (default, as
     torchreid), "sqeuclidean" or "cosine" — the reference squares whatever
-    distance it is given. Lower is closer. Inputs are detached (re-ranking is
+    distance it is given. Lower is closer.
+
+    convention: "reference" (default): the numpy ``re_ranking`` given the
+    ``metric`` distance matrices (for "euclidean": true euclidean distances,
+    squared inside). "torchreid": the numbers of torchreid's engine
+    (``test(rerank=True)``) with ``dist_metric=metric``: its "euclidean"
+    matrices already hold SQUARED distances, which re_ranking squares again
+    (this equals ``metric="sqeuclidean"`` here); its "cosine" is ours. Inputs are detached (re-ranking is
     not differentiable); any finite features work (they are rescaled and
     centred first; the result is invariant to both).
     """
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention: expected one of {CONVENTIONS}, got {convention!r}")
+    if convention == "torchreid" and metric == "euclidean":
+        # torchreid's compute_distance_matrix(metric="euclidean") returns squared
+        # distances and its engine hands those to re_ranking, which squares them again
+        metric = "sqeuclidean"
     return _ops.rerank_features(_detached(query), _detached(gallery), k1, k2, lambda_value, metric,
                                 tile=tile, backend=backend)
 
