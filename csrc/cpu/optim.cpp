@@ -9,12 +9,13 @@
 // mask share their strides (the Python layer guarantees it), so any dense
 // layout (contiguous, channels_last, ...) is element k of every buffer.
 //
-// The float32 loops are written with AVX-512 or AVX2+FMA intrinsics when the
-// translation unit is compiled for that ISA (the build compiles this file once
-// per ISA and picks the variant at run time), so the uint8 mask becomes a lane
-// mask / blend instead of a byte -> float conversion the vectoriser may or may
-// not find. Other dtypes (float64, float16, bfloat16) and the tails use the
-// scalar loops below (vectorised by the compiler where it can). Every loop is
+// The float32 loops are written with AVX-512, AVX2+FMA or (baseline x86-64)
+// SSE2 intrinsics when the translation unit is compiled for that ISA (the build
+// compiles this file once per ISA and picks the variant at run time), so the
+// uint8 mask becomes a lane mask / and-not instead of a byte -> float
+// conversion the vectoriser may or may not find. Other dtypes (float64,
+// float16, bfloat16), the tails and non-x86 targets use the scalar loops below
+// (vectorised by the compiler where it can). Every loop is
 // templated on the few flags that change memory traffic (mask, momentum kind,
 // weight decay, amsgrad), so there are no per-element branches.
 //
@@ -38,7 +39,7 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__)) || defined(__SSE2__)
 #include <immintrin.h>
 #endif
 #if defined(__AVX512F__) && defined(__GNUC__) && !defined(__clang__)
@@ -192,6 +193,37 @@ struct Isa {
   static F max_nan(F a, F b) {
     const F r = _mm256_max_ps(a, b);
     return _mm256_blendv_ps(r, a, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
+  }
+};
+#elif defined(__SSE2__)
+// baseline x86-64 (no FMA: a * b + c is two roundings, as the scalar tail compiles too)
+#define PYFICI_OPTIM_VEC 1
+struct Isa {
+  static constexpr int W = 4;
+  using F = __m128;
+  using M = __m128;  // all-ones lanes where the mask byte is ZERO
+  static F load(const float* p) { return _mm_loadu_ps(p); }
+  static void store(float* p, F x) { _mm_storeu_ps(p, x); }
+  static F set1(float x) { return _mm_set1_ps(x); }
+  static F add(F a, F b) { return _mm_add_ps(a, b); }
+  static F sub(F a, F b) { return _mm_sub_ps(a, b); }
+  static F mul(F a, F b) { return _mm_mul_ps(a, b); }
+  static F div(F a, F b) { return _mm_div_ps(a, b); }
+  static F sqrt(F a) { return _mm_sqrt_ps(a); }
+  static F fmadd(F a, F b, F c) { return _mm_add_ps(_mm_mul_ps(a, b), c); }
+  static F fnmadd(F a, F b, F c) { return _mm_sub_ps(c, _mm_mul_ps(a, b)); }
+  static M mask(const uint8_t* m) {
+    int32_t four;
+    std::memcpy(&four, m, 4);
+    const __m128i z = _mm_setzero_si128();
+    const __m128i w = _mm_unpacklo_epi16(_mm_unpacklo_epi8(_mm_cvtsi32_si128(four), z), z);
+    return _mm_castsi128_ps(_mm_cmpeq_epi32(w, z));
+  }
+  static F keep(M zero, F x) { return _mm_andnot_ps(zero, x); }
+  static F max_nan(F a, F b) {
+    const F r = _mm_max_ps(a, b);
+    const F nan = _mm_cmpunord_ps(a, a);
+    return _mm_or_ps(_mm_and_ps(nan, a), _mm_andnot_ps(nan, r));
   }
 };
 #else
