@@ -61,7 +61,7 @@ def test_convention_flags_exist(cmd, capsys):
         main([*cmd, "--help"])
     assert e.value.code == 0
     help_ = capsys.readouterr().out
-    flags = ["--device", "--quiet"] + (["--out", "--resume", "--seed"] if cmd[0] == "train" else ["--json", "--workers"])
+    flags = ["--device", "--quiet", "--json"] + (["--out", "--resume", "--seed"] if cmd[0] == "train" else ["--workers"])
     if cmd != ("train", "ficgan"):
         flags.append("--workers")
     for flag in flags:

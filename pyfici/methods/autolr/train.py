@@ -18,7 +18,15 @@ import torch.nn.functional as F
 
 from pyfici.data.retrieval import RETRIEVAL_DATASETS
 from pyfici.engine import UserError
-from pyfici.engine.config import RunConfig, add_config_arguments, config_from_args, option, validate
+from pyfici.engine.config import (
+    RunConfig,
+    add_config_arguments,
+    add_json_argument,
+    config_from_args,
+    emit_json,
+    option,
+    validate,
+)
 from pyfici.engine.errors import user_errors
 from pyfici.engine.evaluation import evaluate_retrieval
 from pyfici.engine.loop import CallbackHook, Trainer, train_epoch
@@ -476,12 +484,15 @@ def demo_compare(out: str | None = None, epochs: int = 2, image_size: int = 32, 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     add_config_arguments(p, AutoLRConfig, defaults={"out": "runs/autolr"})
+    add_json_argument(p)
 
 
 def train_main(args: argparse.Namespace) -> int:
     res = run_autolr(config_from_args(AutoLRConfig, args))
     f = res["final"]
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"done: {len(res['history'])} epochs, final Recall@K {f.get('recall_at_k')}, pruned {res['pruned']}; "
-              f"metrics in {res['out']}/metrics.json")
+        emit_json({"final": f, "pruned": res["pruned"], "out": res["out"]}, args.json)
+        if args.json != "-":
+            print(f"done: {len(res['history'])} epochs, final Recall@K {f.get('recall_at_k')}, pruned {res['pruned']}; "
+                  f"metrics in {res['out']}/metrics.json")
     return 0

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from pyfici.deid.metrics import luma
 from pyfici.engine import UserError
-from pyfici.engine.config import count_type
+from pyfici.engine.config import add_json_argument, count_type, emit_json
 from pyfici.engine.errors import user_errors
 from pyfici.engine.files import load_checkpoint
 from pyfici.engine.loop import CallbackHook, Trainer
@@ -78,6 +78,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder (checkpoint.pt, final.pt, metrics.json, samples/)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt (an error when there is none)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_json_argument(p)
     p.add_argument("--lr", type=float, default=d["lr"])
     p.add_argument("--base-channels", type=int, default=d["base_channels"])
     p.add_argument("--max-channels", type=int, default=d["max_channels"])
@@ -143,17 +144,22 @@ def _config_from_args(a) -> dict:
     return {k: getattr(a, k) for k in _defaults() if k not in _NOT_CONFIG}
 
 
+def _emit(metrics: dict, target: str | None) -> None:
+    emit_json({k: metrics[k] for k in ("final", "steps_done", "sec_per_step", "device")} | {"out": metrics["config"]["out"]},
+              target)
+
+
 def train_main(args) -> int:
     kw = _config_from_args(args)
     if args.steps is None and args.data == "builtin":
         log(f"--data builtin without --steps: the quick built-in run, {BUILTIN_QUICK_STEPS} steps of train_builtin's "
             "CPU recipe (16/64 channels, batch 6, 60 % reconstruction warm-up); give --steps for the full recipe")
-        train_builtin(out=args.out, steps=BUILTIN_QUICK_STEPS, size=args.size, device=args.device, resume=args.resume,
-                      quiet=args.quiet, seed=args.seed)
+        _emit(train_builtin(out=args.out, steps=BUILTIN_QUICK_STEPS, size=args.size, device=args.device,
+                            resume=args.resume, quiet=args.quiet, seed=args.seed), args.json)
         return 0
     if kw["steps"] is None:
         kw["steps"] = _defaults()["steps"]
-    train_ficgan(**kw)
+    _emit(train_ficgan(**kw), args.json)
     return 0
 
 

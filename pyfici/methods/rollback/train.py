@@ -16,7 +16,15 @@ import torch.nn.functional as F
 
 from pyfici.data.reid import REID_DATASETS
 from pyfici.engine import UserError
-from pyfici.engine.config import RunConfig, add_config_arguments, config_from_args, option, validate
+from pyfici.engine.config import (
+    RunConfig,
+    add_config_arguments,
+    add_json_argument,
+    config_from_args,
+    emit_json,
+    option,
+    validate,
+)
 from pyfici.engine.errors import user_errors
 from pyfici.engine.evaluation import evaluate_reid
 from pyfici.engine.loop import CallbackHook, Trainer, train_epoch
@@ -517,12 +525,16 @@ def demo(out: str | os.PathLike = "runs/rollback_demo", epochs_per_period: int =
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     add_config_arguments(p, RollbackConfig, defaults={"out": "runs/rollback"})
+    add_json_argument(p)
 
 
 def train_main(args: argparse.Namespace) -> int:
     cfg = config_from_args(RollbackConfig, args)
     res = run(cfg)
-    if res["final"] and int(os.environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0:
+        emit_json({"final": res["final"], "completed_epochs": res["completed_epochs"], "total_epochs": res["total_epochs"],
+                   "out": cfg.out}, args.json)
+    if res["final"] and args.json != "-" and int(os.environ.get("RANK", "0")) == 0:
         f = res["final"]
         print(f"done: mAP {100 * f['mAP']:.2f}  rank-1 {100 * f['rank1']:.2f}  "
               f"({res['seconds_per_epoch']:.1f} s/epoch); metrics in {Path(cfg.out) / 'metrics.json'}")
