@@ -122,6 +122,13 @@ def knn_scores(x: torch.Tensor, y: torch.Tensor, a, b, L: int, exclude_self: boo
     return ov, oi
 
 
+def _norm_rows(t: torch.Tensor) -> torch.Tensor:
+    """Row norms without overflow or underflow of the squares (scaled by the row's max)."""
+    m = t.abs().amax(1, keepdim=True)
+    m = torch.where(m > 0, m, torch.ones_like(m))
+    return (t / m).norm(dim=1) * m[:, 0]
+
+
 def average(y: torch.Tensor, idx: torch.Tensor, weights, normalize_rows: bool, spherical: bool) -> torch.Tensor:
     """Weighted (spherical) mean of the selected rows idx [Q, k] of y (float32) -> [Q, D].
     normalize_rows puts each neighbour on the unit sphere first (cosine)."""
@@ -131,7 +138,7 @@ def average(y: torch.Tensor, idx: torch.Tensor, weights, normalize_rows: bool, s
     D = y.shape[1]
     inv = None
     if normalize_rows:
-        n = y.norm(dim=1)
+        n = _norm_rows(y)
         inv = (1.0 / torch.where(n > 0, n, torch.ones_like(n))).contiguous()
     out = torch.empty((Q, D), dtype=torch.float32, device=y.device)
     w = weights.float().contiguous() if weights is not None else None
@@ -140,7 +147,7 @@ def average(y: torch.Tensor, idx: torch.Tensor, weights, normalize_rows: bool, s
         K=k, HAS_W=w is not None, HAS_INV=inv is not None, BLOCK_D=min(256, triton.next_power_of_2(D)),
     )
     if spherical:
-        n = out.norm(dim=1, keepdim=True)
+        n = _norm_rows(out)[:, None]
         return out / torch.where(n > 0, n, torch.ones_like(n))
     wsum = torch.full((Q, 1), float(k), device=y.device) if w is None else w.sum(1, keepdim=True)
     return out / torch.where(wsum == 0, torch.ones_like(wsum), wsum)

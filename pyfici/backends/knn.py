@@ -112,37 +112,41 @@ def _row_chunks(n: int, d: int):
         yield r0, min(n, r0 + step)
 
 
+def _sq_norms(y: torch.Tensor, space: Space | None = None) -> torch.Tensor:
+    """||y_j||^2 (of the transformed rows when space is given), in y's dtype, by row chunks."""
+    G, D = y.shape
+    n2 = torch.empty(G, dtype=y.dtype, device=y.device)
+    for r0, r1 in _row_chunks(G, D):
+        yt = y[r0:r1] if space is None else space.apply(y[r0:r1])
+        torch.linalg.vector_norm(yt, dim=1, out=n2[r0:r1])
+    return n2.square_()
+
+
 def make_space(x: torch.Tensor, y: torch.Tensor, metric: str) -> Space:
     G, D = y.shape
     dt = y.dtype
     mu = None
     shift = 0.0
+    n2 = _sq_norms(y) if G > 0 else None
     if metric in ("sqeuclidean", "euclidean") and G > 0:
-        s1 = torch.zeros(D, dtype=torch.float64, device=y.device)
-        s2 = torch.zeros((), dtype=torch.float64, device=y.device)
-        for r0, r1 in _row_chunks(G, D):
-            yc = y[r0:r1].double()
-            s1 += yc.sum(0)
-            s2 += yc.square().sum()
-        m = s1 / G
-        spread2 = float(s2 / G - m.square().sum())
+        m = y.sum(0, dtype=torch.float64) / G
         off2 = float(m.square().sum())
+        spread2 = float(n2.sum(dtype=torch.float64)) / G - off2  # mean ||y - m||^2
         # centre when the offset dominates the spread: then the expansion cancels digits
+        # (spread2 is itself inaccurate exactly then, which only strengthens the test)
         if off2 > 16.0 * max(spread2, 0.0):
             mu = m.to(dt)
             shift = float(mu.abs().max())
     amax = max(float(x.abs().max()) if x.numel() else 0.0, float(y.abs().max()) if y.numel() else 0.0) + shift
     c = 1.0
-    if amax > 0 and not (2.0**-20 <= amax <= 2.0**20):
+    if amax > 0 and math.isfinite(amax) and not (2.0**-20 <= amax <= 2.0**20):
         c = math.ldexp(1.0, -math.frexp(amax)[1])  # largest magnitude in [0.5, 1)
     sp = Space(mu, c, None, None, 0.0)
     a = b = None
     ymax2 = 0.0
     if G > 0:
-        n2 = torch.empty(G, dtype=dt, device=y.device)
-        for r0, r1 in _row_chunks(G, D):
-            yt = sp.apply(y[r0:r1])
-            n2[r0:r1] = yt.square().sum(1)
+        if sp.transformed:
+            n2 = _sq_norms(y, sp)
         ymax2 = float(n2.max())
         if metric == "cosine":
             nrm = n2.sqrt()
@@ -415,11 +419,31 @@ def knn_local(x, y, k: int, metric: str, exclude_self: bool, tile: int, backend:
     return vals, idx
 
 
+def check_output(vals: torch.Tensor | None, idx: torch.Tensor, metric: str) -> None:
+    """Refuse a result that is not an answer: a row without k neighbours (only possible
+    for non-finite inputs, whose check check_values=False skipped) or values that
+    overflow the output dtype."""
+    if bool((idx < 0).any()):
+        raise ValueError(
+            "queries / gallery: some rows have no finite ranking values: the inputs hold NaN or Inf "
+            "(check_values=False skipped the check that names them)"
+        )
+    if vals is not None and metric in ("sqeuclidean", "ip") and vals.dtype != torch.float64:
+        if bool(torch.isinf(vals).any()):
+            hint = " or metric='euclidean'" if metric == "sqeuclidean" else ""
+            raise ValueError(
+                f"metric: the {metric} values of these inputs exceed the {vals.dtype} range "
+                f"(|v| > {torch.finfo(vals.dtype).max:.3g}); pass float64 inputs{hint}"
+            )
+
+
 def knn(x, y, k: int, metric: str, exclude_self: bool, tile: int, backend: str):
     dt = compute_dtype(x, y) if backend != "triton" else torch.float32
     x = x.to(dt).contiguous()
     y = y.to(dt).contiguous()
-    return knn_local(x, y, k, metric, exclude_self, tile, backend)
+    vals, idx = knn_local(x, y, k, metric, exclude_self, tile, backend)
+    check_output(vals, idx, metric)
+    return vals, idx
 
 
 def average_rows(backend, y, idx, w, lo, hi, normalize_rows, spherical, finalize, out):
@@ -442,6 +466,7 @@ def knn_average(x, y, k: int, metric: str, spherical: bool, w, exclude_self: boo
     x = x.to(dt).contiguous()
     y = y.to(dt).contiguous()
     _, idx = knn_local(x, y, k, metric, exclude_self, tile, backend)
+    check_output(None, idx, metric)
     if backend == "triton":
         from pyfici.kernels import knn as tk
 
@@ -519,7 +544,9 @@ def knn_sharded(x, y, k, metric, exclude_self, tile, backend, group, offset, wor
     is_ = [torch.empty_like(i) for _ in range(world)]
     dist.all_gather(vs, v.contiguous(), group=group)
     dist.all_gather(is_, i.contiguous(), group=group)
-    return merge_lists(torch.cat(vs, 1), torch.cat(is_, 1), k, metric)
+    vals, idx = merge_lists(torch.cat(vs, 1), torch.cat(is_, 1), k, metric)
+    check_output(vals, idx, metric)
+    return vals, idx
 
 
 def knn_average_sharded(x, y, k, metric, spherical, w, exclude_self, tile, backend, group, offset, world,
@@ -538,12 +565,12 @@ def knn_average_sharded(x, y, k, metric, spherical, w, exclude_self, tile, backe
             average_rows(backend, yl, idx, ww, lo, hi, metric == "cosine", spherical, False, part)
     elif y.shape[0] > 0:
         own = (idx >= lo) & (idx < hi)
-        nb = yl[(idx - lo).clamp(0, y.shape[0] - 1)]
+        nb = yl[(idx - lo).clamp(0, y.shape[0] - 1)].double()
         if metric == "cosine":
             n = nb.norm(dim=2, keepdim=True)
             nb = nb / torch.where(n > 0, n, torch.ones_like(n))
-        ww = torch.ones(idx.shape, dtype=dt, device=x.device) if w is None else w.to(dt)
-        part = (torch.where(own, ww, torch.zeros_like(ww))[..., None] * nb).sum(1)
+        ww = torch.ones(idx.shape, dtype=torch.float64, device=x.device) if w is None else w.double()
+        part = (torch.where(own, ww, torch.zeros_like(ww))[..., None] * nb).sum(1).to(dt)
     dist.all_reduce(part, group=group)
     if spherical:
         n = part.norm(dim=1, keepdim=True)

@@ -132,7 +132,7 @@ def _validate(queries, gallery, k, metric, exclude_self, tile, check_values, sha
         raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
     x, y, dev = check_feature_pair("queries", queries, "gallery", gallery)
     for name, t in (("queries", x), ("gallery", y)):
-        if t.requires_grad:
+        if t.requires_grad and torch.is_grad_enabled():
             raise ValueError(
                 f"{name}: requires grad, but knn / knn_average are not differentiable "
                 f"(pass {name}.detach(), or call inside torch.no_grad())"
