@@ -1,16 +1,29 @@
 """Benchmark cases for family 2 (fused layer-wise optimizer steps, weight variation).
 
-Workload of issue 3: ResNet-50's parameter list (161 tensors, 25.6M parameters)
-in 19 groups with different lrs, bool masks (30% zeros) on every conv weight,
-SGD momentum 0.9 Nesterov, weight decay 5e-4. Anchors: the Apex-ASP pattern on
-torch's best optimizer (``_foreach_mul_(grads, masks)``, fused SGD step,
-``_foreach_mul_(params, masks)``) with bool and float masks; torch's fused SGD
-in one group without masks; and a plain copy that moves the same number of
-bytes as our step (anchor/ours of that row = fraction of copy bandwidth).
-``size="full"`` on cuda adds a 1B-parameter list.
+Workload: ResNet-50's parameter list (161 tensors, 25.6M parameters) in 19
+groups with different lrs, bool masks (30% zeros) on every conv weight, SGD
+momentum 0.9 Nesterov, weight decay 5e-4 (AdamW: weight decay 1e-2). Anchors,
+timed in the same case so their ratios come from one run:
+
+- the Apex-ASP pattern on torch's best optimizer (``_foreach_mul_(grads,
+  masks)``, the fused step, ``_foreach_mul_(params, masks)``), bool masks.
+  Goal: anchor / pyfici >= 2;
+- torch's fused optimizer in one group WITHOUT masks (the fastest unmasked
+  step torch has). Goal: anchor / pyfici >= 1 / 1.15, i.e. the masked pyfici
+  step costs at most 1.15x torch's unmasked one.
+
+On the CPU each of these cases runs at 2 threads and at 1 thread (every
+implementation inside the case sets ``torch.set_num_threads``; pyfici's kernels
+use torch's thread count), so the lead can time all of them with
+``pyfici bench --family optim --size full`` on an idle machine. Extra rows: the
+ASP pattern with float masks and a plain copy that moves the same number of
+bytes as the masked SGD step (anchor / ours of that row = fraction of copy
+bandwidth). ``size="full"`` on cuda adds a 1B-parameter list.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -92,7 +105,30 @@ def _make(shapes, device, dtype=torch.float32, seed=0):
     return params, masks
 
 
-def _sgd_case(shapes, group_of, device, label, light: bool = False):
+def _threads(fns: dict, nthreads: int | None) -> dict:
+    """Each callable run with ``nthreads`` torch threads (restored afterwards)."""
+    if nthreads is None:
+        return fns
+
+    def wrap(fn):
+        def run():
+            saved = torch.get_num_threads()
+            torch.set_num_threads(nthreads)
+            try:
+                return fn()
+            finally:
+                torch.set_num_threads(saved)
+
+        return run
+
+    return {k: wrap(f) for k, f in fns.items()}
+
+
+def _label(label: str, nthreads: int | None) -> str:
+    return label if nthreads is None else f"{label}, {nthreads} thread{'s' if nthreads > 1 else ''}"
+
+
+def _sgd_case(shapes, group_of, device, label, light: bool = False, nthreads: int | None = None):
     kw = dict(momentum=0.9, nesterov=True, weight_decay=5e-4)
 
     def setup():
@@ -108,7 +144,6 @@ def _sgd_case(shapes, group_of, device, label, light: bool = False):
         tp, _ = _make(shapes, device)
         mp = [p for p, m in zip(tp, masks) if m is not None]
         mb = [m for m in masks if m is not None]
-        mf = [m.float() for m in mb] if not light else []
         topt = torch.optim.SGD(_param_groups(tp, group_of), fused=True, **kw)
 
         def asp(ms):
@@ -122,10 +157,11 @@ def _sgd_case(shapes, group_of, device, label, light: bool = False):
 
         fns["torch fused SGD + foreach bool mask (ASP)"] = asp(mb)
         if not light:  # the 1B list keeps to what fits next to ours in 80 GB
-            fns["torch fused SGD + foreach float mask (ASP)"] = asp(mf)
             sp, _ = _make(shapes, device)
             sopt = torch.optim.SGD(sp, lr=0.1, fused=True, **kw)
             fns["torch fused SGD, 1 group, no masks"] = sopt.step
+            mf = [m.float() for m in mb]
+            fns["torch fused SGD + foreach float mask (ASP)"] = asp(mf)
 
         # a copy moving the bytes of our step: read p, g, buf (+1 B mask), write p, buf
         numel = sum(p.numel() for p in ours_p)
@@ -134,14 +170,15 @@ def _sgd_case(shapes, group_of, device, label, light: bool = False):
         src = torch.empty(nbytes, dtype=torch.uint8, device=device)
         dst = torch.empty_like(src)
         fns["copy of the same bytes"] = lambda: dst.copy_(src)
-        return fns
+        return _threads(fns, nthreads)
 
     n = sum(torch.Size(s).numel() for s in shapes)
-    return Case("optim", f"SGD {label} ({len(shapes)} tensors, {n / 1e6:.1f}M, {max(group_of) + 1} groups, masked convs)",
-                setup, note="momentum 0.9 nesterov wd 5e-4; ratio > 1: pyfici faster")
+    name = f"SGD {label} ({len(shapes)} tensors, {n / 1e6:.1f}M, {max(group_of) + 1} groups, masked convs)"
+    return Case("optim", _label(name, nthreads), setup,
+                note="momentum 0.9 nesterov wd 5e-4; goals: ASP >= 2x, unmasked >= 0.87x")
 
 
-def _sgd_nomask_case(shapes, device, label):
+def _sgd_nomask_case(shapes, device, label, nthreads: int | None = None):
     kw = dict(momentum=0.9, nesterov=True, weight_decay=5e-4)
 
     def setup():
@@ -151,12 +188,12 @@ def _sgd_nomask_case(shapes, device, label):
         opt = LayerwiseSGD(ps, lr=0.1, **kw)
         tp, _ = _make(shapes, device)
         topt = torch.optim.SGD(tp, lr=0.1, fused=True, **kw)
-        return {"pyfici": opt.step, "torch fused SGD": topt.step}
+        return _threads({"pyfici": opt.step, "torch fused SGD": topt.step}, nthreads)
 
-    return Case("optim", f"SGD {label}, 1 group, no masks", setup, note="target: ratio >= 1/1.15")
+    return Case("optim", _label(f"SGD {label}, 1 group, no masks", nthreads), setup, note="target: ratio >= 1/1.15")
 
 
-def _adamw_case(shapes, group_of, device, label):
+def _adamw_case(shapes, group_of, device, label, nthreads: int | None = None):
     def setup():
         from pyfici.optim import LayerwiseAdamW
 
@@ -169,6 +206,8 @@ def _adamw_case(shapes, group_of, device, label):
         mp = [p for p, m in zip(tp, masks) if m is not None]
         mb = [m for m in masks if m is not None]
         topt = torch.optim.AdamW(_param_groups(tp, group_of, 1e-3), weight_decay=1e-2, fused=True)
+        sp, _ = _make(shapes, device)
+        sopt = torch.optim.AdamW(sp, lr=1e-3, weight_decay=1e-2, fused=True)
 
         @torch.no_grad()
         def asp():
@@ -176,9 +215,11 @@ def _adamw_case(shapes, group_of, device, label):
             topt.step()
             torch._foreach_mul_(mp, mb)
 
-        return {"pyfici": opt.step, "torch fused AdamW + foreach bool mask (ASP)": asp}
+        return _threads({"pyfici": opt.step, "torch fused AdamW + foreach bool mask (ASP)": asp,
+                         "torch fused AdamW, 1 group, no masks": sopt.step}, nthreads)
 
-    return Case("optim", f"AdamW {label}, groups, masked convs", setup)
+    return Case("optim", _label(f"AdamW {label}, groups, masked convs", nthreads), setup,
+                note="goals: ASP >= 2x, unmasked >= 0.87x")
 
 
 def _variation_case(shapes, device, label):
@@ -202,6 +243,11 @@ def _variation_case(shapes, device, label):
     return Case("optim", f"weight_variation {label}", setup)
 
 
+def cpu_thread_counts() -> list[int]:
+    """The thread counts the CPU cases run at: 2 (where the machine has 2 cores) and 1."""
+    return [2, 1] if (os.cpu_count() or 1) >= 2 else [1]
+
+
 def cases(size: str, device: str) -> list:
     if device not in ("cpu", "cuda"):
         return []
@@ -211,12 +257,11 @@ def cases(size: str, device: str) -> list:
     else:
         shapes, group_of = resnet50_shapes(width_div=4)
         label = "ResNet-50/4"
-    out = [
-        _sgd_case(shapes, group_of, device, label),
-        _sgd_nomask_case(shapes, device, label),
-        _adamw_case(shapes, group_of, device, label),
-        _variation_case(shapes, device, label),
-    ]
+    threads = cpu_thread_counts() if device == "cpu" else [None]
+    out = []
+    for t in threads:
+        out += [_sgd_case(shapes, group_of, device, label, nthreads=t), _adamw_case(shapes, group_of, device, label, nthreads=t)]
+    out += [_sgd_nomask_case(shapes, device, label, nthreads=threads[0]), _variation_case(shapes, device, label)]
     if device == "cuda" and size == "full":
         # a 1B-parameter list: ResNet-50's shapes repeated ~39 times
         big = shapes * 39

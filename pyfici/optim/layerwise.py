@@ -371,9 +371,8 @@ class LayerwiseSGD(_LayerwiseOptimizer):
                 self.state[p]["momentum_buffer"] = buf
                 b.state_a[i] = buf
                 b.init[i] = True
-        key = (tuple((g["momentum"], g["dampening"], g["nesterov"], g["weight_decay"], g["maximize"]) for g in groups),
-               tuple(has), tuple(b.init))
-        key = _scalar_key(key)
+        key = (_scalar_key(tuple((g["momentum"], g["dampening"], g["nesterov"], g["weight_decay"], g["maximize"])
+                                 for g in groups)), tuple(has), tuple(b.init))
         if key != b.hyper_key:
             rows = [groups[gi] for gi in b.group_of]
             b.hyper = ops.sgd_hyper(
@@ -470,9 +469,8 @@ class LayerwiseAdamW(_LayerwiseOptimizer):
     def _step_bucket(self, b: _Bucket, fresh: bool) -> None:
         grads, has = self._grads(b, fresh)
         groups = self.param_groups
-        key = (tuple((g["betas"][0], g["betas"][1], g["eps"], g["weight_decay"], g["amsgrad"], g["maximize"])
-                     for g in groups), tuple(has))
-        key = _scalar_key(key)
+        key = (_scalar_key(tuple((g["betas"][0], g["betas"][1], g["eps"], g["weight_decay"], g["amsgrad"], g["maximize"])
+                                 for g in groups)), tuple(has))
         if key != b.hyper_key:
             ph = _placeholder(b.device)
             for i, p in enumerate(b.params):
