@@ -19,7 +19,8 @@ from pyfici.engine.errors import UserError
 
 _LAZY = {
     "RunConfig": "config", "option": "config", "add_config_arguments": "config", "config_from_args": "config",
-    "validate": "config", "add_json_argument": "config", "emit_json": "config",
+    "validate": "config", "add_json_argument": "config", "emit_json": "config", "add_command_arguments": "config",
+    "count_type": "config",
     "Runtime": "runtime", "setup": "runtime", "log": "runtime", "resolve_device": "runtime",
     "seed_everything": "runtime", "distributed_info": "runtime",
     "atomic_save": "files", "atomic_write_text": "files", "write_json": "files", "load_checkpoint": "files",

@@ -185,6 +185,12 @@ def validate(cfg) -> None:
             raise UserError(f"{_flag(f)} {v!r}: choose one of {', '.join(map(str, choices))}")
 
 
+def add_command_arguments(parser: argparse.ArgumentParser, cls: type, out: str) -> None:
+    """A training command's options: the fields of ``cls`` (``--out`` defaulting to ``out``) and ``--json``."""
+    add_config_arguments(parser, cls, defaults={"out": out})
+    add_json_argument(parser)
+
+
 def add_json_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="PATH", default=None,
                         help="write the result as JSON to PATH ('-': to stdout)")

@@ -20,8 +20,7 @@ from pyfici.data.retrieval import RETRIEVAL_DATASETS
 from pyfici.engine import UserError
 from pyfici.engine.config import (
     RunConfig,
-    add_config_arguments,
-    add_json_argument,
+    add_command_arguments,
     config_from_args,
     emit_json,
     option,
@@ -476,15 +475,12 @@ def demo_compare(out: str | None = None, epochs: int = 2, image_size: int = 32, 
                   builtin_per_class=per_class, batch_size=32, device=device, workers=0, baseline=base,
                   quiet=quiet, max_retries=max_retries, out=str(Path(out) / name) if out else None)
         kw.update(overrides)
-        r = run_autolr(AutoLRConfig(**kw))
-        r.pop("model", None)
-        res[name] = r
+        res[name] = {k: v for k, v in run_autolr(AutoLRConfig(**kw)).items() if k != "model"}
     return res
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    add_config_arguments(p, AutoLRConfig, defaults={"out": "runs/autolr"})
-    add_json_argument(p)
+    add_command_arguments(p, AutoLRConfig, out="runs/autolr")
 
 
 def train_main(args: argparse.Namespace) -> int:

@@ -15,16 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pyfici.data.reid import REID_DATASETS
-from pyfici.engine import UserError
-from pyfici.engine.config import (
-    RunConfig,
-    add_config_arguments,
-    add_json_argument,
-    config_from_args,
-    emit_json,
-    option,
-    validate,
-)
+from pyfici.engine import RunConfig, UserError, option, validate
+from pyfici.engine.config import add_command_arguments, config_from_args, emit_json
 from pyfici.engine.errors import user_errors
 from pyfici.engine.evaluation import evaluate_reid
 from pyfici.engine.loop import CallbackHook, Trainer, train_epoch
@@ -524,8 +516,7 @@ def demo(out: str | os.PathLike = "runs/rollback_demo", epochs_per_period: int =
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    add_config_arguments(p, RollbackConfig, defaults={"out": "runs/rollback"})
-    add_json_argument(p)
+    add_command_arguments(p, RollbackConfig, out="runs/rollback")
 
 
 def train_main(args: argparse.Namespace) -> int:
