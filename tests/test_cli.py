@@ -161,3 +161,19 @@ def test_eval_reid_corrupt_checkpoint_and_features(tmp_path, capsys):
     torch.save(f, tmp_path / "feats2.pt")
     assert main(["eval", "reid", "--features", str(tmp_path / "feats2.pt")]) == 2
     _one_line_error(capsys, "different widths")
+
+
+def test_quick_builtin_defaults_and_released_defaults():
+    from pyfici.methods.autolr import AutoLRConfig
+    from pyfici.methods.rollback import RollbackConfig
+
+    q = AutoLRConfig(dataset="builtin")
+    assert (q.quick, q.backbone, q.image_size, q.epochs, q.max_retries) == (True, "efficientnet_lite0", 32, 2, 2)
+    r = AutoLRConfig(dataset="builtin", backbone="resnet50")
+    assert (r.quick, r.image_size, r.epochs, r.batch_size, r.max_retries) == (False, 224, 50, 40, 10)
+    assert AutoLRConfig(dataset="cub200", root="x").backbone == "resnet50"
+    assert AutoLRConfig(dataset="builtin", epochs=7).epochs == 7
+    q = RollbackConfig(dataset="builtin")
+    assert (q.quick, q.backbone, q.image_size, q.epochs_per_period) == (True, "efficientnet_lite0", (96, 48), 2)
+    r = RollbackConfig(dataset="market1501", root="x")
+    assert (r.backbone, r.image_size, r.epochs_per_period, r.eval_every) == ("resnet50", (288, 144), 40, 10)
