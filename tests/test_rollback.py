@@ -329,3 +329,23 @@ def test_checkpoint_saved_before_final_evaluation_and_resumed_eval(tmp_path, dat
     assert [e["epoch"] for e in res["evaluations"]] == [2] and (tmp_path / "final.pt").is_file()
     full = run(cfg(tmp_path / "full"), model_fn=tiny_model, data=data, schedule=sched)
     assert res["final"] == full["final"]
+
+
+def test_torchrun_two_processes(tmp_path):
+    """Data-parallel rolling-back under torchrun (gloo on CPU): rank 0 writes the run folder."""
+    import os
+    import shutil
+    import subprocess
+
+    if shutil.which("torchrun") is None:
+        pytest.skip("torchrun not on PATH")
+    out = tmp_path / "ddp"
+    cmd = ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "pyfici", "train", "rollback", "--dataset", "builtin",
+           "--builtin-ids", "8", "--backbone", "resnet18", "--pretrained", "none", "--epochs-per-period", "1",
+           "--image-size", "32", "16", "--batch-size", "4", "--workers", "0", "--device", "cpu", "--out", str(out),
+           "--quiet", "--stop-after-epochs", "2", "--eval-every", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=str(tmp_path),
+                         executable=None)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 2 and not (out / ".pyfici.lock").exists()
