@@ -321,6 +321,14 @@ class DlibMMODDetector(nn.Module):
             y = y * sy - py + ky // 2
         return x, y
 
+    def _fits(self, h: int, w: int) -> bool:
+        """Whether every layer has at least one output cell for an [h, w] input."""
+        for (sx, sy), (px, py), (kx, ky) in self._geometry:
+            h, w = (h + 2 * py - ky) // sy + 1, (w + 2 * px - kx) // sx + 1
+            if h < 1 or w < 1:
+                return False
+        return True
+
     # ---------------------------------------------------------------- canvas
 
     def build_canvas(self, images: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, int, int, int]]]:
@@ -402,9 +410,10 @@ class DlibMMODDetector(nn.Module):
                 part = idx[s:s + batch_size]
                 x = torch.from_numpy(np.stack([arrs[i] for i in part])).to(dev).permute(0, 3, 1, 2).float()
                 for _ in range(upsample):
-                    x = _resize_corners(x, pyramid_up_size(x.shape[2], x.shape[3])).round().clamp(0, 255)
+                    # dlib's RGB resize truncates to uint8
+                    x = _resize_corners(x, pyramid_up_size(x.shape[2], x.shape[3])).floor().clamp(0, 255)
                 canvas, rects = self.build_canvas(x)
-                if not rects:
+                if not rects or not self._fits(canvas.shape[2], canvas.shape[3]):
                     for i in part:
                         out[i] = Detections(np.zeros((0, 4), np.int64), np.zeros(0))
                     continue

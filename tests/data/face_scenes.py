@@ -70,19 +70,25 @@ def _face_patch(face: np.ndarray, side: int, angle: float) -> tuple[np.ndarray, 
 
 
 def composed_scenes(n_scenes: int = 20) -> list[dict]:
-    """``[{"name", "image" uint8 [360, 480, 3], "truth" [(cx, cy, side, angle, lfw_index)]}]``."""
+    """``[{"name", "image" uint8 [360, 480, 3], "truth" [(cx, cy, side, angle, lfw_index)]}]``.
+
+    Scenes 0-19 use each of the 100 faces once; later scenes (for the recall
+    measurement) reuse them with new sizes, angles and places."""
     import skimage.data as sd
 
     lfw = sd.lfw_subset()[:100]
     rng = np.random.default_rng(20240613)
     bgs = _backgrounds()
-    sides = np.exp(rng.uniform(np.log(MIN_SIDE), np.log(MAX_SIDE), size=len(lfw)))
-    angles = rng.uniform(-30, 30, size=len(lfw))
-    order = rng.permutation(len(lfw))
+    per_pass = len(lfw) // FACES_PER_SCENE
     scenes = []
-    for s in range(min(n_scenes, len(lfw) // FACES_PER_SCENE)):
+    for s in range(n_scenes):
+        if s % per_pass == 0:  # a new pass over the faces
+            sides = np.exp(rng.uniform(np.log(MIN_SIDE), np.log(MAX_SIDE), size=len(lfw)))
+            angles = rng.uniform(-30, 30, size=len(lfw))
+            order = rng.permutation(len(lfw))
         img = bgs[s % len(bgs)].copy()
-        ids = order[s * FACES_PER_SCENE:(s + 1) * FACES_PER_SCENE]
+        q = s % per_pass
+        ids = order[q * FACES_PER_SCENE:(q + 1) * FACES_PER_SCENE]
         ids = sorted(ids, key=lambda i: -sides[i])  # place the largest first
         placed: list[tuple[float, float, float]] = []
         truth = []
