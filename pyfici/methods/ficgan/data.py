@@ -182,22 +182,12 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 def save_png(arr: np.ndarray, path: str | os.PathLike) -> None:
-    """Write a uint8 [H, W, 3] array as PNG atomically (temp file + rename)."""
-    import tempfile
-
+    """Write a uint8 [H, W, 3] array as PNG atomically (temp file + rename, mode from the umask)."""
     from PIL import Image
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        Image.fromarray(arr).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from pyfici.engine.files import atomic_write
+
+    atomic_write(path, lambda f: Image.fromarray(arr).save(f, format="PNG"))
 
 
 def save_grid(rows: list[torch.Tensor], path: str | os.PathLike, pad: int = 2) -> None:
