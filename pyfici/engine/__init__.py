@@ -7,6 +7,7 @@
 - :mod:`.loop`: :class:`Trainer` with hooks, one supervised epoch with progress.
 - :mod:`.evaluation`: feature extraction, ReID and retrieval evaluation.
 - :mod:`.config`: config dataclasses and the command-line options generated from them.
+- :mod:`.eval_reid`: the `pyfici eval reid` command.
 
 Only :class:`UserError` is imported eagerly; the rest loads on first use.
 """
