@@ -21,6 +21,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include "registry.h"
 
 namespace py = pybind11;
@@ -30,13 +34,123 @@ namespace {
 
 constexpr int64_t kMaxCountMatches = 256;
 
+// rank of the item at idx with value m: #{j < idx : v_j <= m} + #{j > idx : v_j < m}.
+// Portable version (the compiler vectorises it for the variant's ISA).
 template <typename T>
-inline int64_t count_before(const T* __restrict v, int64_t G, int64_t idx, T m) {
+inline int64_t count_before_portable(const T* __restrict v, int64_t G, int64_t idx, T m) {
   int32_t c1 = 0, c2 = 0;
   for (int64_t j = 0; j < idx; ++j) c1 += (v[j] <= m);
   for (int64_t j = idx + 1; j < G; ++j) c2 += (v[j] < m);
   return static_cast<int64_t>(c1) + static_cast<int64_t>(c2);
 }
+
+#if defined(__AVX512F__)
+// AVX-512: 16 floats / 8 doubles per compare into a mask register, counted by
+// masked adds into two independent int32 / int64 vector accumulators; the
+// ragged ends use masked loads (no scalar tail). Ordered predicates: junk
+// (NaN) is never counted.
+template <int Pred>
+inline __m512i count_range_f32(const float* v, int64_t a, int64_t b, __m512 mv, __m512i acc) {
+  const __m512i one = _mm512_set1_epi32(1);
+  __m512i acc1 = _mm512_setzero_si512();
+  int64_t j = a;
+  for (; j + 32 <= b; j += 32) {
+    const __mmask16 k0 = _mm512_cmp_ps_mask(_mm512_loadu_ps(v + j), mv, Pred);
+    const __mmask16 k1 = _mm512_cmp_ps_mask(_mm512_loadu_ps(v + j + 16), mv, Pred);
+    acc = _mm512_mask_add_epi32(acc, k0, acc, one);
+    acc1 = _mm512_mask_add_epi32(acc1, k1, acc1, one);
+  }
+  for (; j < b; j += 16) {
+    const int64_t n = b - j < 16 ? b - j : 16;
+    const __mmask16 t = static_cast<__mmask16>((1u << n) - 1u);
+    const __mmask16 k = _mm512_mask_cmp_ps_mask(t, _mm512_maskz_loadu_ps(t, v + j), mv, Pred);
+    acc = _mm512_mask_add_epi32(acc, k, acc, one);
+  }
+  return _mm512_add_epi32(acc, acc1);
+}
+
+inline int64_t count_before(const float* __restrict v, int64_t G, int64_t idx, float m) {
+  const __m512 mv = _mm512_set1_ps(m);
+  __m512i acc = count_range_f32<_CMP_LE_OQ>(v, 0, idx, mv, _mm512_setzero_si512());
+  acc = count_range_f32<_CMP_LT_OQ>(v, idx + 1, G, mv, acc);
+  return static_cast<int64_t>(_mm512_reduce_add_epi32(acc));
+}
+
+template <int Pred>
+inline __m512i count_range_f64(const double* v, int64_t a, int64_t b, __m512d mv, __m512i acc) {
+  const __m512i one = _mm512_set1_epi64(1);
+  __m512i acc1 = _mm512_setzero_si512();
+  int64_t j = a;
+  for (; j + 16 <= b; j += 16) {
+    const __mmask8 k0 = _mm512_cmp_pd_mask(_mm512_loadu_pd(v + j), mv, Pred);
+    const __mmask8 k1 = _mm512_cmp_pd_mask(_mm512_loadu_pd(v + j + 8), mv, Pred);
+    acc = _mm512_mask_add_epi64(acc, k0, acc, one);
+    acc1 = _mm512_mask_add_epi64(acc1, k1, acc1, one);
+  }
+  for (; j < b; j += 8) {
+    const int64_t n = b - j < 8 ? b - j : 8;
+    const __mmask8 t = static_cast<__mmask8>((1u << n) - 1u);
+    const __mmask8 k = _mm512_mask_cmp_pd_mask(t, _mm512_maskz_loadu_pd(t, v + j), mv, Pred);
+    acc = _mm512_mask_add_epi64(acc, k, acc, one);
+  }
+  return _mm512_add_epi64(acc, acc1);
+}
+
+inline int64_t count_before(const double* __restrict v, int64_t G, int64_t idx, double m) {
+  const __m512d mv = _mm512_set1_pd(m);
+  __m512i acc = count_range_f64<_CMP_LE_OQ>(v, 0, idx, mv, _mm512_setzero_si512());
+  acc = count_range_f64<_CMP_LT_OQ>(v, idx + 1, G, mv, acc);
+  return static_cast<int64_t>(_mm512_reduce_add_epi64(acc));
+}
+#elif defined(__AVX2__)
+// AVX2: 8 floats / 4 doubles per compare; a true lane is all ones (-1), so
+// subtracting the compare result counts it. Scalar tails.
+template <int Pred>
+inline int64_t count_range_f32(const float* v, int64_t a, int64_t b, float m) {
+  const __m256 mv = _mm256_set1_ps(m);
+  __m256i acc0 = _mm256_setzero_si256(), acc1 = _mm256_setzero_si256();
+  int64_t j = a;
+  for (; j + 16 <= b; j += 16) {
+    acc0 = _mm256_sub_epi32(acc0, _mm256_castps_si256(_mm256_cmp_ps(_mm256_loadu_ps(v + j), mv, Pred)));
+    acc1 = _mm256_sub_epi32(acc1, _mm256_castps_si256(_mm256_cmp_ps(_mm256_loadu_ps(v + j + 8), mv, Pred)));
+  }
+  alignas(32) int32_t lanes[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), _mm256_add_epi32(acc0, acc1));
+  int64_t c = 0;
+  for (int l = 0; l < 8; ++l) c += lanes[l];
+  for (; j < b; ++j) c += Pred == _CMP_LE_OQ ? (v[j] <= m) : (v[j] < m);
+  return c;
+}
+
+inline int64_t count_before(const float* __restrict v, int64_t G, int64_t idx, float m) {
+  return count_range_f32<_CMP_LE_OQ>(v, 0, idx, m) + count_range_f32<_CMP_LT_OQ>(v, idx + 1, G, m);
+}
+
+template <int Pred>
+inline int64_t count_range_f64(const double* v, int64_t a, int64_t b, double m) {
+  const __m256d mv = _mm256_set1_pd(m);
+  __m256i acc0 = _mm256_setzero_si256(), acc1 = _mm256_setzero_si256();
+  int64_t j = a;
+  for (; j + 8 <= b; j += 8) {
+    acc0 = _mm256_sub_epi64(acc0, _mm256_castpd_si256(_mm256_cmp_pd(_mm256_loadu_pd(v + j), mv, Pred)));
+    acc1 = _mm256_sub_epi64(acc1, _mm256_castpd_si256(_mm256_cmp_pd(_mm256_loadu_pd(v + j + 4), mv, Pred)));
+  }
+  alignas(32) int64_t lanes[4];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), _mm256_add_epi64(acc0, acc1));
+  int64_t c = lanes[0] + lanes[1] + lanes[2] + lanes[3];
+  for (; j < b; ++j) c += Pred == _CMP_LE_OQ ? (v[j] <= m) : (v[j] < m);
+  return c;
+}
+
+inline int64_t count_before(const double* __restrict v, int64_t G, int64_t idx, double m) {
+  return count_range_f64<_CMP_LE_OQ>(v, 0, idx, m) + count_range_f64<_CMP_LT_OQ>(v, idx + 1, G, m);
+}
+#else
+template <typename T>
+inline int64_t count_before(const T* __restrict v, int64_t G, int64_t idx, T m) {
+  return count_before_portable(v, G, idx, m);
+}
+#endif
 
 // Number of valid items whose value equals m, less one (m's own; junk is NaN: never equal).
 template <typename T>
