@@ -11,7 +11,9 @@ Public API:
   ``rerank_distmat`` (k-reciprocal re-ranking).
 - ``pyfici.reid`` — ``evaluate``, ``evaluate_distmat``, ``recall_at_k``,
   ``rerank``, ``rerank_distmat``.
-- ``pyfici.optim`` — ``LayerwiseSGD``, ``LayerwiseAdamW`` (drop-in for torch.optim).
+- ``pyfici.optim`` — ``LayerwiseSGD``, ``LayerwiseAdamW`` (drop-in for torch.optim);
+  pruning masks (``magnitude_mask``, ``global_magnitude_masks``, ``nm_mask``, ``nm_masks``,
+  ``torch_prune_masks``) and ``layer_decay_param_groups``.
 - ``pyfici.deid`` — ``k_same``, ``check_k_anonymity`` and privacy / utility metrics.
 - ``pyfici.compat.torchreid`` — ``evaluate_rank`` drop-in.
 - ``pyfici.methods`` — ``autolr``, ``rollback``, ``ficgan`` (also as ``pyfici train ...``).
