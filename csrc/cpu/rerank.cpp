@@ -34,6 +34,10 @@
 #include <stdexcept>
 #include <vector>
 
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include "registry.h"
 
 namespace py = pybind11;
@@ -89,6 +93,72 @@ inline float threshold(const float* tv, int32_t n, int64_t K) {
   return n == K ? tv[K - 1] : std::numeric_limits<float>::infinity();
 }
 
+// Push the entries of v[0:n) that beat the list's threshold, in increasing
+// index order (the scalar loop's order, so the lists are the same). Written for
+// the ISA: a vector compare against the current threshold finds the few
+// candidates of a block (after the first K, almost none), which are then
+// pushed one by one with the threshold re-read after each push.
+inline void push_candidates(const float* __restrict v, int64_t n, int64_t c0, float* tv, int32_t* ti,
+                            int32_t& cnt, int64_t K) {
+  float thr = threshold(tv, cnt, K);
+  int64_t c = 0;
+#if defined(__AVX512F__)
+  for (; c + 16 <= n; c += 16) {
+    uint32_t k = _mm512_cmp_ps_mask(_mm512_loadu_ps(v + c), _mm512_set1_ps(thr), _CMP_LT_OQ);
+    while (k) {
+      const int l = __builtin_ctz(k);
+      k &= k - 1;
+      if (v[c + l] < thr) {
+        topk_push(tv, ti, cnt, K, v[c + l], static_cast<int32_t>(c0 + c + l));
+        thr = threshold(tv, cnt, K);
+      }
+    }
+  }
+#elif defined(__AVX2__)
+  for (; c + 8 <= n; c += 8) {
+    uint32_t k = static_cast<uint32_t>(
+        _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(v + c), _mm256_set1_ps(thr), _CMP_LT_OQ)));
+    while (k) {
+      const int l = __builtin_ctz(k);
+      k &= k - 1;
+      if (v[c + l] < thr) {
+        topk_push(tv, ti, cnt, K, v[c + l], static_cast<int32_t>(c0 + c + l));
+        thr = threshold(tv, cnt, K);
+      }
+    }
+  }
+#endif
+  for (; c < n; ++c) {
+    if (v[c] < thr) {
+      topk_push(tv, ti, cnt, K, v[c], static_cast<int32_t>(c0 + c));
+      thr = threshold(tv, cnt, K);
+    }
+  }
+}
+
+// Lanes j of a 32-wide strip with v[j] < thr[j] (bit j set).
+inline uint32_t strip_hits(const float* v, const float* thr, int64_t w) {
+#if defined(__AVX512F__)
+  if (w == 32) {
+    const uint32_t lo = _mm512_cmp_ps_mask(_mm512_loadu_ps(v), _mm512_loadu_ps(thr), _CMP_LT_OQ);
+    const uint32_t hi = _mm512_cmp_ps_mask(_mm512_loadu_ps(v + 16), _mm512_loadu_ps(thr + 16), _CMP_LT_OQ);
+    return lo | (hi << 16);
+  }
+#elif defined(__AVX2__)
+  if (w == 32) {
+    uint32_t k = 0;
+    for (int q = 0; q < 4; ++q)
+      k |= static_cast<uint32_t>(_mm256_movemask_ps(
+               _mm256_cmp_ps(_mm256_loadu_ps(v + 8 * q), _mm256_loadu_ps(thr + 8 * q), _CMP_LT_OQ)))
+           << (8 * q);
+    return k;
+  }
+#endif
+  uint32_t k = 0;
+  for (int64_t j = 0; j < w; ++j) k |= static_cast<uint32_t>(v[j] < thr[j]) << j;
+  return k;
+}
+
 struct ScanArgs {
   int64_t ld, r0, nrows, c0, ncols, Q, G, K, ldo;
   float* topv;
@@ -123,16 +193,8 @@ void scan_impl(const T* tile, const T* norms, const ScanArgs& a) {
         float* o = a.out + r * a.ldo - a.Q;
         for (int64_t c = cb; c < a.c0 + a.ncols; ++c) o[c] = v[c - a.c0];
       }
-      float* tv = a.topv + r * K;
-      int32_t* ti = a.topi + r * K;
       int32_t n = a.cnt[r];
-      float thr = threshold(tv, n, K);
-      for (int64_t c = 0; c < a.ncols; ++c) {
-        if (v[c] < thr) {
-          topk_push(tv, ti, n, K, v[c], static_cast<int32_t>(a.c0 + c));
-          thr = threshold(tv, n, K);
-        }
-      }
+      push_candidates(v, a.ncols, a.c0, a.topv + r * K, a.topi + r * K, n, K);
       a.cnt[r] = n;
     }
     if (a.do_cols) {
@@ -158,12 +220,11 @@ void scan_impl(const T* tile, const T* norms, const ScanArgs& a) {
           const T nr = norms ? norms[a.r0 + t] : T(0);
           for (int64_t j = 0; j < w; ++j) v[j] = raw_value<T, MODE>(row[j], nr, nc[j]);
           for (int64_t j = 0; j < w; ++j) mx[j] = v[j] > mx[j] ? v[j] : mx[j];
-          for (int64_t j = 0; j < w; ++j) {
-            if (v[j] < thr[j]) {
-              const int64_t g = a.c0 + cb + j;
-              topk_push(a.topv + g * K, a.topi + g * K, a.cnt[g], K, v[j], static_cast<int32_t>(a.r0 + t));
-              thr[j] = threshold(a.topv + g * K, a.cnt[g], K);
-            }
+          for (uint32_t k = strip_hits(v, thr, w); k; k &= k - 1) {
+            const int j = __builtin_ctz(k);  // lanes are independent lists: any order
+            const int64_t g = a.c0 + cb + j;
+            topk_push(a.topv + g * K, a.topi + g * K, a.cnt[g], K, v[j], static_cast<int32_t>(a.r0 + t));
+            thr[j] = threshold(a.topv + g * K, a.cnt[g], K);
           }
         }
         for (int64_t j = 0; j < w; ++j) a.rowmax[a.c0 + cb + j] = mx[j];
