@@ -43,6 +43,18 @@ def test_k_same_small_lists_force_refreshes():
         assert torch.equal(res.assignment, ref), (cand, batch)
 
 
+def test_k_same_lazy_lists_in_growing_batches():
+    # lists are computed only for the points the sweep reaches alive, in batches that grow
+    # with the alive set; the partition stays the plain algorithm's
+    x = torch.randn(2500, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    ref = reference.k_same(x, 4, "sqeuclidean", 7, "greedy")
+    for batch in (1, 256):
+        res = k_same(x, 4, metric="sqeuclidean", seed=7, refresh_batch=batch)
+        assert torch.equal(res.assignment, ref), batch
+    x32 = x.float()
+    assert torch.equal(k_same(x32, 4, seed=7).assignment, reference.k_same(x32, 4, "cosine", 7, "greedy"))
+
+
 def test_k_same_is_deterministic_and_seeded():
     x = torch.randn(500, 8)
     a = k_same(x, 4, seed=3).assignment

@@ -291,6 +291,51 @@ void exact_rows_impl(const T* X, const T* Y, const int64_t* rows, int64_t R, int
   }
 }
 
+// One pass over the rows of X [N, D]: norm2[r] = sum_d ((x_d - mu_d) * c)^2 (double;
+// mu optional), colsum[d] += x_d (double, optional), and the largest |x_d| (returned).
+template <typename T>
+double row_stats_impl(const T* X, int64_t N, int64_t D, const double* mu, double c, double* norm2, double* colsum,
+                      int nthreads) {
+  double amax = 0.0;
+  nthreads = threads_for(nthreads, N * D, N);
+#pragma omp parallel num_threads(nthreads) reduction(max : amax)
+  {
+    std::vector<double> cs(colsum ? static_cast<size_t>(D) : 0, 0.0);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < N; ++r) {
+      const T* __restrict x = X + r * D;
+      double acc = 0.0, m = amax;
+      // these statistics only scale and bound the approximate pass: a vectorised
+      // (reassociated) sum is fine here, unlike in the exact values
+      if (mu) {
+#pragma omp simd reduction(+ : acc) reduction(max : m)
+        for (int64_t d = 0; d < D; ++d) {
+          const double v = static_cast<double>(x[d]);
+          const double e = (v - mu[d]) * c;
+          acc += e * e;
+          m = std::max(m, std::abs(v));
+        }
+      } else {
+#pragma omp simd reduction(+ : acc) reduction(max : m)
+        for (int64_t d = 0; d < D; ++d) {
+          const double v = static_cast<double>(x[d]) * c;
+          acc += v * v;
+          m = std::max(m, std::abs(static_cast<double>(x[d])));
+        }
+      }
+      if (colsum)
+        for (int64_t d = 0; d < D; ++d) cs[d] += static_cast<double>(x[d]);
+      amax = m;
+      norm2[r] = acc;
+    }
+    if (colsum) {
+#pragma omp critical
+      for (int64_t d = 0; d < D; ++d) colsum[d] += cs[d];
+    }
+  }
+  return amax;
+}
+
 // out[q] = sum_t w[q, t] * u(Y[idx[q, t]]),  u = y / ||y|| if normalize_rows else y;
 // then out[q] /= ||out[q]|| if spherical else out[q] /= sum_t w[q, t].
 // idx may hold indices into a shard: rows with idx < 0 or not in [lo, hi) are skipped
@@ -500,6 +545,21 @@ PYFICI_REGISTER(m) {
         });
       },
       "Exact top-k of the query rows `rows` against the whole gallery by the direct formula (double).");
+  m.def(
+      "knn_row_stats",
+      [](std::uintptr_t X, int dtype, int64_t N, int64_t D, std::uintptr_t mu, double c, std::uintptr_t norm2,
+         std::uintptr_t colsum, int nthreads) {
+        py::gil_scoped_release nogil;
+        double amax = 0.0;
+        dispatch_float(dtype, "knn_row_stats", [&](auto* tag) {
+          using T = std::remove_pointer_t<decltype(tag)>;
+          amax = row_stats_impl<T>(as_ptr<const T>(X), N, D, as_ptr<const double>(mu), c, as_ptr<double>(norm2),
+                                   as_ptr<double>(colsum), nthreads);
+        });
+        return amax;
+      },
+      "One pass over the rows: squared norms of (x - mu) * c (double), column sums (double, optional "
+      "colsum != 0, accumulated into it) and the largest |x| (returned).");
   m.def(
       "knn_average_rows",
       [](std::uintptr_t Y, int dtype, int64_t D, std::uintptr_t idx, std::uintptr_t w, int64_t Q, int64_t k,

@@ -112,32 +112,54 @@ def _row_chunks(n: int, d: int):
         yield r0, min(n, r0 + step)
 
 
-def _sq_norms(y: torch.Tensor, space: Space | None = None) -> torch.Tensor:
-    """||y_j||^2 (of the transformed rows when space is given), in y's dtype, by row chunks."""
-    G, D = y.shape
-    n2 = torch.empty(G, dtype=y.dtype, device=y.device)
-    for r0, r1 in _row_chunks(G, D):
-        yt = y[r0:r1] if space is None else space.apply(y[r0:r1])
-        torch.linalg.vector_norm(yt, dim=1, out=n2[r0:r1])
-    return n2.square_()
+def row_stats(t: torch.Tensor, backend: str, mu: torch.Tensor | None = None, c: float = 1.0,
+              colsum: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """One pass over the rows of t: (||(t_r - mu) * c||^2 as float64 [N], the float64 column
+    sums or None, max |t|)."""
+    N, D = t.shape
+    if N == 0:
+        return torch.zeros(0, dtype=torch.float64, device=t.device), None, 0.0
+    if backend == "cpu":
+        n2 = torch.empty(N, dtype=torch.float64)
+        cs = torch.zeros(D, dtype=torch.float64) if colsum else None
+        mu64 = mu.double().contiguous() if mu is not None else None
+        amax = _native.cpu_module().knn_row_stats(
+            t.data_ptr(), _native.DTYPE_CODES[t.dtype], N, D, mu64.data_ptr() if mu64 is not None else 0, c,
+            n2.data_ptr(), cs.data_ptr() if cs is not None else 0, _native.num_threads(),
+        )
+        return n2, cs, amax
+    n2 = torch.empty(N, dtype=torch.float64, device=t.device)
+    cs = torch.zeros(D, dtype=torch.float64, device=t.device) if colsum else None
+    amax = 0.0
+    for r0, r1 in _row_chunks(N, D):
+        tc = t[r0:r1].double()
+        amax = max(amax, float(tc.abs().max()))
+        if cs is not None:
+            cs += tc.sum(0)
+        if mu is not None:
+            tc = tc - mu.double()
+        n2[r0:r1] = (tc * c).square().sum(1)
+    return n2, cs, amax
 
 
-def make_space(x: torch.Tensor, y: torch.Tensor, metric: str) -> Space:
+def make_space(x: torch.Tensor, y: torch.Tensor, metric: str, backend: str = "cpu") -> Space:
     G, D = y.shape
     dt = y.dtype
     mu = None
     shift = 0.0
-    n2 = _sq_norms(y) if G > 0 else None
-    if metric in ("sqeuclidean", "euclidean") and G > 0:
-        m = y.sum(0, dtype=torch.float64) / G
+    euclid = metric in ("sqeuclidean", "euclidean")
+    n2, colsum, amax_y = row_stats(y, backend, colsum=euclid)
+    amax_x = amax_y if x.data_ptr() == y.data_ptr() and x.shape == y.shape else row_stats(x, backend)[2]
+    if euclid and G > 0:
+        m = colsum / G
         off2 = float(m.square().sum())
-        spread2 = float(n2.sum(dtype=torch.float64)) / G - off2  # mean ||y - m||^2
+        spread2 = float(n2.sum()) / G - off2  # mean ||y - m||^2
         # centre when the offset dominates the spread: then the expansion cancels digits
         # (spread2 is itself inaccurate exactly then, which only strengthens the test)
         if off2 > 16.0 * max(spread2, 0.0):
             mu = m.to(dt)
             shift = float(mu.abs().max())
-    amax = max(float(x.abs().max()) if x.numel() else 0.0, float(y.abs().max()) if y.numel() else 0.0) + shift
+    amax = max(amax_x, amax_y) + shift
     c = 1.0
     if amax > 0 and math.isfinite(amax) and not (2.0**-20 <= amax <= 2.0**20):
         c = math.ldexp(1.0, -math.frexp(amax)[1])  # largest magnitude in [0.5, 1)
@@ -146,13 +168,13 @@ def make_space(x: torch.Tensor, y: torch.Tensor, metric: str) -> Space:
     ymax2 = 0.0
     if G > 0:
         if sp.transformed:
-            n2 = _sq_norms(y, sp)
+            n2 = row_stats(y, backend, mu, c)[0]
         ymax2 = float(n2.max())
         if metric == "cosine":
             nrm = n2.sqrt()
-            a = 1.0 / torch.where(nrm > 0, nrm, torch.ones_like(nrm))
-        elif metric in ("sqeuclidean", "euclidean"):
-            b = n2.mul_(-0.5)
+            a = (1.0 / torch.where(nrm > 0, nrm, torch.ones_like(nrm))).to(dt)
+        elif euclid:
+            b = (n2 * -0.5).to(dt)
     return Space(mu, c, a, b, math.sqrt(ymax2))
 
 
@@ -350,7 +372,7 @@ def exact_rows(x, y, rows: torch.Tensor, k: int, metric: str, backend: str, self
 # ---------------------------------------------------------------------------
 
 
-def certified(x, space: Space, scores, cand, kth, metric: str, complete: bool) -> torch.Tensor:
+def certified(x, space: Space, scores, cand, kth, metric: str, complete: bool, backend: str) -> torch.Tensor:
     """bool [Q]: no gallery item outside a row's list can reach the row's k-th exact value."""
     Q, L = cand.shape
     if complete:
@@ -362,9 +384,7 @@ def certified(x, space: Space, scores, cand, kth, metric: str, complete: bool) -
     gd = 8.0 * (D + 4) * 2.0**-53  # rounding of the double-precision exact values
     last = scores[:, -1].double()
     short = cand[:, -1] < 0  # fewer candidates than L: every column was seen
-    xn2 = torch.zeros(Q, dtype=torch.float64, device=x.device)
-    for r0, r1 in _row_chunks(Q, D):
-        xn2[r0:r1] = space.apply(x[r0:r1]).double().square().sum(1)
+    xn2 = row_stats(x, backend, space.mu, space.c)[0]
     xn = xn2.sqrt()
     ym = space.ymax
     c2 = space.c * space.c
@@ -403,13 +423,13 @@ def knn_local(x, y, k: int, metric: str, exclude_self: bool, tile: int, backend:
     if available is None:
         available = G - 1 if exclude_self else G
     L = list_length(k, available, backend)
-    space = make_space(x, y, metric)
+    space = make_space(x, y, metric, backend)
     if backend == "triton":  # (called with col_offset = 0 only)
         scores, cand = _select_triton(x, y, L, space, exclude_self)
     else:
         scores, cand = select_tiles(x, y, L, space, exclude_self, tile, backend, col_offset=col_offset)
     vals, idx, kth = refine(x, y, cand, k, metric, backend, col_offset)
-    ok = certified(x, space, scores, cand, kth, metric, complete=L >= available)
+    ok = certified(x, space, scores, cand, kth, metric, complete=L >= available, backend=backend)
     bad = torch.nonzero(~ok, as_tuple=False).squeeze(1)
     if bad.numel():
         self_off = col_offset if exclude_self else -1

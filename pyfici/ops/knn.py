@@ -83,7 +83,9 @@ def _knn_op(
     queries: torch.Tensor, gallery: torch.Tensor, k: int, metric: str, exclude_self: bool, tile: int, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "torch":
-        return reference.knn(queries, gallery, k, metric, exclude_self)
+        vals, idx = reference.knn(queries, gallery, k, metric, exclude_self)
+        kb.check_output(vals, idx, metric)
+        return vals, idx
     if backend == "cuda":
         with torch.cuda.device(queries.device):
             return kb.knn(queries, gallery, k, metric, exclude_self, tile, backend)
@@ -314,10 +316,17 @@ def k_same_partition(
     check_int_range("candidates", W, 1)
     check_int_range("refresh_batch", refresh_batch, 1)
     check_int_range("tile", tile, 1)
-    dev = x.device
     be = choose_backend("k_same", torch.device("cpu"), backend, supported=("cpu", "torch"))
+    return _k_same_op(x, k, metric, seed, method, W, tile, refresh_batch, be)
+
+
+@torch.library.custom_op("pyfici::k_same_partition", mutates_args=())
+def _k_same_op(
+    x: torch.Tensor, k: int, metric: str, seed: int, method: str, W: int, tile: int, refresh_batch: int, backend: str
+) -> torch.Tensor:
+    dev = x.device
     x = x.cpu()
-    if be == "torch":
+    if backend == "torch":
         return reference.k_same(x, k, metric, seed, method).to(dev)
     dt = torch.float64 if x.dtype == torch.float64 else torch.float32
     xc = x.to(dt).contiguous()
@@ -325,3 +334,8 @@ def k_same_partition(
         n = xc.norm(dim=1, keepdim=True)
         xc = (xc / torch.where(n > 0, n, torch.ones_like(n))).contiguous()
     return ks.partition(xc, k, seed, method, W, tile, refresh_batch).to(dev)
+
+
+@_k_same_op.register_fake
+def _(x, k, metric, seed, method, W, tile, refresh_batch, backend):
+    return x.new_empty((x.shape[0],), dtype=torch.int64)
