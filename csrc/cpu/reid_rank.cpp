@@ -253,14 +253,15 @@ void rank_stats_impl(const T* dist, const T* qnorm, int64_t Q, int64_t G, int64_
                      const int64_t* gpid, const int64_t* qcam, const int64_t* gcam,
                      bool junk_minus1, bool trapezoid, double* out_ap, int64_t* out_first,
                      double* out_inp, int64_t* out_nmatch, int nthreads, int64_t* out_ranks,
-                     const int64_t* rank_offsets, int64_t* out_ties) {
+                     const int64_t* rank_offsets, int64_t* out_ties, int64_t* out_nonfinite) {
+  int64_t nonfinite = 0;
   const T inf = std::numeric_limits<T>::infinity();
   const T junk_value = std::numeric_limits<T>::quiet_NaN();
   const GalleryIndex gi(gpid, gcam, G);
   const int32_t* __restrict gkey = gi.key.data();
   const int32_t* __restrict gc = gi.cam.data();
   const int32_t km1 = junk_minus1 ? gi.key_minus1 : -2;
-#pragma omp parallel num_threads(nthreads)
+#pragma omp parallel num_threads(nthreads) reduction(+ : nonfinite)
   {
     std::vector<T> v(static_cast<size_t>(G));
     std::vector<int64_t> midx, ranks, order, ties;
@@ -279,6 +280,12 @@ void rank_stats_impl(const T* dist, const T* qnorm, int64_t Q, int64_t G, int64_
         const bool junk = ((gkey[j] == qk) & (gc[j] == qc)) | (gkey[j] == km1);
         const T x = epilogue<T, Epi>(d[j], qn);
         vv[j] = junk ? junk_value : (x == x ? x : inf);
+      }
+      if (out_nonfinite != nullptr) {
+        // the caller's finiteness check, fused: x - x is 0 exactly for finite x, NaN otherwise
+        int32_t bad = 0;
+        for (int64_t j = 0; j < G; ++j) bad += !(d[j] - d[j] == T(0));
+        nonfinite += bad;
       }
       midx.clear();
       const bool query_is_junk_id = junk_minus1 && qpid[q] == -1;
@@ -337,6 +344,7 @@ void rank_stats_impl(const T* dist, const T* qnorm, int64_t Q, int64_t G, int64_
       out_nmatch[q] = res.nmatch;
     }
   }
+  if (out_nonfinite != nullptr) *out_nonfinite = nonfinite;
 }
 
 }  // namespace
@@ -348,7 +356,7 @@ PYFICI_REGISTER(m) {
          std::uintptr_t gpid, std::uintptr_t qcam, std::uintptr_t gcam, bool junk_minus1,
          bool trapezoid, std::uintptr_t out_ap, std::uintptr_t out_first, std::uintptr_t out_inp,
          std::uintptr_t out_nmatch, int nthreads, int epi, std::uintptr_t qnorm, std::uintptr_t out_ranks,
-         std::uintptr_t rank_offsets, std::uintptr_t out_ties) {
+         std::uintptr_t rank_offsets, std::uintptr_t out_ties, std::uintptr_t out_nonfinite) {
         if (epi < 0 || epi > 3) throw std::invalid_argument("reid_rank_stats: epi must be 0..3");
         py::gil_scoped_release nogil;
         auto run = [&](auto* p) {
@@ -363,7 +371,7 @@ PYFICI_REGISTER(m) {
                           trapezoid, as_ptr<double>(out_ap), as_ptr<int64_t>(out_first),
                           as_ptr<double>(out_inp), as_ptr<int64_t>(out_nmatch), nthreads,
                           as_ptr<int64_t>(out_ranks), as_ptr<const int64_t>(rank_offsets),
-                          as_ptr<int64_t>(out_ties));
+                          as_ptr<int64_t>(out_ties), as_ptr<int64_t>(out_nonfinite));
         };
         if (dtype == kFloat32)
           run(as_ptr<const float>(dist));
@@ -377,7 +385,8 @@ PYFICI_REGISTER(m) {
       "epi/qnorm: optional fused distance epilogue (0 none, 1 sqeuclidean, 2 euclidean, 3 cosine). "
       "out_ranks/rank_offsets (optional, 0 = none): the sorted 0-based ranks of each query's matches "
       "at ranks[offsets[q]:offsets[q+1]]; out_ties (optional): for each, the number of other valid "
-      "items with exactly the same distance.");
+      "items with exactly the same distance. out_nonfinite (optional): receives the number of "
+      "NaN / Inf values of the [Q, G] matrix read (the caller's finiteness check, fused).");
 }
 
 }  // namespace pyfici

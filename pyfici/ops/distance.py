@@ -303,7 +303,7 @@ def _reid_rank_stats_op(
     )
     if backend == "cpu":
         qn_ptr = q_norms.data_ptr() if (epilogue != 0 and q_norms is not None) else 0
-        _native.cpu_module().reid_rank_stats(*args, _native.num_threads(), epilogue, qn_ptr, 0, 0, 0)
+        _native.cpu_module().reid_rank_stats(*args, _native.num_threads(), epilogue, qn_ptr, 0, 0, 0, 0)
     else:
         with torch.cuda.device(dev):
             _native.cuda_module().reid_rank_stats(*args, _native.stream_ptr(dev))
@@ -452,7 +452,30 @@ def reid_match_ranks(dist: torch.Tensor, q_pids, g_pids, q_camids, g_camids, *, 
             dist.data_ptr(), _native.DTYPE_CODES[dist.dtype], Q, G, dist.stride(0),
             ids[0].data_ptr(), ids[1].data_ptr(), ids[2].data_ptr(), ids[3].data_ptr(), False, False,
             ap.data_ptr(), first.data_ptr(), inp.data_ptr(), nmatch.data_ptr(), _native.num_threads(), 0, 0,
-            ranks.data_ptr(), offsets.data_ptr(), ties.data_ptr() if ties is not None else 0)
+            ranks.data_ptr(), offsets.data_ptr(), ties.data_ptr() if ties is not None else 0, 0)
         if not torch.equal(nmatch, counts):
             raise RuntimeError("reid_match_ranks: match counts disagree with the kernel's")
     return ranks, offsets, ties
+
+
+def rank_stats_checked_cpu(dist: torch.Tensor, q_pids, g_pids, q_camids, g_camids, protocol: str):
+    """:func:`reid_rank_stats` of a validated CPU float32/float64 matrix with
+    contiguous rows and the finiteness check fused into the kernel's one pass
+    over the matrix (instead of a separate reduction). Raises ValueError
+    naming ``distmat`` if it holds NaN / Inf."""
+    Q, G = dist.shape
+    market = protocol == "market1501"
+    ap = torch.empty(Q, dtype=torch.float64)
+    inp = torch.empty(Q, dtype=torch.float64)
+    first = torch.empty(Q, dtype=torch.int64)
+    nmatch = torch.empty(Q, dtype=torch.int64)
+    bad = torch.zeros(1, dtype=torch.int64)
+    _native.cpu_module().reid_rank_stats(
+        dist.data_ptr(), _native.DTYPE_CODES[dist.dtype], Q, G, dist.stride(0),
+        q_pids.data_ptr(), g_pids.data_ptr(), q_camids.data_ptr(), g_camids.data_ptr(), market, market,
+        ap.data_ptr(), first.data_ptr(), inp.data_ptr(), nmatch.data_ptr(), _native.num_threads(), 0, 0,
+        0, 0, 0, bad.data_ptr())
+    if int(bad):
+        check_finite("distmat", dist)
+        raise ValueError(f"distmat: contains {int(bad)} non-finite values")
+    return ap, first, inp, nmatch

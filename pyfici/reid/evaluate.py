@@ -51,6 +51,7 @@ from pyfici.ops.distance import (
     distance_tile,
     distance_tile_raw,
     prepare_gallery,
+    rank_stats_checked_cpu,
 )
 
 PROTOCOLS = ("torchreid", "market1501", "cuhk03")
@@ -229,10 +230,16 @@ def evaluate_distmat(
     max_rank = _clip_max_rank(max_rank, G)
     ids = _check_ids(Q, G, dist.device, q_pids, g_pids, q_camids, g_camids, "distmat", "the columns of distmat")
     check_float("distmat", dist)
-    check_finite("distmat", dist)
     acc = _Accumulator(max_rank, dist.device)
     rank_protocol = "torchreid" if protocol == "cuhk03" else protocol
-    ap, first, inp, nm = reid_rank_stats(dist, *ids, protocol=rank_protocol, check_finite_values=False, backend=backend)
+    be = choose_backend("reid_rank_stats", dist.device, backend, cuda_default="cuda")
+    if be == "cpu" and dist.dtype in (torch.float32, torch.float64) and dist.stride(1) == 1:
+        # the CPU kernel checks finiteness in its one pass over the matrix
+        ap, first, inp, nm = rank_stats_checked_cpu(dist, *ids, rank_protocol)
+    else:
+        check_finite("distmat", dist)
+        ap, first, inp, nm = reid_rank_stats(dist, *ids, protocol=rank_protocol, check_finite_values=False,
+                                             backend=backend)
     rows = None
     if protocol == "cuhk03":
         q_idx = torch.arange(Q, device=dist.device)
