@@ -107,7 +107,7 @@ def section_ficgan(out: Path, t0: float, quick: bool) -> Section:
     steps = 500 if quick else 1000  # 60 % reconstruction warm-up, then the GAN (train_builtin)
     train.train_builtin(out=str(out / "ficgan"), steps=steps, size=64)
     _log("de-identifying the built-in faces at k = 2, 5, 10 ...", t0)
-    reports = deid.deidentify_builtin(out / "ficgan" / "last.pt", ks=(2, 5, 10), out=out / "ficgan_deid")
+    reports = deid.deidentify_builtin(out / "ficgan" / "final.pt", ks=(2, 5, 10), out=out / "ficgan_deid")
     s = Section("FICGAN de-identification with manifold k-Same")
     rows = []
     recognizers = set()
