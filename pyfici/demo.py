@@ -101,13 +101,14 @@ def section_rollback(out: Path, t0: float, quick: bool) -> Section:
 
 
 def section_ficgan(out: Path, t0: float, quick: bool) -> Section:
+    from pyfici.engine.rundir import FINAL
     from pyfici.methods.ficgan import deid, train
 
     _log("training a small FICGAN on the built-in faces ...", t0)
     steps = 500 if quick else 1000  # 60 % reconstruction warm-up, then the GAN (train_builtin)
     train.train_builtin(out=str(out / "ficgan"), steps=steps, size=64)
     _log("de-identifying the built-in faces at k = 2, 5, 10 ...", t0)
-    reports = deid.deidentify_builtin(out / "ficgan" / "final.pt", ks=(2, 5, 10), out=out / "ficgan_deid")
+    reports = deid.deidentify_builtin(out / "ficgan" / FINAL, ks=(2, 5, 10), out=out / "ficgan_deid")
     s = Section("FICGAN de-identification with manifold k-Same")
     rows = []
     recognizers = set()
