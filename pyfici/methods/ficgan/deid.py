@@ -471,28 +471,17 @@ def deidentify_video(model: FICGAN, input: str, k: int, out: str | os.PathLike, 
                      det_band: float = 0.3, fallback: str = "blur", upsample: int = 1, max_res: int | None = None,
                      seed: int = 0, device: str = "cpu", quiet: bool = True, batch: int = 8, min_track: int = 3,
                      checkpoint: str | None = None) -> dict:
-    """De-identify a video file into ``out/<same name>`` (+ ``report.json``).
-
-    Pass 1 detects, aligns and describes every face of every frame (frames in
-    batches of ``batch``), builds face tracks (box overlap + dlib descriptors)
-    and merges the tracks of one person; k-Same partitions the people; pass 2
-    generates each face with its person's surrogate (the same code on every
-    frame of a track when ``degree`` is 1), from landmarks smoothed along the
-    track, pastes it back, obfuscates fallbacks (also the faces of tracks shorter
-    than ``min_track`` frames: too brief to count as a person), and encodes with the audio
-    copied through, atomically. The report gives every track (frames,
-    person, cluster) and its re-identification rate: the fraction of its
-    output frames whose dlib descriptor is nearest to its own person's mean
-    descriptor among all people of the clip."""
+    """De-identify a video file into ``out/<same name>`` (+ ``report.json``),
+    composing the stages of :mod:`pyfici.deid.video`: describe every frame's
+    faces (pass 1), track them and merge the tracks of one person, k-Same over
+    the people, render (pass 2: each face with its person's surrogate, the
+    same code on every frame of a track when ``degree`` is 1; faces of tracks
+    shorter than ``min_track`` frames and the other fallbacks obfuscated; audio
+    copied; atomic), report per track with its re-identification rate."""
     from pyfici.deid import video as V
-    from pyfici.deid.align import RECOGNIZER_CHIP
-    from pyfici.engine.loop import progress
-    from pyfici.models.dlib_face import load_dlib_face_resnet
-    from pyfici.models.dlib_shape import load_shape_predictor
 
     dev = resolve_device(device)
     lv = _check_args(k, degree, levels, "detect", fallback, 95)
-    size = model.cfg.size
     with _deid_errors():
         info = V.video_info(input)
         from pyfici.engine.rundir import check_output_path
@@ -500,127 +489,48 @@ def deidentify_video(model: FICGAN, input: str, k: int, out: str | os.PathLike, 
         check_output_path(out, [("--input", input)])
         if max_res is not None and max_res < 32:
             raise UserError(f"--max-res must be >= 32 pixels, got {max_res}")
-    out_dir = Path(out)
+    out_dir, size = Path(out), model.cfg.size
     dst = out_dir / Path(input).name
-    if dst.resolve() == Path(input).resolve():
-        raise DeidError(f"--out {out}: the output {dst} would replace the input")
-    scale = min(1.0, max_res / max(info["width"], info["height"])) if max_res else 1.0
-    net = load_dlib_face_resnet()
-    sp = load_shape_predictor()
-    # ---- pass 1: detect, align, describe
-    per_frame: list[list] = []
-    fallbacks: dict[int, list[P.AlignedFace]] = {}
-    code_of: dict[int, torch.Tensor] = {}  # id(TrackedFace) -> its generator code
-    buf: list[np.ndarray] = []
 
-    def flush():
-        imgs = [P.SourceImage(f"frame{len(per_frame) + i}", None, f, "PNG", scale) for i, f in enumerate(buf)]
-        with _deid_errors():
-            dets = P.detect_faces(imgs, None, threshold=det_threshold, band=det_band, upsample=upsample,
-                                  batch_size=batch)
-            al = P.align_faces(imgs, dets, size, threshold=det_threshold, min_face=min_face, fallback=fallback,
-                               predictor=sp)
-        t0 = len(per_frame)
-        per_frame.extend([] for _ in buf)
-        ok = [a for a in al if a.action == "deidentify"]
-        if ok:
-            chips = torch.cat([P.face_crops(imgs, [a], RECOGNIZER_CHIP[0], "chip") for a in ok])
-            with torch.no_grad():
-                desc = net.embed_images(chips).numpy()
-            crops = P.face_crops(imgs, ok, size) * 2 - 1
-            with torch.no_grad():
-                c = model.center_codes(_embed(model, crops, dev).to(dev)).cpu()
-            for a, d, cc in zip(ok, desc, c):
-                tf = V.TrackedFace(t0 + a.det.image_index, a.det.box, a.det.score, a.landmarks, d)
-                per_frame[tf.frame].append(tf)
-                code_of[id(tf)] = cc
-        for a in al:
-            if a.action != "deidentify":
-                fallbacks.setdefault(t0 + a.det.image_index, []).append(a)
-        buf.clear()
+    def embed_crops(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return model.center_codes(_embed(model, x, dev).to(dev)).cpu()
 
-    n_frames = 0
-    for frame in progress(V.iter_frames(input), desc="detect", quiet=quiet, total=info["frames"] or None):
-        buf.append(frame)
-        n_frames += 1
-        if len(buf) == batch:
-            flush()
-    if buf:
-        flush()
-    tracks = V.build_tracks(per_frame)
-    short = [tr for tr in tracks if len(tr.faces) < min_track]
-    tracks = [tr for tr in tracks if len(tr.faces) >= min_track]
-    for i, tr in enumerate(tracks):
-        tr.id = i
-    for tr in short:  # too brief to be a person the tracker is sure of: hidden by the fallback
-        for f in tr.faces:
-            fallbacks.setdefault(f.frame, []).append(P.AlignedFace(
-                P.FaceDetection(f.frame, f.box, f.score), f.landmarks, None, None, fallback,
-                f"track of {len(tr.faces)} frame(s) < {min_track}"))
-    n_people = V.merge_tracks(tracks)
-    if k > max(n_people, 0) or not tracks:
+    with _deid_errors():
+        fp = V.describe_video(input, info, size, embed_crops, threshold=det_threshold, band=det_band,
+                              upsample=upsample, min_face=min_face, fallback=fallback, max_res=max_res, batch=batch,
+                              quiet=quiet)
+    tracks, n_people = V.track_people(fp, fallback, min_track)
+    if not tracks:
+        raise DeidError(f"--input {input}: no face to de-identify in {fp.n_frames} frames")
+    if k > n_people:
         raise DeidError(f"--k {k} is larger than the number of people found in the video ({n_people} in "
-                        f"{len(tracks)} track(s)); use --k <= {n_people}" if tracks else
-                        f"--input {input}: no face to de-identify in {n_frames} frames")
-    person_codes = torch.stack([torch.nn.functional.normalize(
-        torch.stack([code_of[id(f)] for tr in tracks if tr.identity == p for f in tr.faces]).sum(0), dim=0)
-        for p in range(n_people)])
+                        f"{len(tracks)} track(s)); use --k <= {n_people}")
+    person_codes = torch.stack([torch.nn.functional.normalize(torch.stack(
+        [f.code for tr in tracks if tr.identity == p for f in tr.faces]).sum(0), dim=0) for p in range(n_people)])
     part = k_same_partition(person_codes, k, seed)
-    anon = part.is_k_anonymous(k) and degree >= 1.0 and len(lv) == len(GROUPS)
-    gallery = np.stack([np.mean([f.descriptor for tr in tracks if tr.identity == p for f in tr.faces], 0)
-                        for p in range(n_people)])
-    # per frame: (track, face index in track, smoothed landmarks)
-    todo: dict[int, list[tuple[int, int, np.ndarray]]] = {}
-    for tr in tracks:
-        for j, lm in enumerate(V.smooth_track(tr)):
-            todo.setdefault(tr.faces[j].frame, []).append((tr.id, j, lm))
-    from pyfici.deid.align import extract_chips, face_chip_transform, obfuscate, paste_back
 
-    hits: dict[int, list[bool]] = {tr.id: [] for tr in tracks}
+    def generate(x: torch.Tensor, faces: list, people: list[int]) -> torch.Tensor:
+        c_face = torch.stack([f.code for f in faces])
+        z = slerp(c_face, part.surrogates[part.assignment[people]], degree)
+        return _generate(model, x, {g: (z if g in lv else c_face) for g in GROUPS}, dev)
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    with _deid_errors(), V.VideoWriter(dst, input, info["fps"], info["width"], info["height"]) as w:
-        for t, frame in enumerate(progress(V.iter_frames(input), desc="de-identify", quiet=quiet,
-                                           total=n_frames)):
-            img = frame
-            items = todo.get(t, [])
-            if items:
-                M = np.stack([face_chip_transform(lm, size, P.FICGAN_CROP_PADDING, P.FICGAN_CROP_SHIFT)
-                              for _, _, lm in items])
-                x = extract_chips(frame, M, size) * 2 - 1
-                c_face = torch.stack([code_of[id(tracks[ti].faces[j])] for ti, j, _ in items])
-                target = part.surrogates[part.assignment[[tracks[ti].identity for ti, _, _ in items]]]
-                z = slerp(c_face, target, degree)
-                gen = _generate(model, x, {g: (z if g in lv else c_face) for g in GROUPS}, dev)
-                img = paste_back(frame, ((gen.clamp(-1, 1) + 1) / 2), M)
-                chips = extract_chips(img, np.stack([face_chip_transform(lm, *RECOGNIZER_CHIP) for _, _, lm in items]),
-                                      RECOGNIZER_CHIP[0])
-                with torch.no_grad():
-                    d_out = net.embed_images(chips).numpy()
-                for (ti, _, _), d in zip(items, d_out):
-                    hits[ti].append(int(np.argmin(np.linalg.norm(gallery - d, axis=1))) == tracks[ti].identity)
-            for a in fallbacks.get(t, []):
-                if a.action != "keep":
-                    img = obfuscate(img, a.det.box, a.action)
-            w.write(img)
-    track_rows = []
-    for tr in tracks:
-        c = int(part.assignment[tr.identity])
-        track_rows.append({"track": tr.id, "person": tr.identity, "cluster": c, "cluster_size": int(part.sizes[c]),
-                           "first_frame": tr.frames[0], "last_frame": tr.frames[-1], "n_frames": len(tr.faces),
-                           "mean_score": float(np.mean([f.score for f in tr.faces])),
-                           "reidentification_rate": float(np.mean(hits[tr.id])) if hits[tr.id] else None})
+    with _deid_errors():
+        hits = V.render_video(input, dst, info, fp, tracks, n_people, size, generate, quiet=quiet)
     all_hits = [h for v in hits.values() for h in v]
     report = {"input": P.display_name(input), "output": P.display_name(str(dst)), "k": k, "degree": degree,
               "levels": lv, "checkpoint": str(checkpoint) if checkpoint else None, "video": info,
-              "n_frames": n_frames, "n_tracks": len(tracks), "n_people": n_people,
+              "n_frames": fp.n_frames, "n_tracks": len(tracks), "n_people": n_people,
               "cluster_sizes": part.sizes.tolist(), "partition": part.implementation,
-              "k_anonymous": bool(anon), "tracks": track_rows,
+              "k_anonymous": bool(part.is_k_anonymous(k) and degree >= 1.0 and len(lv) == len(GROUPS)),
+              "tracks": V.track_rows(tracks, part.assignment, part.sizes, hits),
               "reidentification_rate": float(np.mean(all_hits)) if all_hits else 0.0,
               "reidentification_bound_1_over_k": 1.0 / k,
               "recognizer": "dlib face descriptor (pyfici port), nearest person of the clip",
               "detector": {"threshold": det_threshold, "band": det_band, "upsample": upsample, "max_res": max_res},
               "fallbacks": [{"frame": t, "box": a.det.box_dict(), "score": a.det.score, "action": a.action,
-                             "reason": a.reason} for t, v in sorted(fallbacks.items()) for a in v],
+                             "reason": a.reason} for t, v in sorted(fp.fallbacks.items()) for a in v],
               "audio_copied": info["audio"]}
     write_json(report, out_dir / "report.json")
     return report
@@ -711,8 +621,9 @@ def add_deid_arguments(p: argparse.ArgumentParser) -> None:
 def load_checkpoint_for_deid(path: str, size: int | None, device: str = "cpu") -> FICGAN:
     from pyfici.methods.ficgan.train import load_ficgan
 
+    dev = resolve_device(device)  # a bad --device is reported as such
     try:
-        model = load_ficgan(path, device=resolve_device(device))
+        model = load_ficgan(path, device=dev)
     except UserError as e:
         raise DeidError(str(e)) from None
     except FileNotFoundError as e:
