@@ -55,8 +55,7 @@ from pyfici.methods.rollback.train import (
     train_main,
 )
 
-__all__ = [
-    "Period", "ResolvedPeriod", "RollbackConfig", "add_train_arguments", "baseline_schedule",
-    "batch_hard_triplet_loss", "default_schedule", "demo", "fingerprint", "load_schedule", "pretrained_state",
-    "released_schedule", "resolve_schedule", "roll_back_", "run", "train_main",
-]
+# the schedule (data and its checks), then the run
+__all__ = ["Period", "ResolvedPeriod", "baseline_schedule", "default_schedule", "fingerprint", "load_schedule",
+           "pretrained_state", "released_schedule", "resolve_schedule", "roll_back_",
+           "RollbackConfig", "add_train_arguments", "batch_hard_triplet_loss", "demo", "run", "train_main"]
