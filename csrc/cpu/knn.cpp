@@ -177,22 +177,38 @@ void select_tile(const T* S, int64_t rows, int64_t cols, int64_t ld, int64_t col
 
 // Exact value of one (query, gallery row) pair: double accumulation over d = 0..D-1 in
 // order, so identical gallery rows always get identical values, whatever tile they were in.
+// Four partial sums over d = 0, 4, 8, ... / 1, 5, 9, ... combined in a fixed order: the
+// same arithmetic for every pair (so identical rows get identical values), without one
+// long dependency chain.
+template <typename T, typename F>
+inline double sum4(const T* __restrict x, const T* __restrict y, int64_t D, F term) {
+  double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0;
+  int64_t d = 0;
+  for (; d + 4 <= D; d += 4) {
+    a0 += term(x[d], y[d]);
+    a1 += term(x[d + 1], y[d + 1]);
+    a2 += term(x[d + 2], y[d + 2]);
+    a3 += term(x[d + 3], y[d + 3]);
+  }
+  for (; d < D; ++d) a0 += term(x[d], y[d]);
+  return (a0 + a1) + (a2 + a3);
+}
+
+// Exact value of one (query, gallery row) pair by the direct formula in double, in a
+// fixed order per pair, so identical gallery rows always get identical values, whatever
+// tile they were in.
 template <typename T>
 inline double exact_value(const T* __restrict x, const T* __restrict y, int64_t D, int metric, double xnorm) {
   if (metric == kSqEuclidean || metric == kEuclidean) {
-    double acc = 0.0;
-    for (int64_t d = 0; d < D; ++d) {
-      const double e = static_cast<double>(x[d]) - static_cast<double>(y[d]);
-      acc += e * e;
-    }
+    const double acc = sum4(x, y, D, [](T a, T b) {
+      const double e = static_cast<double>(a) - static_cast<double>(b);
+      return e * e;
+    });
     return metric == kEuclidean ? std::sqrt(acc) : acc;
   }
-  double xy = 0.0, yy = 0.0;
-  for (int64_t d = 0; d < D; ++d) {
-    xy += static_cast<double>(x[d]) * y[d];
-    yy += static_cast<double>(y[d]) * y[d];
-  }
+  const double xy = sum4(x, y, D, [](T a, T b) { return static_cast<double>(a) * static_cast<double>(b); });
   if (metric == kIP) return xy;
+  const double yy = sum4(y, y, D, [](T a, T b) { return static_cast<double>(a) * static_cast<double>(b); });
   // scale-invariant: only a zero vector is special (cosine 0 with everything)
   const double den = (xnorm > 0.0 ? xnorm : 1.0) * (yy > 0.0 ? std::sqrt(yy) : 1.0);
   return std::min(2.0, std::max(0.0, 1.0 - xy / den));
