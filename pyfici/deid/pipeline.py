@@ -44,7 +44,7 @@ from pyfici.deid.align import (
     obfuscate,
     paste_back,
 )
-from pyfici.engine.errors import UserError
+from pyfici.errors import UserError
 
 READ_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 FALLBACKS = ("blur", "pixelate", "fill", "keep")

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pyfici.engine.errors import UserError
+from pyfici.errors import UserError
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v")
 
@@ -210,9 +210,9 @@ def describe_video(path: str | os.PathLike, info: dict, crop_size: int, embed_cr
     import torch
 
     from pyfici.deid import pipeline as P
-    from pyfici.engine.loop import progress
     from pyfici.models.dlib_face import load_dlib_face_resnet
     from pyfici.models.dlib_shape import load_shape_predictor
+    from pyfici.progress import progress
 
     scale = min(1.0, max_res / max(info["width"], info["height"])) if max_res else 1.0
     net, sp = load_dlib_face_resnet(), load_shape_predictor()
@@ -286,8 +286,8 @@ def render_video(path: str | os.PathLike, dst: str | os.PathLike, info: dict, fp
         obfuscate,
         paste_back,
     )
-    from pyfici.engine.loop import progress
     from pyfici.models.dlib_face import load_dlib_face_resnet
+    from pyfici.progress import progress
 
     net = load_dlib_face_resnet()
     gallery = np.stack([np.mean([f.descriptor for tr in tracks if tr.identity == p for f in tr.faces], 0)

@@ -10,21 +10,12 @@ tqdm bar on stderr.
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-
-def progress(iterable: Iterable, *, desc: str, quiet: bool = False, main: bool = True, total: int | None = None,
-             initial: int = 0, leave: bool = False):
-    """A tqdm bar on stderr (the iterable itself when ``quiet`` or not on rank 0)."""
-    if quiet or not main:
-        return iterable
-    from tqdm import tqdm
-
-    return tqdm(iterable, desc=desc, total=total, initial=initial, leave=leave, file=sys.stderr, dynamic_ncols=True)
+from pyfici.progress import progress
 
 
 class Hook:
