@@ -164,3 +164,17 @@ def test_cli_rejects_bad_fallback(capsys):
         main(["deid", "--checkpoint", "x.pt", "--input", "x", "--out", "y", "--fallback", "smear"])
     assert e.value.code == 2
     assert "fallback" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag,value", [("--min-face", "-1"), ("--k", "0"), ("--upsample", "-1"),
+                                        ("--quality", "0"), ("--quality", "101"), ("--max-res", "0")])
+def test_cli_rejects_out_of_range_numbers_before_reading_anything(flag, value, tmp_path, capsys):
+    from pyfici.cli import main
+
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        main(["deid", "--checkpoint", "missing.pt", "--input", "builtin", "--out", str(out), flag, value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and flag in err[0], err
+    assert not out.exists()

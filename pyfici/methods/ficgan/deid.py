@@ -33,6 +33,7 @@ import torch
 
 from pyfici.deid import pipeline as P
 from pyfici.engine import UserError
+from pyfici.engine.config import count_type
 from pyfici.engine.files import atomic_write_text, write_json
 from pyfici.engine.runtime import resolve_device
 from pyfici.methods.ficgan.model import FICGAN, GROUPS, slerp
@@ -586,13 +587,21 @@ def report_markdown(r: dict) -> str:
 # --------------------------------------------------------------------------- CLI and library helpers
 
 
+def _quality(text: str) -> int:
+    """argparse type of --quality: an integer 1..100 (JPEG / WebP encoder quality)."""
+    q = count_type(1)(text)
+    if q > 100:
+        raise argparse.ArgumentTypeError(f"must be <= 100, got {q}")
+    return q
+
+
 def add_deid_arguments(p: argparse.ArgumentParser) -> None:
     from pyfici.engine.config import add_json_argument
     from pyfici.engine.runtime import DEVICE_HELP
 
     p.add_argument("--checkpoint", required=True, help="FICGAN weights (final.pt from pyfici train ficgan)")
     p.add_argument("--input", required=True, help="an image, a folder of images, a video (.mp4, .mov, .mkv, .webm, .avi), or 'builtin'")
-    p.add_argument("--k", type=int, default=10, help="k of k-anonymity (default: %(default)s)")
+    p.add_argument("--k", type=count_type(1), default=10, help="k of k-anonymity (default: %(default)s)")
     p.add_argument("--out", required=True, help="output folder (not the input folder or inside it)")
     p.add_argument("--degree", type=float, default=1.0, help="alpha in [0,1]: slerp toward the surrogate (<1: not k-anonymous)")
     p.add_argument("--levels", default="coarse,middle,fine", help="levels that take the surrogate identity")
@@ -603,14 +612,14 @@ def add_deid_arguments(p: argparse.ArgumentParser) -> None:
                    help="detector score above which a face is de-identified (default: %(default)s, dlib's)")
     p.add_argument("--det-band", type=float, default=0.3,
                    help="detections scoring up to this much below --det-threshold get the --fallback (default: %(default)s)")
-    p.add_argument("--upsample", type=int, default=1,
+    p.add_argument("--upsample", type=count_type(0), default=1,
                    help="enlarge images 2x this many times before detection; 1 finds faces from ~40 px (default: %(default)s)")
     p.add_argument("--fallback", default="blur", choices=P.FALLBACKS,
                    help="what faces that cannot be de-identified get (too small, uncertain, failed alignment)")
-    p.add_argument("--min-face", type=int, default=40, help="faces smaller than this (pixels) get the --fallback")
-    p.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality of the outputs (default: %(default)s)")
-    p.add_argument("--max-res", type=int, default=None, help="detect on a copy whose longer side is at most this")
-    p.add_argument("--size", type=int, default=None, help="expected image size of the checkpoint (checked)")
+    p.add_argument("--min-face", type=count_type(0), default=40, help="faces smaller than this (pixels) get the --fallback")
+    p.add_argument("--quality", type=_quality, default=95, help="JPEG/WebP quality of the outputs (default: %(default)s)")
+    p.add_argument("--max-res", type=count_type(1), default=None, help="detect on a copy whose longer side is at most this")
+    p.add_argument("--size", type=count_type(1), default=None, help="expected image size of the checkpoint (checked)")
     p.add_argument("--recognizer", default="lbph", choices=("lbph", "dlib"), help="evaluation recognizer")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--seed", type=int, default=0)
