@@ -157,6 +157,24 @@ def test_out_inside_input_refused_before_writing(model, photos, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_out_parent_of_input_refused_before_writing(model, photos, tmp_path):
+    """--input par/images --out par would write par/images/<name>: the inputs themselves."""
+    par = tmp_path / "par"
+    (par / "images").mkdir(parents=True)
+    for f in photos.iterdir():
+        if f.is_file():
+            (par / "images" / f.name).write_bytes(f.read_bytes())
+    before = {f.name: f.read_bytes() for f in (par / "images").iterdir()}
+    with pytest.raises(DeidError, match="input folder"):
+        deidentify(model, str(par / "images"), 1, par)
+    assert {f.name: f.read_bytes() for f in (par / "images").iterdir()} == before
+    assert sorted(p.name for p in par.iterdir()) == ["images"]
+    one = par / "images" / "a.png"
+    with pytest.raises(DeidError, match="overwrite the input file"):
+        deidentify(model, str(one), 1, par)
+    assert one.read_bytes() == before["a.png"]
+
+
 def test_cli_rejects_bad_fallback(capsys):
     from pyfici.cli import main
 

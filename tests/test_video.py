@@ -150,6 +150,12 @@ def test_interrupted_run_leaves_no_output(clip, tmp_path):
 def test_video_bad_inputs(clip, model, tmp_path):
     with pytest.raises(DeidError, match="larger than the number of people"):
         deidentify_video(model, str(clip), 4, tmp_path / "o1")
+    copy = tmp_path / "in" / clip.name
+    copy.parent.mkdir()
+    copy.write_bytes(clip.read_bytes())
+    with pytest.raises(DeidError, match="overwrite the input video"):
+        deidentify_video(model, str(copy), 1, copy.parent)
+    assert copy.read_bytes() == clip.read_bytes()
     (tmp_path / "bad.mp4").write_bytes(b"not a video")
     with pytest.raises(DeidError, match="not a readable video"):
         deidentify_video(model, str(tmp_path / "bad.mp4"), 1, tmp_path / "o2")

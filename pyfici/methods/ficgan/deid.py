@@ -257,9 +257,17 @@ def _check_out(out: str | os.PathLike, input: str, inputs: Inputs) -> None:
     with _deid_errors():
         check_output_path(out, [("--input", input)])
     od = Path(out).resolve()
+    images_dir = od / "images"
+    src = Path(input).resolve()
+    if src.is_dir() and (images_dir == src or src in images_dir.parents):
+        raise DeidError(f"--out {out} would write its images/ into the input folder --input {input}: "
+                        "choose an output folder outside the inputs")
+    sources = {Path(im.path).resolve() for im in inputs.images if im.path}
+    if od in sources:
+        raise DeidError(f"--out {out} is an input file")
     for im in inputs.images:
-        if im.path and (Path(im.path).resolve() == od):
-            raise DeidError(f"--out {out} is the input file {im.path}")
+        if P.output_path(od, im).resolve() in sources:
+            raise DeidError(f"--out {out} would overwrite the input file {im.path}: choose another output folder")
 
 
 def deidentify(model: FICGAN, input: str, k: int, out: str | os.PathLike, *, degree: float = 1.0,
@@ -492,6 +500,8 @@ def deidentify_video(model: FICGAN, input: str, k: int, out: str | os.PathLike, 
             raise UserError(f"--max-res must be >= 32 pixels, got {max_res}")
     out_dir, size = Path(out), model.cfg.size
     dst = out_dir / Path(input).name
+    if dst.resolve() == Path(input).resolve():
+        raise DeidError(f"--out {out} would overwrite the input video {input}: choose another output folder")
 
     def embed_crops(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
