@@ -125,6 +125,18 @@ def test_output_inside_input_refused_before_writing(tmp_path):
     check_output_path(tmp_path / "elsewhere", [("--data", data), ("--data", "builtin")])
 
 
+def test_unusable_out_refused_up_front(tmp_path):
+    """Runs as root too (where a read-only folder is still writable): an --out below a file,
+    or that is a file, is refused when the run folder opens, before any epoch."""
+    f = tmp_path / "f"
+    f.write_text("x")
+    with pytest.raises(UserError, match="cannot create"):
+        RunDir(f / "run").open()
+    with pytest.raises(UserError, match="not a folder"):
+        RunDir(f).open()
+    assert f.read_text() == "x"
+
+
 def test_unwritable_out(tmp_path):
     if os.geteuid() == 0:
         pytest.skip("root can write anywhere")
