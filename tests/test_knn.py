@@ -142,6 +142,20 @@ def test_knn_large_k_and_sorted():
     assert (v[:, 1:] <= v[:, :-1]).all()  # ip: similarity, descending
 
 
+@pytest.mark.gpu
+def test_cuda_k_up_to_2048_and_a_clear_error_beyond():
+    x, y = _data(5, 3000, 9)
+    for k in (1025, 2048):
+        v, i = knn(x.cuda(), y.cuda(), k, metric="euclidean", tile=4096, backend="cuda")
+        rv, ri = reference.knn(x, y, k, "euclidean")
+        assert torch.equal(i.cpu(), ri), k
+        assert _close(v, rv, "cuda"), k
+        avg = knn_average(x.cuda(), y.cuda(), k, metric="cosine", backend="cuda")
+        assert _close(avg, reference.knn_average(x, y, k, "cosine", True), "cuda"), k
+    with pytest.raises(ValueError, match="k: the cuda backend handles k <= 2048"):
+        knn(x.cuda(), y.cuda(), 2049, backend="cuda")
+
+
 def test_knn_half_inputs_and_numpy():
     x, y = _data(6, 50, 8, torch.float32)
     v, i = knn(x.half(), y.bfloat16(), 4)

@@ -7,8 +7,9 @@
 // single comparison against its own k-th best. The block then merges the
 // thread lists in k rounds of a (value desc, index asc) arg-max reduction
 // (warp shuffles + shared memory). Ties go to the lower index everywhere, so
-// the result equals a stable sort. Three list sizes are instantiated
-// (32, 256, 1024) with 128 / 64 / 32 threads.
+// the result equals a stable sort. Four list sizes are instantiated
+// (32, 256, 1024, 2048: faiss's limit) with 128 / 64 / 32 / 32 threads; the
+// longer lists live in local memory (a 2048 list is 24-32 KB per thread).
 #include <cfloat>
 #include <climits>
 #include <cmath>
@@ -210,8 +211,11 @@ void select_launch(const T* S, int64_t rows, int64_t cols, int64_t ld, int64_t c
   else if (k <= 256)
     knn_select_tile_kernel<T, 256, 64><<<grid, 64, 0, stream>>>(S, cols, ld, col_offset, a, b, kk, vals, idx,
                                                                 self_offset);
-  else
+  else if (k <= 1024)
     knn_select_tile_kernel<T, 1024, 32><<<grid, 32, 0, stream>>>(S, cols, ld, col_offset, a, b, kk, vals, idx,
+                                                                 self_offset);
+  else
+    knn_select_tile_kernel<T, 2048, 32><<<grid, 32, 0, stream>>>(S, cols, ld, col_offset, a, b, kk, vals, idx,
                                                                  self_offset);
 }
 

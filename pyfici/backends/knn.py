@@ -45,7 +45,7 @@ from pyfici import _native
 DEFAULT_TILE = 1 << 23  # score-tile elements (32 MB in float32)
 MAX_TILE_ROWS = 1024
 MARGIN = 8  # candidates kept beyond k, so near-ties at the k-th place rarely need the fallback
-MAX_LIST = {"cuda": 1024}  # largest candidate list a selection kernel keeps
+MAX_LIST = {"cuda": 2048}  # largest candidate list a selection kernel keeps
 _ROW_CHUNK_ELEMS = 1 << 22  # elements of the gathered [rows, L, D] block in the torch refinement
 
 _PIPELINE = os.environ.get("PYFICI_KNN_PIPELINE", "1") != "0"

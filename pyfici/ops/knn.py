@@ -57,7 +57,7 @@ from pyfici.ops._validate import (
 
 METRICS = ("sqeuclidean", "euclidean", "cosine", "ip")
 DEFAULT_TILE = kb.DEFAULT_TILE
-MAX_K = {"cuda": 1024, "triton": 128}  # the cpu and torch backends take any k <= G
+MAX_K = {"cuda": 2048, "triton": 128}  # the cpu and torch backends take any k <= G
 
 
 class KnnResult(NamedTuple):
