@@ -93,6 +93,20 @@ inline float threshold(const float* tv, int32_t n, int64_t K) {
   return n == K ? tv[K - 1] : std::numeric_limits<float>::infinity();
 }
 
+// Push the lanes set in k (a block starting at c) in increasing lane order,
+// re-reading the threshold after each push.
+inline void push_lanes(uint32_t k, const float* __restrict v, int64_t c, int64_t c0, float* tv, int32_t* ti,
+                       int32_t& cnt, int64_t K, float& thr) {
+  while (k) {
+    const int l = __builtin_ctz(k);
+    k &= k - 1;
+    if (v[c + l] < thr) {
+      topk_push(tv, ti, cnt, K, v[c + l], static_cast<int32_t>(c0 + c + l));
+      thr = threshold(tv, cnt, K);
+    }
+  }
+}
+
 // Push the entries of v[0:n) that beat the list's threshold, in increasing
 // index order (the scalar loop's order, so the lists are the same). Written for
 // the ISA: a vector compare against the current threshold finds the few
@@ -105,27 +119,13 @@ inline void push_candidates(const float* __restrict v, int64_t n, int64_t c0, fl
 #if defined(__AVX512F__)
   for (; c + 16 <= n; c += 16) {
     uint32_t k = _mm512_cmp_ps_mask(_mm512_loadu_ps(v + c), _mm512_set1_ps(thr), _CMP_LT_OQ);
-    while (k) {
-      const int l = __builtin_ctz(k);
-      k &= k - 1;
-      if (v[c + l] < thr) {
-        topk_push(tv, ti, cnt, K, v[c + l], static_cast<int32_t>(c0 + c + l));
-        thr = threshold(tv, cnt, K);
-      }
-    }
+    push_lanes(k, v, c, c0, tv, ti, cnt, K, thr);
   }
 #elif defined(__AVX2__)
   for (; c + 8 <= n; c += 8) {
     uint32_t k = static_cast<uint32_t>(
         _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(v + c), _mm256_set1_ps(thr), _CMP_LT_OQ)));
-    while (k) {
-      const int l = __builtin_ctz(k);
-      k &= k - 1;
-      if (v[c + l] < thr) {
-        topk_push(tv, ti, cnt, K, v[c + l], static_cast<int32_t>(c0 + c + l));
-        thr = threshold(tv, cnt, K);
-      }
-    }
+    push_lanes(k, v, c, c0, tv, ti, cnt, K, thr);
   }
 #endif
   for (; c < n; ++c) {
