@@ -243,6 +243,17 @@ def _scalar_ptr(t: torch.Tensor | None) -> int:
 # ---------------------------------------------------------------------------
 
 
+def _optional_state_list(name: str, x, unused: list[bool], dev: torch.device, when: str) -> list:
+    """A state list that may be None when no tensor uses it (``unused[i]`` all True): then
+    empty placeholders; otherwise a list of ``len(unused)`` tensors."""
+    n = len(unused)
+    if x is None:
+        if not all(unused):
+            raise ValueError(f"{name}: required (n tensors) {when}")
+        x = [torch.empty(0, device=dev)] * n
+    return _as_list(name, x, n)
+
+
 def _as_list(name: str, x, n: int | None = None, *, optional_items: bool = False) -> list:
     if isinstance(x, torch.Tensor) or not isinstance(x, Sequence):
         raise TypeError(f"{name}: expected a list of tensors, got {type(x).__name__}")
@@ -453,11 +464,8 @@ def layerwise_sgd_step_(
     dev, dt = _check_params(params)
     hyper = sgd_hyper(n, momentum, dampening, nesterov, weight_decay, init_momentum, maximize)
     no_mom = [m == 0 for m in hyper[:, 1].tolist()]
-    if momentum_buffers is None:
-        if not all(no_mom):
-            raise ValueError("momentum_buffers: required (n tensors) when momentum != 0")
-        momentum_buffers = [torch.empty(0, device=dev)] * n
-    momentum_buffers = _as_list("momentum_buffers", momentum_buffers, n)
+    momentum_buffers = _optional_state_list("momentum_buffers", momentum_buffers, no_mom, dev,
+                                            "when momentum != 0")
     grads = _check_like("grads", grads, params, None, inplace=False)
     momentum_buffers = _check_state("momentum_buffers", momentum_buffers, params, dt, skip=no_mom)
     masks = [None] * n if masks is None else _as_list("masks", masks, n, optional_items=True)
@@ -580,11 +588,8 @@ def layerwise_adamw_step_(
     dev, dt = _check_params(params)
     hyper = adamw_hyper(n, beta1, beta2, eps, weight_decay, amsgrad, maximize)
     no_ams = [a == 0 for a in hyper[:, 4].tolist()]
-    if max_exp_avg_sqs is None:
-        if not all(no_ams):
-            raise ValueError("max_exp_avg_sqs: required (n tensors) when amsgrad is on")
-        max_exp_avg_sqs = [torch.empty(0, device=dev)] * n
-    max_exp_avg_sqs = _as_list("max_exp_avg_sqs", max_exp_avg_sqs, n)
+    max_exp_avg_sqs = _optional_state_list("max_exp_avg_sqs", max_exp_avg_sqs, no_ams, dev,
+                                           "when amsgrad is on")
     grads = _check_like("grads", grads, params, None, inplace=False)
     exp_avgs = _check_state("exp_avgs", exp_avgs, params, dt)
     exp_avg_sqs = _check_state("exp_avg_sqs", exp_avg_sqs, params, dt)
