@@ -26,7 +26,8 @@ Backends: ``cpu`` (C++/OpenMP over chunks of all tensors, csrc/cpu/optim.cpp),
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -34,6 +35,7 @@ import torch
 from pyfici import _native
 from pyfici.ops import reference
 from pyfici.ops._backend import choose_backend
+from pyfici.ops._register import no_output, op_like
 
 PARAM_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 MASK_DTYPES = (torch.bool, torch.uint8)
@@ -348,49 +350,51 @@ def _triton():
     return tk
 
 
-def _sgd_impl(params, grads, momentum_buffers, lrs, hyper, masks, grad_scale, found_inf, backend, plan=None) -> None:
+class _StepKind(NamedTuple):
+    """What differs between the fused optimizer steps: the op's name (also the native
+    and Triton entry), its plain reference, how many of its arguments are per-tensor
+    lists / vectors, and how a StepPlan is made from them."""
+
+    name: str
+    reference: Callable
+    n_lists: int  # params, grads, then the state lists
+    n_vectors: int  # per-tensor device vectors handed to the kernels: lrs (, steps)
+    plan: Callable  # (lists, hyper, masks) -> StepPlan
+
+
+def _step(kind: _StepKind, *args) -> None:
+    """Run one fused step. ``args``: the op's arguments (lists..., vectors..., hyper,
+    masks, grad_scale, found_inf), then the backend, then optionally a StepPlan."""
+    nargs = kind.n_lists + kind.n_vectors + 4
+    op_args, backend = args[:nargs], args[nargs]
+    plan = args[nargs + 1] if len(args) > nargs + 1 else None
+    lists = op_args[:kind.n_lists]
+    vectors = op_args[kind.n_lists:kind.n_lists + kind.n_vectors]
+    hyper, masks, grad_scale, found_inf = op_args[-4:]
+    params = lists[0]
     n = len(params)
     if n == 0:
         return
     if backend == "torch":
-        return reference.layerwise_sgd_step_(params, grads, momentum_buffers, lrs, hyper.cpu(), masks, grad_scale, found_inf)
+        return kind.reference(*lists, *vectors, hyper.cpu(), masks, grad_scale, found_inf)
     if backend == "triton":
-        return _triton().layerwise_sgd_step_(params, grads, momentum_buffers, lrs, hyper, masks, grad_scale, found_inf)
+        return getattr(_triton(), kind.name)(*op_args)
     if plan is None:
-        plan = sgd_plan(params, momentum_buffers, hyper, masks)
-    meta = plan.meta(params, grads)
+        plan = kind.plan(lists, hyper, masks)
+    meta = plan.meta(params, lists[1])
     code = _native.DTYPE_CODES[params[0].dtype]
+    vec_ptrs = [v.data_ptr() for v in vectors]
+    flags = (_scalar_ptr(grad_scale), _scalar_ptr(found_inf))
     if backend == "cpu":
-        _native.cpu_module().layerwise_sgd_step(
-            n, meta.data_ptr(), lrs.data_ptr(), plan.hyper.data_ptr(), code,
-            _scalar_ptr(grad_scale), _scalar_ptr(found_inf), _native.num_threads())
+        entry = getattr(_native.cpu_module(), kind.name.rstrip("_"))
+        entry(n, meta.data_ptr(), *vec_ptrs, plan.hyper.data_ptr(), code, *flags, _native.num_threads())
         return
     dev = params[0].device
     with torch.cuda.device(dev):
         tables, nchunks = _cuda_tables(meta, dev, plan.chunks())
-        _native.cuda_module().layerwise_sgd_step(
-            n, nchunks, tables.data_ptr(), lrs.data_ptr(), plan.hyper_on(dev).data_ptr(), code,
-            _scalar_ptr(grad_scale), _scalar_ptr(found_inf), _native.stream_ptr(dev))
-
-
-@torch.library.custom_op("pyfici::layerwise_sgd_step_", mutates_args=("params", "momentum_buffers"))
-def _sgd_op(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    momentum_buffers: list[torch.Tensor],
-    lrs: torch.Tensor,
-    hyper: torch.Tensor,
-    masks: list[torch.Tensor | None],
-    grad_scale: torch.Tensor | None,
-    found_inf: torch.Tensor | None,
-    backend: str,
-) -> None:
-    _sgd_impl(params, grads, momentum_buffers, lrs, hyper, masks, grad_scale, found_inf, backend)
-
-
-@_sgd_op.register_fake
-def _(params, grads, momentum_buffers, lrs, hyper, masks, grad_scale, found_inf, backend):
-    return None
+        entry = getattr(_native.cuda_module(), kind.name.rstrip("_"))
+        entry(n, nchunks, tables.data_ptr(), *vec_ptrs, plan.hyper_on(dev).data_ptr(), code, *flags,
+              _native.stream_ptr(dev))
 
 
 def _bump_versions(tensors: list[torch.Tensor]) -> None:
@@ -401,15 +405,35 @@ def _bump_versions(tensors: list[torch.Tensor]) -> None:
             torch.autograd.graph.increment_version(t)
 
 
+def _packed(op, impl, args, backend, plan, written: list[torch.Tensor]) -> None:
+    """The registered op under torch.compile; in eager mode the implementation directly
+    plus ONE version-counter bump for everything written (the custom-op wrapper bumps
+    tensor by tensor)."""
+    if torch.compiler.is_compiling():
+        return op(*args, backend)
+    impl(*args, backend, plan)
+    _bump_versions(written)
+
+
+_SGD = _StepKind("layerwise_sgd_step_", reference.layerwise_sgd_step_, 3, 1,
+                 lambda lists, hyper, masks: sgd_plan(lists[0], lists[2], hyper, masks))
+
+
+def _sgd_impl(*args) -> None:
+    """The SGD op's arguments, the backend, optionally a StepPlan."""
+    _step(_SGD, *args)
+
+
+_sgd_op = op_like(_SGD.name, _SGD.reference, lambda *args: _sgd_impl(*args),
+                  mutates_args=("params", "momentum_buffers"))
+_sgd_op.register_fake(no_output)
+
+
 def sgd_step_packed(params, grads, momentum_buffers, lrs, hyper, masks, grad_scale, found_inf, backend,
                     plan: StepPlan | None = None) -> None:
-    """Entry for pyfici.optim (inputs already validated): the registered op under
-    torch.compile; in eager mode the implementation directly plus ONE version-counter
-    bump for everything written (the custom-op wrapper bumps tensor by tensor)."""
-    if torch.compiler.is_compiling():
-        return _sgd_op(params, grads, momentum_buffers, lrs, hyper, masks, grad_scale, found_inf, backend)
-    _sgd_impl(params, grads, momentum_buffers, lrs, hyper, masks, grad_scale, found_inf, backend, plan)
-    _bump_versions(params + momentum_buffers)
+    """Entry for pyfici.optim (inputs already validated); see :func:`_packed`."""
+    args = (params, grads, momentum_buffers, lrs, hyper, masks, grad_scale, found_inf)
+    _packed(_sgd_op, _sgd_impl, args, backend, plan, params + momentum_buffers)
 
 
 def _check_state(name: str, ts, params, dt: torch.dtype, skip=None) -> list:
@@ -482,68 +506,26 @@ def layerwise_sgd_step_(
 # ---------------------------------------------------------------------------
 
 
-def _adamw_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lrs, steps, hyper, masks, grad_scale,
-                found_inf, backend, plan=None) -> None:
-    n = len(params)
-    if n == 0:
-        return
-    if backend == "torch":
-        return reference.layerwise_adamw_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lrs, steps,
-                                               hyper.cpu(), masks, grad_scale, found_inf)
-    if backend == "triton":
-        return _triton().layerwise_adamw_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lrs, steps,
-                                               hyper, masks, grad_scale, found_inf)
-    if plan is None:
-        plan = adamw_plan(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, hyper, masks)
-    meta = plan.meta(params, grads)
-    code = _native.DTYPE_CODES[params[0].dtype]
-    if backend == "cpu":
-        _native.cpu_module().layerwise_adamw_step(
-            n, meta.data_ptr(), lrs.data_ptr(), steps.data_ptr(), plan.hyper.data_ptr(), code,
-            _scalar_ptr(grad_scale), _scalar_ptr(found_inf), _native.num_threads())
-        return
-    dev = params[0].device
-    with torch.cuda.device(dev):
-        tables, nchunks = _cuda_tables(meta, dev, plan.chunks())
-        _native.cuda_module().layerwise_adamw_step(
-            n, nchunks, tables.data_ptr(), lrs.data_ptr(), steps.data_ptr(), plan.hyper_on(dev).data_ptr(), code,
-            _scalar_ptr(grad_scale), _scalar_ptr(found_inf), _native.stream_ptr(dev))
+_ADAMW = _StepKind("layerwise_adamw_step_", reference.layerwise_adamw_step_, 5, 2,
+                   lambda lists, hyper, masks: adamw_plan(lists[0], *lists[2:], hyper, masks))
 
 
-@torch.library.custom_op("pyfici::layerwise_adamw_step_",
-                         mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps"))
-def _adamw_op(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    exp_avgs: list[torch.Tensor],
-    exp_avg_sqs: list[torch.Tensor],
-    max_exp_avg_sqs: list[torch.Tensor],
-    lrs: torch.Tensor,
-    steps: torch.Tensor,
-    hyper: torch.Tensor,
-    masks: list[torch.Tensor | None],
-    grad_scale: torch.Tensor | None,
-    found_inf: torch.Tensor | None,
-    backend: str,
-) -> None:
-    _adamw_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lrs, steps, hyper, masks, grad_scale,
-                found_inf, backend)
+def _adamw_impl(*args) -> None:
+    """The AdamW op's arguments, the backend, optionally a StepPlan."""
+    _step(_ADAMW, *args)
 
 
-@_adamw_op.register_fake
-def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lrs, steps, hyper, masks, grad_scale, found_inf, backend):
-    return None
+_adamw_op = op_like(_ADAMW.name, _ADAMW.reference, lambda *args: _adamw_impl(*args),
+                    mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps"))
+_adamw_op.register_fake(no_output)
 
 
 def adamw_step_packed(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lrs, steps, hyper, masks, grad_scale,
                       found_inf, backend, plan: StepPlan | None = None) -> None:
     """Entry for pyfici.optim; see :func:`sgd_step_packed`."""
-    if torch.compiler.is_compiling():
-        return _adamw_op(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lrs, steps, hyper, masks,
-                         grad_scale, found_inf, backend)
-    _adamw_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lrs, steps, hyper, masks, grad_scale,
-                found_inf, backend, plan)
-    _bump_versions(params + exp_avgs + exp_avg_sqs + [t for t in max_exp_avg_sqs if t.numel()] + [steps])
+    args = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lrs, steps, hyper, masks, grad_scale, found_inf)
+    written = params + exp_avgs + exp_avg_sqs + [t for t in max_exp_avg_sqs if t.numel()] + [steps]
+    _packed(_adamw_op, _adamw_impl, args, backend, plan, written)
 
 
 def layerwise_adamw_step_(
