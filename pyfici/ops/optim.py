@@ -436,6 +436,31 @@ def sgd_step_packed(params, grads, momentum_buffers, lrs, hyper, masks, grad_sca
     _packed(_sgd_op, _sgd_impl, args, backend, plan, params + momentum_buffers)
 
 
+class _StepInputs(NamedTuple):
+    n: int
+    device: torch.device
+    dtype: torch.dtype
+    params: list
+    grads: list
+    masks: list
+    lrs: torch.Tensor
+    grad_scale: torch.Tensor | None
+    found_inf: torch.Tensor | None
+
+
+def _check_step_inputs(params, grads, masks, lrs, grad_scale, found_inf) -> _StepInputs:
+    """Validate the arguments every fused step takes (see :func:`layerwise_sgd_step_`)."""
+    params = _as_list("params", params)
+    n = len(params)
+    grads = _as_list("grads", grads, n)
+    dev, dt = _check_params(params)
+    grads = _check_like("grads", grads, params, None, inplace=False)
+    masks = [None] * n if masks is None else _as_list("masks", masks, n, optional_items=True)
+    masks = _check_like("masks", masks, params, list(MASK_DTYPES), inplace=False)
+    return _StepInputs(n, dev, dt, params, grads, masks, _check_lrs(lrs, n, dev),
+                       _check_scalar("grad_scale", grad_scale, dev), _check_scalar("found_inf", found_inf, dev))
+
+
 def _check_state(name: str, ts, params, dt: torch.dtype, skip=None) -> list:
     return _check_like(name, ts, params, [state_dtype(dt)], inplace=True, skip=skip)
 
@@ -482,23 +507,14 @@ def layerwise_sgd_step_(
     Math is float64 for float64 params, float32 otherwise. A tensor with lr == 0 and
     weight_decay == 0 is not touched (nor its buffer).
     """
-    params = _as_list("params", params)
-    n = len(params)
-    grads = _as_list("grads", grads, n)
-    dev, dt = _check_params(params)
-    hyper = sgd_hyper(n, momentum, dampening, nesterov, weight_decay, init_momentum, maximize)
+    c = _check_step_inputs(params, grads, masks, lrs, grad_scale, found_inf)
+    hyper = sgd_hyper(c.n, momentum, dampening, nesterov, weight_decay, init_momentum, maximize)
     no_mom = [m == 0 for m in hyper[:, 1].tolist()]
-    momentum_buffers = _optional_state_list("momentum_buffers", momentum_buffers, no_mom, dev,
+    momentum_buffers = _optional_state_list("momentum_buffers", momentum_buffers, no_mom, c.device,
                                             "when momentum != 0")
-    grads = _check_like("grads", grads, params, None, inplace=False)
-    momentum_buffers = _check_state("momentum_buffers", momentum_buffers, params, dt, skip=no_mom)
-    masks = [None] * n if masks is None else _as_list("masks", masks, n, optional_items=True)
-    masks = _check_like("masks", masks, params, list(MASK_DTYPES), inplace=False)
-    lrs = _check_lrs(lrs, n, dev)
-    grad_scale = _check_scalar("grad_scale", grad_scale, dev)
-    found_inf = _check_scalar("found_inf", found_inf, dev)
-    be = choose_backend("layerwise_sgd_step_", dev, backend, cuda_default="cuda")
-    _sgd_op(params, grads, momentum_buffers, lrs, hyper, masks, grad_scale, found_inf, be)
+    momentum_buffers = _check_state("momentum_buffers", momentum_buffers, c.params, c.dtype, skip=no_mom)
+    be = choose_backend("layerwise_sgd_step_", c.device, backend, cuda_default="cuda")
+    _sgd_op(c.params, c.grads, momentum_buffers, c.lrs, hyper, c.masks, c.grad_scale, c.found_inf, be)
 
 
 # ---------------------------------------------------------------------------
@@ -562,32 +578,23 @@ def layerwise_adamw_step_(
         is ignored where amsgrad is off.
     A tensor with lr == 0 and weight_decay == 0 is not touched (nor its state or step).
     """
-    params = _as_list("params", params)
-    n = len(params)
-    grads = _as_list("grads", grads, n)
-    exp_avgs = _as_list("exp_avgs", exp_avgs, n)
-    exp_avg_sqs = _as_list("exp_avg_sqs", exp_avg_sqs, n)
-    dev, dt = _check_params(params)
+    c = _check_step_inputs(params, grads, masks, lrs, grad_scale, found_inf)
+    n, dev, dt = c.n, c.device, c.dtype
     hyper = adamw_hyper(n, beta1, beta2, eps, weight_decay, amsgrad, maximize)
     no_ams = [a == 0 for a in hyper[:, 4].tolist()]
     max_exp_avg_sqs = _optional_state_list("max_exp_avg_sqs", max_exp_avg_sqs, no_ams, dev,
                                            "when amsgrad is on")
-    grads = _check_like("grads", grads, params, None, inplace=False)
-    exp_avgs = _check_state("exp_avgs", exp_avgs, params, dt)
-    exp_avg_sqs = _check_state("exp_avg_sqs", exp_avg_sqs, params, dt)
-    max_exp_avg_sqs = _check_state("max_exp_avg_sqs", max_exp_avg_sqs, params, dt, skip=no_ams)
-    masks = [None] * n if masks is None else _as_list("masks", masks, n, optional_items=True)
-    masks = _check_like("masks", masks, params, list(MASK_DTYPES), inplace=False)
-    lrs = _check_lrs(lrs, n, dev)
+    exp_avgs = _check_state("exp_avgs", _as_list("exp_avgs", exp_avgs, n), c.params, dt)
+    exp_avg_sqs = _check_state("exp_avg_sqs", _as_list("exp_avg_sqs", exp_avg_sqs, n), c.params, dt)
+    max_exp_avg_sqs = _check_state("max_exp_avg_sqs", max_exp_avg_sqs, c.params, dt, skip=no_ams)
     if not isinstance(steps, torch.Tensor) or steps.dim() != 1 or steps.shape[0] != n or steps.dtype != torch.float32:
         got = f"{steps.dtype} shape {tuple(steps.shape)}" if isinstance(steps, torch.Tensor) else type(steps).__name__
         raise ValueError(f"steps: expected a float32 tensor [{n}] (one step count per param), got {got}")
     if steps.device != dev or not steps.is_contiguous():
         raise ValueError(f"steps: expected a contiguous tensor on {dev} (the params' device), got {steps.device}")
-    grad_scale = _check_scalar("grad_scale", grad_scale, dev)
-    found_inf = _check_scalar("found_inf", found_inf, dev)
     be = choose_backend("layerwise_adamw_step_", dev, backend, cuda_default="cuda")
-    _adamw_op(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lrs, steps, hyper, masks, grad_scale, found_inf, be)
+    _adamw_op(c.params, c.grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, c.lrs, steps, hyper, c.masks, c.grad_scale,
+              c.found_inf, be)
 
 
 # ---------------------------------------------------------------------------
