@@ -110,6 +110,25 @@ def _per_tensor(name: str, value, n: int, *, finite: bool = True) -> list[float]
     return vals
 
 
+def _columns(n: int, **values) -> dict[str, list[float]]:
+    """Each keyword argument (a scalar or n values) -> its n floats, in argument order."""
+    return {name: _per_tensor(name, v, n) for name, v in values.items()}
+
+
+def _check_at_least(cols: dict[str, list[float]], low: float, *names: str) -> None:
+    for name in names:
+        for i, v in enumerate(cols[name]):
+            if v < low:
+                raise ValueError(f"{name}: must be >= {low:g}, got {v} (tensor {i})")
+
+
+def _table(cols: dict[str, list[float]], flags: tuple[str, ...]) -> torch.Tensor:
+    """The columns as one float64 [n, len(cols)] table (CPU); ``flags`` become 0 / 1."""
+    data = [[float(v != 0) for v in vals] if name in flags else vals for name, vals in cols.items()]
+    n = len(next(iter(cols.values())))
+    return torch.tensor(data, dtype=torch.float64).reshape(len(cols), n).T.contiguous()
+
+
 def sgd_hyper(n: int, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, init_momentum=False,
               maximize=False) -> torch.Tensor:
     """Per-tensor SGD table float64 [n, 6] (CPU): weight_decay, momentum, dampening,
@@ -119,46 +138,27 @@ def sgd_hyper(n: int, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=
     tensors whose momentum buffer does not exist yet (torch's first step: the
     buffer becomes the gradient, without dampening).
     """
-    mom = _per_tensor("momentum", momentum, n)
-    damp = _per_tensor("dampening", dampening, n)
-    nest = _per_tensor("nesterov", nesterov, n)
-    wd = _per_tensor("weight_decay", weight_decay, n)
-    init = _per_tensor("init_momentum", init_momentum, n)
-    maxi = _per_tensor("maximize", maximize, n)
-    rows = []
-    for i in range(n):
-        m, d, ne, w = mom[i], damp[i], nest[i] != 0, wd[i]
-        if m < 0:
-            raise ValueError(f"momentum: must be >= 0, got {m} (tensor {i})")
-        if w < 0:
-            raise ValueError(f"weight_decay: must be >= 0, got {w} (tensor {i})")
-        if ne and (m <= 0 or d != 0):
+    c = _columns(n, weight_decay=weight_decay, momentum=momentum, dampening=dampening, nesterov=nesterov,
+                 init_momentum=init_momentum, maximize=maximize)
+    _check_at_least(c, 0.0, "momentum", "weight_decay")
+    for i, (m, d, ne) in enumerate(zip(c["momentum"], c["dampening"], c["nesterov"])):
+        if ne != 0 and (m <= 0 or d != 0):
             raise ValueError(f"nesterov: needs momentum > 0 and dampening == 0 (tensor {i}: momentum {m}, dampening {d})")
-        rows.append((w, m, d, float(ne), float(init[i] != 0), float(maxi[i] != 0)))
-    return torch.tensor(rows, dtype=torch.float64).reshape(n, SGD_HYPER_COLS)
+    return _table(c, ("nesterov", "init_momentum", "maximize"))
 
 
 def adamw_hyper(n: int, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2, amsgrad=False,
                 maximize=False) -> torch.Tensor:
     """Per-tensor AdamW table float64 [n, 6] (CPU): beta1, beta2, eps, weight_decay,
     amsgrad, maximize (flags as 0 / 1)."""
-    b1 = _per_tensor("beta1", beta1, n)
-    b2 = _per_tensor("beta2", beta2, n)
-    e = _per_tensor("eps", eps, n)
-    wd = _per_tensor("weight_decay", weight_decay, n)
-    ams = _per_tensor("amsgrad", amsgrad, n)
-    maxi = _per_tensor("maximize", maximize, n)
-    for i in range(n):
-        if not 0.0 <= b1[i] < 1.0:
-            raise ValueError(f"beta1: must be in [0, 1), got {b1[i]} (tensor {i})")
-        if not 0.0 <= b2[i] < 1.0:
-            raise ValueError(f"beta2: must be in [0, 1), got {b2[i]} (tensor {i})")
-        if e[i] < 0:
-            raise ValueError(f"eps: must be >= 0, got {e[i]} (tensor {i})")
-        if wd[i] < 0:
-            raise ValueError(f"weight_decay: must be >= 0, got {wd[i]} (tensor {i})")
-    rows = [(b1[i], b2[i], e[i], wd[i], float(ams[i] != 0), float(maxi[i] != 0)) for i in range(n)]
-    return torch.tensor(rows, dtype=torch.float64).reshape(n, ADAMW_HYPER_COLS)
+    c = _columns(n, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                 maximize=maximize)
+    for name in ("beta1", "beta2"):
+        for i, v in enumerate(c[name]):
+            if not 0.0 <= v < 1.0:
+                raise ValueError(f"{name}: must be in [0, 1), got {v} (tensor {i})")
+    _check_at_least(c, 0.0, "eps", "weight_decay")
+    return _table(c, ("amsgrad", "maximize"))
 
 
 def _ptr(t: torch.Tensor | None) -> int:
