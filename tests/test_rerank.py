@@ -194,9 +194,9 @@ def test_custom_ops_opcheck_and_compile():
     from pyfici.ops import rerank as ops
 
     q, g = torch.randn(5, 4, dtype=torch.float64), torch.randn(9, 4, dtype=torch.float64)
-    torch.library.opcheck(ops._rerank_op, (q, g, 4, 3, 0.3, "euclidean", 0, "cpu"),
+    torch.library.opcheck(ops._rerank_op, (q, g, 4, 3, 0.3, "euclidean", "cpu", 0),
                           test_utils=("test_schema", "test_faketensor"))
     d = [torch.rand(5, 9), torch.rand(5, 5), torch.rand(9, 9)]
-    torch.library.opcheck(ops._rerank_distmat_op, (*d, 4, 3, 0.3, 0, "cpu"), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(ops._rerank_distmat_op, (*d, 4, 3, 0.3, "cpu", 0), test_utils=("test_schema", "test_faketensor"))
     f = torch.compile(lambda a, b: rerank(a, b, k1=4, k2=3), fullgraph=True)
     assert torch.equal(f(q, g), rerank(q, g, k1=4, k2=3))

@@ -36,7 +36,7 @@ import torch
 
 from pyfici.ops import k_same_partition
 from pyfici.ops._validate import as_tensor, check_int_range, check_ndim
-from pyfici.ops.knn import DEFAULT_TILE, K_SAME_METHODS, K_SAME_METRICS
+from pyfici.ops.knn import K_SAME_METHODS, K_SAME_METRICS
 
 METHODS = K_SAME_METHODS
 METRICS = K_SAME_METRICS
@@ -86,18 +86,7 @@ def surrogates_of(x: torch.Tensor, assignment: torch.Tensor, n_clusters: int, sp
     return out.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
 
 
-def k_same(
-    embeddings: torch.Tensor,
-    k: int,
-    *,
-    metric: str = "cosine",
-    seed: int = 0,
-    method: str = "greedy",
-    candidates: int | None = None,
-    tile: int = DEFAULT_TILE,
-    refresh_batch: int = 256,
-    backend: str | None = None,
-) -> KSame:
+def k_same(embeddings: torch.Tensor, k: int, *, metric: str = "cosine", **options) -> KSame:
     """The k-Same partition of ``embeddings`` [N, D] (one row per identity).
 
     Returns :class:`KSame` (assignment int64 [N], surrogates [C, D], sizes int64 [C]).
@@ -110,11 +99,12 @@ def k_same(
     Deterministic for a given seed. candidates: candidate-list width (default
     2k + 8). backend: "cpu" (default for CPU tensors) or "torch" (the plain
     algorithm on the full float64 distance matrix; O(N^2) memory).
+    ``options`` (seed=0, method="greedy", candidates=None, tile, refresh_batch=256,
+    backend=None) are those of :func:`pyfici.ops.k_same_partition`.
     Raises ValueError if k < 1 or N < k (naming k), on NaN/Inf or empty input.
     Not differentiable: the embeddings are detached.
     """
-    assign = k_same_partition(embeddings, k, metric=metric, seed=seed, method=method, candidates=candidates,
-                              tile=tile, refresh_batch=refresh_batch, backend=backend)
+    assign = k_same_partition(embeddings, k, metric=metric, **options)
     x = as_tensor("embeddings", embeddings).detach()
     C = int(assign.max()) + 1
     sizes = torch.bincount(assign, minlength=C)

@@ -16,6 +16,7 @@ import torch
 from pyfici import _native
 from pyfici.ops import reference
 from pyfici.ops._backend import choose_backend
+from pyfici.ops._register import extra_arg, op_like
 from pyfici.ops._validate import (
     as_ids,
     as_tensor,
@@ -265,19 +266,8 @@ def pairwise_distance(
 _DIST_DTYPES = (torch.float32, torch.float64)
 
 
-@torch.library.custom_op("pyfici::reid_rank_stats", mutates_args=())
-def _reid_rank_stats_op(
-    dist: torch.Tensor,
-    q_pids: torch.Tensor,
-    g_pids: torch.Tensor,
-    q_camids: torch.Tensor,
-    g_camids: torch.Tensor,
-    junk_minus1: bool,
-    trapezoid: bool,
-    backend: str,
-    epilogue: int = 0,
-    q_norms: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _reid_rank_stats_impl(dist, q_pids, g_pids, q_camids, g_camids, junk_minus1, trapezoid, backend, epilogue=0,
+                          q_norms=None):
     if epilogue != 0 and backend != "cpu":
         dist = apply_epilogue(dist, epilogue, q_norms)
         epilogue = 0
@@ -310,8 +300,12 @@ def _reid_rank_stats_op(
     return ap, first, inp, nmatch
 
 
+_reid_rank_stats_op = op_like("reid_rank_stats", reference.reid_rank_stats, _reid_rank_stats_impl,
+                              extra=[extra_arg("epilogue", int, 0), extra_arg("q_norms", torch.Tensor | None, None)])
+
+
 @_reid_rank_stats_op.register_fake
-def _(dist, q_pids, g_pids, q_camids, g_camids, junk_minus1, trapezoid, backend, epilogue=0, q_norms=None):
+def _(dist, *args):
     Q = dist.shape[0]
     return (
         dist.new_empty(Q, dtype=torch.float64),

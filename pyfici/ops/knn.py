@@ -46,6 +46,7 @@ from pyfici.backends import k_same as ks
 from pyfici.backends import knn as kb
 from pyfici.ops import reference
 from pyfici.ops._backend import choose_backend
+from pyfici.ops._register import extra_arg, op_like
 from pyfici.ops._validate import (
     as_tensor,
     check_feature_pair,
@@ -78,49 +79,43 @@ def _out_dtype(x: torch.Tensor, y: torch.Tensor, backend: str) -> torch.dtype:
     return kb.compute_dtype(x, y)
 
 
-@torch.library.custom_op("pyfici::knn", mutates_args=())
-def _knn_op(
-    queries: torch.Tensor, gallery: torch.Tensor, k: int, metric: str, exclude_self: bool, tile: int, backend: str
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _run(fn, queries: torch.Tensor, *args):
+    """Run a native backend function (its last argument is the backend); the CUDA
+    module with the queries' device current."""
+    if args[-1] == "cuda":
+        with torch.cuda.device(queries.device):
+            return fn(queries, *args)
+    return fn(queries, *args)
+
+
+def _knn_impl(queries, gallery, k, metric, exclude_self, backend, tile):
     if backend == "torch":
         vals, idx = reference.knn(queries, gallery, k, metric, exclude_self)
         kb.check_output(vals, idx, metric)
         return vals, idx
-    if backend == "cuda":
-        with torch.cuda.device(queries.device):
-            return kb.knn(queries, gallery, k, metric, exclude_self, tile, backend)
-    return kb.knn(queries, gallery, k, metric, exclude_self, tile, backend)
+    return _run(kb.knn, queries, gallery, k, metric, exclude_self, tile, backend)
+
+
+def _knn_average_impl(queries, gallery, k, metric, spherical, weights, exclude_self, backend, tile):
+    if backend == "torch":
+        return reference.knn_average(queries, gallery, k, metric, spherical, weights, exclude_self)
+    return _run(kb.knn_average, queries, gallery, k, metric, spherical, weights, exclude_self, tile, backend)
+
+
+_TILE = extra_arg("tile", int)
+_knn_op = op_like("knn", reference.knn, _knn_impl, extra=[_TILE])
+_knn_average_op = op_like("knn_average", reference.knn_average, _knn_average_impl, extra=[_TILE])
 
 
 @_knn_op.register_fake
-def _(queries, gallery, k, metric, exclude_self, tile, backend):
+def _(queries, gallery, k, metric, exclude_self, backend, tile):
     Q = queries.shape[0]
     dt = _out_dtype(queries, gallery, backend)
     return queries.new_empty((Q, k), dtype=dt), queries.new_empty((Q, k), dtype=torch.int64)
 
 
-@torch.library.custom_op("pyfici::knn_average", mutates_args=())
-def _knn_average_op(
-    queries: torch.Tensor,
-    gallery: torch.Tensor,
-    k: int,
-    metric: str,
-    spherical: bool,
-    weights: torch.Tensor | None,
-    exclude_self: bool,
-    tile: int,
-    backend: str,
-) -> torch.Tensor:
-    if backend == "torch":
-        return reference.knn_average(queries, gallery, k, metric, spherical, weights, exclude_self)
-    if backend == "cuda":
-        with torch.cuda.device(queries.device):
-            return kb.knn_average(queries, gallery, k, metric, spherical, weights, exclude_self, tile, backend)
-    return kb.knn_average(queries, gallery, k, metric, spherical, weights, exclude_self, tile, backend)
-
-
 @_knn_average_op.register_fake
-def _(queries, gallery, k, metric, spherical, weights, exclude_self, tile, backend):
+def _(queries, gallery, k, metric, spherical, weights, exclude_self, backend, tile):
     return queries.new_empty(queries.shape, dtype=_out_dtype(queries, gallery, backend))
 
 
@@ -214,7 +209,7 @@ def knn(
         offset, world = _check_sharded_k(x, y, k, exclude_self, group)
         local = _local_op(metric, tile, be)
         return KnnResult(*kb.knn_sharded(x, y, k, metric, exclude_self, tile, be, group, offset, world, local))
-    return KnnResult(*_knn_op(x, y, k, metric, exclude_self, tile, be))
+    return KnnResult(*_knn_op(x, y, k, metric, exclude_self, be, tile))
 
 
 def knn_average(
@@ -251,12 +246,12 @@ def knn_average(
         local = _local_op(metric, tile, be)
         return kb.knn_average_sharded(x, y, k, metric, spherical, w, exclude_self, tile, be, group, offset, world,
                                       local)
-    return _knn_average_op(x, y, k, metric, spherical, w, exclude_self, tile, be)
+    return _knn_average_op(x, y, k, metric, spherical, w, exclude_self, be, tile)
 
 
 def _local_op(metric: str, tile: int, be: str):
     """This rank's single-process knn (no exclusion) for the sharded path."""
-    return lambda xs, ys, kk: _knn_op(xs, ys, kk, metric, False, tile, be)
+    return lambda xs, ys, kk: _knn_op(xs, ys, kk, metric, False, be, tile)
 
 
 def _check_sharded_k(x, y, k, exclude_self, group) -> tuple[int, int]:

@@ -21,12 +21,16 @@ See docs/ops_rerank.md for the reference's surprising points that we match.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from functools import partial
+from typing import NamedTuple
 
 import torch
 
 from pyfici import _native
 from pyfici.ops import reference
 from pyfici.ops._backend import choose_backend
+from pyfici.ops._register import extra_arg, op_like
 from pyfici.ops._validate import (
     as_tensor,
     check_feature_pair,
@@ -375,42 +379,43 @@ def _device_rerank_distmat(q_g, q_q, g_g, k1, k2, lambda_value, tile):
 # ---------------------------------------------------------------------------
 
 
-@torch.library.custom_op("pyfici::rerank", mutates_args=())
-def _rerank_op(query: torch.Tensor, gallery: torch.Tensor, k1: int, k2: int, lambda_value: float, metric: str,
-               tile: int, backend: str) -> torch.Tensor:
-    Q, G = query.shape[0], gallery.shape[0]
+class _Rerank(NamedTuple):
+    """One re-ranking op's backends (each takes the reference's arguments; cpu and
+    triton then the panel rows or None) and its result size (Q, G) from those arguments."""
+
+    torch: Callable
+    triton: Callable
+    cpu: Callable
+    size: Callable
+
+
+_FEATURES = _Rerank(reference.rerank, _device_rerank_features, _cpu_rerank_features,
+                    lambda a: (a[0].shape[0], a[1].shape[0]))
+_DISTMAT = _Rerank(reference.rerank_distmat, _device_rerank_distmat, _cpu_rerank_distmat,
+                   lambda a: tuple(a[0].shape))
+
+
+def _rerank_impl(kind: _Rerank, *args) -> torch.Tensor:
+    """``args``: the op's arguments (the reference's, backend, tile; tile 0 = default)."""
+    ref_args, backend, tile = args[:-2], args[-2], args[-1]
+    Q, G = kind.size(ref_args)
     if Q == 0 or G == 0:
-        return query.new_zeros((Q, G), dtype=torch.float32)
-    t = tile if tile > 0 else None
+        return ref_args[0].new_zeros((Q, G), dtype=torch.float32)
     if backend == "torch":
-        return reference.rerank(query, gallery, k1, k2, lambda_value, metric)
-    if backend == "triton":
-        return _device_rerank_features(query, gallery, k1, k2, lambda_value, metric, t)
-    return _cpu_rerank_features(query, gallery, k1, k2, lambda_value, metric, t)
+        return kind.torch(*ref_args)
+    run = kind.triton if backend == "triton" else kind.cpu
+    return run(*ref_args, tile if tile > 0 else None)
 
 
-@_rerank_op.register_fake
-def _(query, gallery, k1, k2, lambda_value, metric, tile, backend):
-    return query.new_empty((query.shape[0], gallery.shape[0]), dtype=torch.float32)
+def _rerank_fake(kind: _Rerank, *args) -> torch.Tensor:
+    return args[0].new_empty(kind.size(args[:-2]), dtype=torch.float32)
 
 
-@torch.library.custom_op("pyfici::rerank_distmat", mutates_args=())
-def _rerank_distmat_op(q_g: torch.Tensor, q_q: torch.Tensor, g_g: torch.Tensor, k1: int, k2: int,
-                       lambda_value: float, tile: int, backend: str) -> torch.Tensor:
-    Q, G = q_g.shape
-    if Q == 0 or G == 0:
-        return q_g.new_zeros((Q, G), dtype=torch.float32)
-    t = tile if tile > 0 else None
-    if backend == "torch":
-        return reference.rerank_distmat(q_g, q_q, g_g, k1, k2, lambda_value)
-    if backend == "triton":
-        return _device_rerank_distmat(q_g, q_q, g_g, k1, k2, lambda_value, t)
-    return _cpu_rerank_distmat(q_g, q_q, g_g, k1, k2, lambda_value, t)
-
-
-@_rerank_distmat_op.register_fake
-def _(q_g, q_q, g_g, k1, k2, lambda_value, tile, backend):
-    return q_g.new_empty(tuple(q_g.shape), dtype=torch.float32)
+_rerank_op = op_like("rerank", reference.rerank, partial(_rerank_impl, _FEATURES), extra=[extra_arg("tile", int)])
+_rerank_op.register_fake(partial(_rerank_fake, _FEATURES))
+_rerank_distmat_op = op_like("rerank_distmat", reference.rerank_distmat, partial(_rerank_impl, _DISTMAT),
+                             extra=[extra_arg("tile", int)])
+_rerank_distmat_op.register_fake(partial(_rerank_fake, _DISTMAT))
 
 
 # ---------------------------------------------------------------------------
@@ -463,7 +468,7 @@ def rerank_features(
         # neither overflows (features ~1e20) nor cancels (features far from 0).
         dt = torch.float64 if torch.float64 in (query.dtype, gallery.dtype) else torch.float32
         query, gallery, _ = condition_features(query.to(dt), gallery.to(dt), metric, xname="query", yname="gallery")
-    return _rerank_op(query, gallery, int(k1), int(k2), float(lambda_value), metric, int(tile or 0), be)
+    return _rerank_op(query, gallery, int(k1), int(k2), float(lambda_value), metric, be, int(tile or 0))
 
 
 def _scaled_distances(*mats: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -521,4 +526,4 @@ def rerank_distmat(
     if not torch.compiler.is_compiling():
         q_g, q_q, g_g = _scaled_distances(q_g, q_q, g_g)
     be = choose_backend("rerank_distmat", dev, backend, cuda_default="triton", supported=_SUPPORTED)
-    return _rerank_distmat_op(q_g, q_q, g_g, int(k1), int(k2), float(lambda_value), int(tile or 0), be)
+    return _rerank_distmat_op(q_g, q_q, g_g, int(k1), int(k2), float(lambda_value), be, int(tile or 0))
