@@ -31,6 +31,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from pyfici.compat._rank import rank_drop_in
 from pyfici.ops._validate import (
     as_ids,
     as_tensor,
@@ -92,31 +93,15 @@ def _row_by_argsort(row: np.ndarray, g_pids: np.ndarray, g_camids: np.ndarray, q
     return np.nonzero(hit)[0].astype(np.int64)
 
 
-def evaluate_rank(
-    distmat,
-    q_pids,
-    g_pids,
-    q_camids,
-    g_camids,
-    max_rank: int = 50,
-    use_metric_cuhk03: bool = False,
-    use_cython: bool = True,
-):
-    """fast-reid's ``evaluate_rank`` -> ``(all_cmc, all_AP, all_INP)``: float32
-    CMC of length ``max_rank`` (clipped to the gallery size), and float32 AP and
-    INP of each valid query (queries with no match in the gallery, after
-    dropping the same-ID-same-camera items, are skipped). Raises ValueError
-    when no query is valid (fast-reid: AssertionError). With
-    ``use_metric_cuhk03=True`` returns ``(all_cmc, mAP)`` as fast-reid does."""
+def _fastreid_rank(distmat, ids, max_rank, use_metric_cuhk03):
+    d, ids = _inputs(distmat, *ids)
     if use_metric_cuhk03:
-        d, ids = _inputs(distmat, q_pids, g_pids, q_camids, g_camids)
         mr = min(int(max_rank), d.shape[1])
         res = evaluate_distmat(d, *ids, max_rank=mr, protocol="cuhk03")
         ap = _all_ap(d, ids)[0]
         # fast-reid sums the per-query AP (0 for skipped queries) in float32, in query order
         total = np.cumsum(ap, dtype=np.float32)[-1] if ap.size else np.float32(0)
         return res.cmc.numpy().astype(np.float32), float(np.float32(total / np.float32(ap.size)))
-    d, ids = _inputs(distmat, q_pids, g_pids, q_camids, g_camids)
     Q, G = d.shape
     mr = int(max_rank)
     if mr < 1:
@@ -130,6 +115,14 @@ def evaluate_rank(
     counts = (first[:, None] <= np.arange(mr)[None, :]).sum(0)
     cmc = (counts.astype(np.float64) / nv).astype(np.float32)
     return cmc, all_ap, all_inp
+
+
+evaluate_rank = rank_drop_in(_fastreid_rank, """fast-reid's ``evaluate_rank`` -> ``(all_cmc, all_AP, all_INP)``: float32
+    CMC of length ``max_rank`` (clipped to the gallery size), and float32 AP and
+    INP of each valid query (queries with no match in the gallery, after
+    dropping the same-ID-same-camera items, are skipped). Raises ValueError
+    when no query is valid (fast-reid: AssertionError). With
+    ``use_metric_cuhk03=True`` returns ``(all_cmc, mAP)`` as fast-reid does.""")
 
 
 def _all_ap(d: torch.Tensor, ids, with_inp: bool = False):

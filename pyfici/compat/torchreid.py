@@ -12,32 +12,18 @@ from __future__ import annotations
 
 import numpy as np
 
+from pyfici.compat._rank import rank_drop_in
 from pyfici.reid.evaluate import evaluate_distmat
 from pyfici.reid.rerank import rerank_distmat
 
 
-def evaluate_rank(
-    distmat,
-    q_pids,
-    g_pids,
-    q_camids,
-    g_camids,
-    max_rank: int = 50,
-    use_metric_cuhk03: bool = False,
-    use_cython: bool = True,
-):
-    """Return ``(all_cmc, mAP)`` exactly as torchreid does (assertion -> ValueError
-    when no query is valid)."""
-    res = evaluate_distmat(
-        distmat,
-        q_pids,
-        g_pids,
-        q_camids,
-        g_camids,
-        max_rank=max_rank,
-        protocol="cuhk03" if use_metric_cuhk03 else "torchreid",
-    )
+def _torchreid_rank(distmat, ids, max_rank, use_metric_cuhk03):
+    res = evaluate_distmat(distmat, *ids, max_rank=max_rank, protocol="cuhk03" if use_metric_cuhk03 else "torchreid")
     return res.cmc.numpy().astype(np.float32), float(res.mAP)
+
+
+evaluate_rank = rank_drop_in(_torchreid_rank, """Return ``(all_cmc, mAP)`` exactly as torchreid does (assertion -> ValueError
+    when no query is valid).""")
 
 
 def re_ranking(q_g_dist, q_q_dist, g_g_dist, k1: int = 20, k2: int = 6, lambda_value: float = 0.3):
