@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from pyfici.data._image import ImageDataset, is_image_file
+from pyfici.data._registry import load_by_name
 from pyfici.data.builtin import PHOTO_NAMES, skimage_photos
 
 __all__ = [
@@ -343,13 +344,7 @@ REID_DATASETS: dict[str, Callable[..., ReIDDataset]] = {
 def load_reid_dataset(name: str, root: str | Path | None = None, **builtin_kwargs: Any) -> ReIDDataset:
     """Load a dataset by name (``market1501``, ``dukemtmc``, ``cuhk03-detected``,
     ``cuhk03-labeled``, ``msmt17``, ``builtin``). ``root`` is required except for ``builtin``."""
-    if name not in REID_DATASETS:
-        raise ValueError(f"unknown ReID dataset {name!r}; choose one of {', '.join(REID_DATASETS)}")
-    if name == "builtin":
-        return builtin_reid(**builtin_kwargs)
-    if root is None:
-        raise ValueError(f"dataset {name!r} needs --root DIR (the folder holding the dataset)")
-    return REID_DATASETS[name](root)
+    return load_by_name("ReID", REID_DATASETS, name, root, builtin_reid, builtin_kwargs)
 
 
 class ReIDImageDataset(ImageDataset):

@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 
 from pyfici.data._image import ImageDataset
+from pyfici.data._registry import load_by_name
 from pyfici.data.builtin import sklearn_digits
 
 __all__ = [
@@ -137,6 +138,20 @@ def _check_nonempty(name: str, items: list[Item], file: Path, what: str) -> None
         raise ValueError(f"{name}: no {what} images found from {file}")
 
 
+# the zero-shot class split: classes 1..first_half train, the rest test
+_CLASS_SPLITS = {"cub200": (100, 200), "cars196": (98, 196)}
+
+
+def _class_split(name: str, items: list[Item], source: Path) -> RetrievalSplit:
+    """``items`` (path, class id from 1) split by :data:`_CLASS_SPLITS`; errors name ``source``."""
+    last_train, n_classes = _CLASS_SPLITS[name]
+    train = [it for it in items if it[1] <= last_train]
+    test = [it for it in items if it[1] > last_train]
+    _check_nonempty(name, train, source, f"training (classes 1-{last_train})")
+    _check_nonempty(name, test, source, f"test (classes {last_train + 1}-{n_classes})")
+    return RetrievalSplit(name, _relabel(train), test, RECALL_KS[name])
+
+
 def cub200(root: str | Path) -> RetrievalSplit:
     """CUB-200-2011: classes 1-100 train, 101-200 test (see module docstring)."""
     root = Path(root)
@@ -149,20 +164,15 @@ def cub200(root: str | Path) -> RetrievalSplit:
         if len(parts) != 2:
             raise ValueError(f"{images_txt}:{n}: expected '<image id> <path>', got {ln!r}")
         paths[parts[0]] = parts[1].strip()
-    train: list[Item] = []
-    test: list[Item] = []
+    items: list[Item] = []
     for n, ln in enumerate(_read_lines(labels_txt), 1):
         parts = ln.split()
         if len(parts) != 2 or not parts[1].isdigit():
             raise ValueError(f"{labels_txt}:{n}: expected '<image id> <class id>', got {ln!r}")
         if parts[0] not in paths:
             raise ValueError(f"{labels_txt}:{n}: image id {parts[0]} is not in {images_txt}")
-        c = int(parts[1])
-        item = (str(base / "images" / paths[parts[0]]), c)
-        (train if c <= 100 else test).append(item)
-    _check_nonempty("cub200", train, labels_txt, "training (classes 1-100)")
-    _check_nonempty("cub200", test, labels_txt, "test (classes 101-200)")
-    return RetrievalSplit("cub200", _relabel(train), test, RECALL_KS["cub200"])
+        items.append((str(base / "images" / paths[parts[0]]), int(parts[1])))
+    return _class_split("cub200", items, labels_txt)
 
 
 def cars196(root: str | Path) -> RetrievalSplit:
@@ -183,15 +193,8 @@ def cars196(root: str | Path) -> RetrievalSplit:
     for f in ("relative_im_path", "class"):
         if f not in names:
             raise ValueError(f"{mat}: annotations lack the field {f!r} (fields: {names})")
-    train: list[Item] = []
-    test: list[Item] = []
-    for a in annos.reshape(-1):
-        c = int(a["class"])
-        item = (str(root / str(a["relative_im_path"])), c)
-        (train if c <= 98 else test).append(item)
-    _check_nonempty("cars196", train, mat, "training (classes 1-98)")
-    _check_nonempty("cars196", test, mat, "test (classes 99-196)")
-    return RetrievalSplit("cars196", _relabel(train), test, RECALL_KS["cars196"])
+    items = [(str(root / str(a["relative_im_path"])), int(a["class"])) for a in annos.reshape(-1)]
+    return _class_split("cars196", items, mat)
 
 
 def _read_sop_file(path: Path, base: Path) -> list[Item]:
@@ -334,12 +337,4 @@ RETRIEVAL_DATASETS: dict[str, Callable[..., RetrievalSplit]] = {
 def load_retrieval_dataset(name: str, root: str | Path | None = None, **builtin_kwargs: Any) -> RetrievalSplit:
     """Read dataset ``name`` (``cub200``, ``cars196``, ``sop``, ``inshop``, ``aircraft``,
     ``builtin``) from ``root`` (required except for ``builtin``)."""
-    if name not in RETRIEVAL_DATASETS:
-        raise ValueError(f"unknown retrieval dataset {name!r}; choose one of {sorted(RETRIEVAL_DATASETS)}")
-    if name == "builtin":
-        return _builtin(**builtin_kwargs)
-    if root is None:
-        raise ValueError(f"--dataset {name} needs --root DIR (the folder holding the official layout)")
-    if not Path(root).is_dir():
-        raise FileNotFoundError(f"--root {root}: no such folder")
-    return RETRIEVAL_DATASETS[name](root)
+    return load_by_name("retrieval", RETRIEVAL_DATASETS, name, root, _builtin, builtin_kwargs)
