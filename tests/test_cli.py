@@ -177,3 +177,40 @@ def test_quick_builtin_defaults_and_released_defaults():
     assert (q.quick, q.backbone, q.image_size, q.epochs_per_period) == (True, "efficientnet_lite0", (96, 48), 2)
     r = RollbackConfig(dataset="market1501", root="x")
     assert (r.backbone, r.image_size, r.epochs_per_period, r.eval_every) == ("resnet50", (288, 144), 40, 10)
+
+
+def test_ficgan_flags_come_from_its_config_dataclass(capsys):
+    import argparse
+    import dataclasses
+
+    from pyfici.methods.ficgan.train import FICGANTrainConfig, add_train_arguments
+
+    p = argparse.ArgumentParser(exit_on_error=False)
+    add_train_arguments(p)
+    by_dest = {a.dest: a for a in p._actions}
+    fields = [f for f in dataclasses.fields(FICGANTrainConfig) if f.name != "workers"]
+    assert "workers" not in by_dest
+    for f in fields:
+        a = by_dest[f.name]
+        if f.name in ("data", "out"):
+            assert a.required, f.name
+        elif f.name == "steps":  # no CLI default: --data builtin alone picks the quick run
+            assert a.default is None and str(f.default) in a.help
+        else:
+            want = list(f.default) if isinstance(f.default, tuple) else f.default
+            assert a.default == want, (f.name, a.default, want)
+            assert f.metadata["help"] in a.help, f.name
+            choices = f.metadata["choices"]
+            assert (list(a.choices) if a.choices else None) == (list(choices) if choices else None), f.name
+    # the parsed flags give back the dataclass, with the comma-separated tuple and the negated bools
+    args = p.parse_args(["--data", "faces", "--out", "o", "--attr-group-channels", "4,2,1", "--no-amp",
+                         "--no-id-augment", "--id-loss", "cos", "--steps", "3"])
+    from pyfici.engine.config import config_from_args
+
+    cfg = config_from_args(FICGANTrainConfig, args)
+    assert cfg.attr_group_channels == (4, 2, 1) and cfg.amp is False and cfg.id_augment is False
+    assert (cfg.id_loss, cfg.steps, cfg.lr) == ("cos", 3, FICGANTrainConfig.lr)
+    with pytest.raises(SystemExit) as e:
+        main(["train", "ficgan", "--data", "builtin", "--out", "x", "--attr-group-channels", "2,x"])
+    assert e.value.code == 2
+    _one_line_error(capsys, "--attr-group-channels")

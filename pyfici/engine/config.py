@@ -32,7 +32,7 @@ from pyfici.engine.runtime import DEVICE_HELP
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, choices: Any = None, min: float | None = None,
            flag: str | None = None, cli: bool = True, metavar: str | None = None, validate: bool = True,
-           default_factory: Callable[[], Any] | None = None) -> Any:
+           default_factory: Callable[[], Any] | None = None, parse: Callable[[str], Any] | None = None) -> Any:
     """A dataclass field with its command-line description.
 
     ``choices``: a sequence or a zero-argument callable returning one (read when
@@ -41,10 +41,11 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *, choices: Any =
     ``flag``: the option name when it is not ``--field-name``; ``cli=False``:
     library-only setting; ``validate=False``: the choices are offered on the command line but
     :func:`validate` accepts other values (e.g. a custom model's name). A bool field becomes ``--name`` when its default is
-    False and ``--no-name`` when it is True.
+    False and ``--no-name`` when it is True. ``parse``: the argparse ``type`` of a field written as
+    one word (e.g. ``2,2,0`` for a tuple) instead of the default parsing.
     """
     md = {"help": help, "choices": choices, "min": min, "flag": flag, "cli": cli, "metavar": metavar,
-          "validate": validate}
+          "validate": validate, "parse": parse}
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata=md)
     return dataclasses.field(default=default, metadata=md)
@@ -111,10 +112,11 @@ def count_type(lo: int = 0) -> Callable[[str], int]:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = (),
-                         defaults: dict[str, Any] | None = None) -> None:
+                         defaults: dict[str, Any] | None = None, required: tuple[str, ...] = ()) -> None:
     """Add one option per field of dataclass ``cls`` (see :func:`option`), with the default in the help.
 
-    ``defaults``: CLI defaults that differ from the dataclass's (e.g. an ``--out`` folder)."""
+    ``defaults``: CLI defaults that differ from the dataclass's (e.g. an ``--out`` folder);
+    ``required``: fields the command line must give (no default there)."""
     hints = typing.get_type_hints(cls)
     defaults = defaults or {}
     for f in dataclasses.fields(cls):
@@ -135,7 +137,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: tu
             continue
         origin = typing.get_origin(kind)
         lo = f.metadata.get("min")
-        if origin in (tuple, list):
+        if f.metadata.get("parse") is not None:
+            kw["type"] = f.metadata["parse"]
+            shown = ",".join(map(str, default)) if origin in (tuple, list) and default is not None else default
+        elif origin in (tuple, list):
             args = typing.get_args(kind)
             elem = args[0] if args else str
             kw["type"] = _number(elem, flag, lo) if elem in (int, float) else elem
@@ -149,9 +154,12 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: tu
             kw["choices"] = choices
         if f.metadata.get("metavar"):
             kw["metavar"] = f.metadata["metavar"]
-        kw["default"] = list(default) if isinstance(default, tuple) else default
-        if shown is not None and "default" not in help_:
-            kw["help"] = f"{help_} (default {shown})" if help_ else f"default {shown}"
+        if f.name in required:
+            kw["required"] = True
+        else:
+            kw["default"] = list(default) if isinstance(default, tuple) else default
+            if shown is not None and "default" not in help_:
+                kw["help"] = f"{help_} (default {shown})" if help_ else f"default {shown}"
         parser.add_argument(flag, **kw)
 
 

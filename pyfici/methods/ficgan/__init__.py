@@ -4,6 +4,22 @@ de-identification of crops and photos (:mod:`.deid`, :mod:`.detect`).
 See docs/ficgan.md for every design decision."""
 
 from pyfici.methods.ficgan.model import FICGAN, FICGANConfig, level_groups, slerp
-from pyfici.methods.ficgan.train import load_ficgan, train_builtin, train_ficgan
+from pyfici.methods.ficgan.train import (
+    FICGANTrainConfig,
+    load_ficgan,
+    run_ficgan,
+    train_builtin,
+    train_ficgan,
+)
 
-__all__ = ["FICGAN", "FICGANConfig", "level_groups", "load_ficgan", "slerp", "train_builtin", "train_ficgan"]
+__all__ = [
+    "FICGAN",
+    "FICGANConfig",
+    "FICGANTrainConfig",
+    "level_groups",
+    "load_ficgan",
+    "run_ficgan",
+    "slerp",
+    "train_builtin",
+    "train_ficgan",
+]

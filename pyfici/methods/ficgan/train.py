@@ -38,7 +38,7 @@ import argparse
 import math
 import os
 import time
-from dataclasses import fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -46,12 +46,20 @@ import torch.nn.functional as F
 
 from pyfici.deid.metrics import luma
 from pyfici.engine import UserError
-from pyfici.engine.config import add_json_argument, count_type, emit_json
+from pyfici.engine.config import (
+    RunConfig,
+    add_config_arguments,
+    add_json_argument,
+    config_from_args,
+    emit_json,
+    option,
+    validate,
+)
 from pyfici.engine.errors import user_errors
 from pyfici.engine.files import load_checkpoint
 from pyfici.engine.loop import CallbackHook, Trainer
 from pyfici.engine.rundir import RunDir, check_resume_config
-from pyfici.engine.runtime import DEVICE_HELP, log, seed_everything, setup
+from pyfici.engine.runtime import log, seed_everything, setup
 from pyfici.methods.ficgan.data import load_face_folder, save_grid
 from pyfici.methods.ficgan.model import FICGAN, FICGANConfig
 from pyfici.optim import LayerwiseAdamW
@@ -66,82 +74,75 @@ def make_optimizer(params, lr: float, betas=(0.0, 0.99)):
     return LayerwiseAdamW(params, lr=lr, betas=betas, weight_decay=0.0), "pyfici.optim.LayerwiseAdamW"
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(q) for q in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+@dataclass
+class FICGANTrainConfig(RunConfig):
+    """Every setting of a FICGAN run; ``pyfici train ficgan`` has one flag per field."""
+
+    out: str | None = option("runs/ficgan", "output folder (checkpoint.pt, final.pt, metrics.json, samples/)")
+    resume: bool = option(False, "continue from OUT/checkpoint.pt (an error when there is none)")
+    quiet: bool = option(False, "no progress bar")
+    data: str = option("builtin", "folder of aligned face crops, or 'builtin' (the built-in faces)")
+    size: int = option(64, "image size (power of two, 64..256)", min=16)
+    steps: int = option(10000, f"training steps (default 10000; with --data builtin and no other size option the "
+                               f"quick built-in run: {BUILTIN_QUICK_STEPS} steps of train_builtin's CPU recipe)", min=0)
+    batch_size: int = option(8, "images per step (at least 2: the identity swap needs two faces)", min=2)
+    lr: float = option(1e-3)
+    base_channels: int = option(32)
+    max_channels: int = option(128)
+    attr_channels: int = option(8)
+    attr_group_channels: tuple[int, ...] | None = option(
+        (2, 2, 0), "attribute-map widths of the coarse,middle,fine levels (default 2,2,0: no 64x64 and finer map; "
+                   "0 removes a group's map)", parse=_int_list)
+    attr_input: str = option("masked", "what the attribute encoder sees: the full image, or the image with the "
+                             "identity ellipse (eyes, nose, mouth) replaced by its 4x4 low-pass",
+                             choices=("full", "masked"))
+    attr_mask_scale: float = option(1.55, "with --attr-input masked: radii of the masked ellipse relative to the "
+                                    "metrics' identity region")
+    id_spatial: int = option(32, "levels up to this resolution also get a linear map of the identity code as input "
+                             "channels (0: off)")
+    id_spatial_channels: int = option(8, "channels of those identity maps")
+    recon_warmup: int = option(2000, "the first N steps train E_attr + G as an autoencoder only (L1 reconstruction, "
+                               "no D, no identity loss)")
+    warmup_lr: float | None = option(5e-3, "learning rate of the warm-up (default: --lr)")
+    id_augment: bool = option(True, "identity loss on the output itself, not on a random view (scale, shift, "
+                              "rotation, grey mix)")
+    mix_prob: float = option(0.0, "fraction of identity-swapped samples whose target is the spherical mean of two "
+                             "faces' codes (the kind of code de-identification feeds G)")
+    id_blur: float = option(0.0, "Gaussian blur (sigma, pixels) of the output before the identity loss: identity "
+                            "must come from face structure, not from pixel-level patterns (use about the data's "
+                            "native blur)")
+    center_identity: bool = option(True, "do not centre identity codes on the training set's mean embedding")
+    id_loss: str = option("contrastive", choices=("cos", "centered", "contrastive"))
+    id_tau: float = option(0.05, "temperature of the contrastive identity loss")
+    swap_prob: float = option(0.5)
+    w_id: float = option(2.0)
+    w_rec: float = option(10.0)
+    w_attr: float = option(1.0)
+    w_adv: float = option(1.0)
+    w_lowpass: float = option(10.0, "weight of the L1 between 8x8 low-pass images of output and input on "
+                              "identity-swapped samples")
+    w_chroma: float = option(10.0, "weight of the L1 between the colour (RGB minus luma) of output and input on "
+                             "identity-swapped samples")
+    r1_gamma: float = option(1.0)
+    r1_every: int = option(4, min=1)
+    sample_every: int = option(100, "write a sample grid PNG every N steps", min=0)
+    checkpoint_every: int = option(200, min=0)
+    log_every: int = option(10, min=1)
+    amp: bool = option(True, "disable bf16 autocast on GPU")
+
+
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    d = _defaults()  # one source of defaults: the signature of train_ficgan
-    p.add_argument("--data", required=True, help="folder of aligned face crops, or 'builtin' (the built-in faces)")
-    p.add_argument("--size", type=count_type(16), default=d["size"], help="image size (power of two, 64..256)")
-    p.add_argument("--steps", type=count_type(0), default=None,
-                   help=f"training steps (default {d['steps']}; with --data builtin and no other size option the "
-                        f"quick built-in run: {BUILTIN_QUICK_STEPS} steps of train_builtin's CPU recipe)")
-    p.add_argument("--batch-size", type=count_type(2), default=d["batch_size"])
-    p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.add_argument("--out", required=True, help="output folder (checkpoint.pt, final.pt, metrics.json, samples/)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt (an error when there is none)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    # --steps: no CLI default, so that --data builtin alone can pick the quick built-in run
+    add_config_arguments(p, FICGANTrainConfig, skip=("workers",), defaults={"steps": None},
+                         required=("data", "out"))
     add_json_argument(p)
-    p.add_argument("--lr", type=float, default=d["lr"])
-    p.add_argument("--base-channels", type=int, default=d["base_channels"])
-    p.add_argument("--max-channels", type=int, default=d["max_channels"])
-    p.add_argument("--attr-channels", type=int, default=d["attr_channels"])
-    p.add_argument("--attr-group-channels", type=lambda v: [int(q) for q in v.split(",")], default=list(d["attr_group_channels"]),
-                   help="attribute-map widths of the coarse,middle,fine levels (default 2,2,0: no 64x64 and finer map; 0 removes a group's map)")
-    p.add_argument("--attr-input", default=d["attr_input"], choices=("full", "masked"),
-                   help="what the attribute encoder sees: the full image, or the image with the identity ellipse "
-                        "(eyes, nose, mouth) replaced by its 4x4 low-pass")
-    p.add_argument("--attr-mask-scale", type=float, default=d["attr_mask_scale"],
-                   help="with --attr-input masked: radii of the masked ellipse relative to the metrics' identity region")
-    p.add_argument("--id-spatial", type=int, default=d["id_spatial"],
-                   help="levels up to this resolution also get a linear map of the identity code as input channels (0: off)")
-    p.add_argument("--id-spatial-channels", type=int, default=d["id_spatial_channels"], help="channels of those identity maps")
-    p.add_argument("--recon-warmup", type=int, default=d["recon_warmup"],
-                   help="the first N steps train E_attr + G as an autoencoder only (L1 reconstruction, no D, no identity loss)")
-    p.add_argument("--warmup-lr", type=float, default=d["warmup_lr"], help="learning rate of the warm-up (default: --lr)")
-    p.add_argument("--no-id-augment", dest="id_augment", action="store_false",
-                   help="identity loss on the output itself, not on a random view (scale, shift, rotation, grey mix)")
-    p.add_argument("--mix-prob", type=float, default=d["mix_prob"],
-                   help="fraction of identity-swapped samples whose target is the spherical mean of two faces' codes "
-                        "(the kind of code de-identification feeds G)")
-    p.add_argument("--id-blur", type=float, default=d["id_blur"],
-                   help="Gaussian blur (sigma, pixels) of the output before the identity loss: identity must come "
-                        "from face structure, not from pixel-level patterns (use about the data's native blur)")
-    p.add_argument("--no-center-identity", dest="center_identity", action="store_false",
-                   help="do not centre identity codes on the training set's mean embedding")
-    p.add_argument("--id-loss", default=d["id_loss"], choices=("cos", "centered", "contrastive"))
-    p.add_argument("--id-tau", type=float, default=d["id_tau"], help="temperature of the contrastive identity loss")
-    p.add_argument("--swap-prob", type=float, default=d["swap_prob"])
-    p.add_argument("--w-id", type=float, default=d["w_id"])
-    p.add_argument("--w-rec", type=float, default=d["w_rec"])
-    p.add_argument("--w-attr", type=float, default=d["w_attr"])
-    p.add_argument("--w-adv", type=float, default=d["w_adv"])
-    p.add_argument("--w-lowpass", type=float, default=d["w_lowpass"],
-                   help="weight of the L1 between 8x8 low-pass images of output and input on identity-swapped samples")
-    p.add_argument("--w-chroma", type=float, default=d["w_chroma"],
-                   help="weight of the L1 between the colour (RGB minus luma) of output and input on identity-swapped samples")
-    p.add_argument("--r1-gamma", type=float, default=d["r1_gamma"])
-    p.add_argument("--r1-every", type=int, default=d["r1_every"])
-    p.add_argument("--sample-every", type=int, default=d["sample_every"], help="write a sample grid PNG every N steps")
-    p.add_argument("--checkpoint-every", type=int, default=d["checkpoint_every"])
-    p.add_argument("--log-every", type=int, default=d["log_every"])
-    p.add_argument("--seed", type=int, default=d["seed"])
-    p.add_argument("--no-amp", dest="amp", action="store_false", help="disable bf16 autocast on GPU")
-    for act in p._actions:  # show every default in --help (they are the measured recipe)
-        if act.default not in (None, argparse.SUPPRESS) and not isinstance(act.default, bool) and "default" not in (act.help or ""):
-            d_ = ",".join(map(str, act.default)) if isinstance(act.default, (list, tuple)) else act.default
-            act.help = f"{act.help} (default {d_})" if act.help else f"default {d_}"
-
-
-def _defaults() -> dict:
-    import inspect
-
-    return {k: v.default for k, v in inspect.signature(train_ficgan).parameters.items()}
-
-
-# the run configuration: every parameter of train_ficgan but the objects that are not settings
-_NOT_CONFIG = ("identity_encoder",)
-
-
-def _config_from_args(a) -> dict:
-    return {k: getattr(a, k) for k in _defaults() if k not in _NOT_CONFIG}
 
 
 def _emit(metrics: dict, target: str | None) -> None:
@@ -150,16 +151,16 @@ def _emit(metrics: dict, target: str | None) -> None:
 
 
 def train_main(args) -> int:
-    kw = _config_from_args(args)
-    if args.steps is None and args.data == "builtin":
+    cfg = config_from_args(FICGANTrainConfig, args)
+    if cfg.steps is None and cfg.data == "builtin":
         log(f"--data builtin without --steps: the quick built-in run, {BUILTIN_QUICK_STEPS} steps of train_builtin's "
             "CPU recipe (16/64 channels, batch 6, 60 % reconstruction warm-up); give --steps for the full recipe")
-        _emit(train_builtin(out=args.out, steps=BUILTIN_QUICK_STEPS, size=args.size, device=args.device,
-                            resume=args.resume, quiet=args.quiet, seed=args.seed), args.json)
+        _emit(train_builtin(out=cfg.out, steps=BUILTIN_QUICK_STEPS, size=cfg.size, device=cfg.device,
+                            resume=cfg.resume, quiet=cfg.quiet, seed=cfg.seed), args.json)
         return 0
-    if kw["steps"] is None:
-        kw["steps"] = _defaults()["steps"]
-    _emit(train_ficgan(**kw), args.json)
+    if cfg.steps is None:
+        cfg.steps = FICGANTrainConfig.steps
+    _emit(run_ficgan(cfg), args.json)
     return 0
 
 
@@ -179,18 +180,12 @@ def _step_batch(n_data: int, batch: int, seed: int, step: int, rank: int, swap_p
 
 
 def train_ficgan(data: str = "builtin", size: int = 64, steps: int = 10000, out: str = "runs/ficgan", *,
-                 batch_size: int = 8, device: str = "auto", resume: bool = False, lr: float = 1e-3,
-                 base_channels: int = 32, max_channels: int = 128, attr_channels: int = 8,
-                 attr_group_channels: list[int] | tuple[int, ...] | None = (2, 2, 0), center_identity: bool = True,
-                 attr_input: str = "masked", attr_mask_scale: float = 1.55,
-                 id_spatial: int = 32, id_spatial_channels: int = 8, recon_warmup: int = 2000, warmup_lr: float | None = 5e-3,
-                 id_augment: bool = True, id_blur: float = 0.0, mix_prob: float = 0.0,
-                 id_loss: str = "contrastive", id_tau: float = 0.05,
-                 swap_prob: float = 0.5, w_id: float = 2.0, w_rec: float = 10.0, w_attr: float = 1.0,
-                 w_adv: float = 1.0, w_lowpass: float = 10.0, w_chroma: float = 10.0, r1_gamma: float = 1.0, r1_every: int = 4,
-                 sample_every: int = 100, checkpoint_every: int = 200, log_every: int = 10, seed: int = 0, amp: bool = True,
-                 identity_encoder=None, quiet: bool = False) -> dict:
+                 identity_encoder=None, **settings) -> dict:
     """Train FICGAN; returns the metrics dict (also in ``out/metrics.json``).
+
+    ``settings``: any other field of :class:`FICGANTrainConfig` (batch_size, lr, device,
+    resume, seed, the loss weights...), defaults as there. ``identity_encoder``: a callable
+    images -> embeddings replacing the dlib face encoder.
 
     Writes the run folder ``out``: ``checkpoint.pt`` (atomic, resumable with
     ``resume=True``), ``final.pt`` (final weights + model config),
@@ -198,27 +193,27 @@ def train_ficgan(data: str = "builtin", size: int = 64, steps: int = 10000, out:
     with own identity, identity of the neighbour in the batch). Under
     ``torchrun`` gradients are averaged over ranks (data parallel).
     """
-    # first statement: locals() holds exactly the parameters here
-    cfg_run = {k: v for k, v in locals().items() if k not in _NOT_CONFIG}
-    if attr_group_channels is not None:
-        cfg_run["attr_group_channels"] = [int(c) for c in attr_group_channels]
-    if id_loss not in ("cos", "centered", "contrastive"):
-        raise UserError(f"--id-loss must be cos, centered or contrastive, got {id_loss!r}")
-    if steps < 0 or batch_size < 2:
-        raise UserError("--steps must be >= 0 and --batch-size >= 2 (the identity swap needs two faces)")
-    for name in ("sample_every", "checkpoint_every", "log_every", "r1_every"):
-        if cfg_run[name] < (1 if name in ("log_every", "r1_every") else 0):
-            raise UserError(f"--{name.replace('_', '-')} must be >= {1 if name in ('log_every', 'r1_every') else 0}, "
-                            f"got {cfg_run[name]}")
-    with setup(device) as rt, RunDir(out, inputs=[("--data", data)], resume=resume, main=rt.main) as rd:
-        seed_everything(seed)
+    return run_ficgan(FICGANTrainConfig(data=data, size=size, steps=steps, out=out, **settings), identity_encoder)
+
+
+def run_ficgan(cfg: FICGANTrainConfig, identity_encoder=None) -> dict:
+    """Train FICGAN as configured (see :func:`train_ficgan`)."""
+    validate(cfg)
+    if cfg.workers:
+        raise UserError("--workers: FICGAN holds its images in memory and loads no data while training")
+    cfg_run = {k: v for k, v in asdict(cfg).items() if k != "workers"}
+    if cfg.attr_group_channels is not None:
+        cfg_run["attr_group_channels"] = [int(c) for c in cfg.attr_group_channels]
+    steps, recon_warmup = cfg.steps, cfg.recon_warmup
+    with setup(cfg.device) as rt, RunDir(cfg.out, inputs=[("--data", cfg.data)], resume=cfg.resume, main=rt.main) as rd:
+        seed_everything(cfg.seed)
         t = _FICGANTrainer(cfg_run, rt, rd, identity_encoder)
         t.hooks.append(CallbackHook(after_epoch=_after_step))
         if rt.main and 0 < steps <= recon_warmup:
             rt.log(f"pyfici train ficgan: note: all {steps} steps are the reconstruction warm-up (--recon-warmup "
                    f"{recon_warmup}); the GAN and identity losses start after it")
         t.t0 = time.time()
-        t.train(t.start, steps, desc="ficgan", quiet=quiet, main=rt.main)
+        t.train(t.start, steps, desc="ficgan", quiet=cfg.quiet, main=rt.main)
         return t.finish()
 
 
