@@ -3,19 +3,24 @@
 // For each query row of a distance matrix, the true matches are few. The rank
 // of a match m (0-based, among the valid gallery items, ties to the lower
 // index) is the number of valid items that come before it:
-//     rank(m) = #{j valid : d_j < d_m} + #{j valid, j < m : d_j == d_m}.
-// We build a copy of the row where junk items are NaN (every comparison with
-// NaN is false, so junk is never counted before anything), then count with two
-// branch-free, vectorised passes per match (j < m with <=, j > m with <). A NaN
-// distance of a valid item becomes +inf: it ranks after every number, ties by
-// index, as numpy's sort places NaN last; it never ranks before a real value.
-// When a query has more than kMaxCountMatches matches, a full sort of the
-// valid row is cheaper and is used instead.
+//     rank(m) = #{j < m valid : d_j <= d_m} + #{j > m valid : d_j < d_m}.
+// The row is first turned into integer order keys: key(a) < key(b) exactly
+// when a < b as numbers (-0 and +0 get one key), a NaN distance of a valid
+// item becomes +inf (it ranks after every number, ties by index, as numpy's
+// sort places NaN last) and a junk item gets a key above every threshold, so
+// it is never counted. Both predicates become one strict integer compare:
+// d_j <= d_m is key_j < key_m + 1. The counting then walks the key row in
+// L1-sized chunks and, for each chunk, counts every match's threshold
+// (vectorised compares, popcount of the compare masks), so the row is read
+// from L1 once per match instead of from L2. When a query has more than
+// kMaxCountMatches matches, a full sort of the valid row is cheaper and is
+// used instead.
 #include <omp.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <numeric>
 #include <type_traits>
@@ -33,130 +38,124 @@ namespace pyfici {
 namespace {
 
 constexpr int64_t kMaxCountMatches = 256;
+constexpr int64_t kChunk = 2048;  // keys per counting chunk (8 / 16 KB: stays in L1)
 
-// rank of the item at idx with value m: #{j < idx : v_j <= m} + #{j > idx : v_j < m}.
-// Portable version (the compiler vectorises it for the variant's ISA).
+// Integer order key: float -> int32, double -> int64.
 template <typename T>
-inline int64_t count_before_portable(const T* __restrict v, int64_t G, int64_t idx, T m) {
-  int32_t c1 = 0, c2 = 0;
-  for (int64_t j = 0; j < idx; ++j) c1 += (v[j] <= m);
-  for (int64_t j = idx + 1; j < G; ++j) c2 += (v[j] < m);
-  return static_cast<int64_t>(c1) + static_cast<int64_t>(c2);
+using key_t = std::conditional_t<std::is_same_v<T, float>, int32_t, int64_t>;
+
+template <typename T>
+inline key_t<T> order_key(T x) {
+  using K = key_t<T>;
+  x = x + T(0);  // -0 -> +0
+  K b;
+  std::memcpy(&b, &x, sizeof b);
+  constexpr K mag = std::numeric_limits<K>::max();
+  return b ^ ((b >> (8 * sizeof(K) - 1)) & mag);
 }
 
+// Key of junk items: above key(+inf) + 1, the largest threshold.
+template <typename K>
+constexpr K kJunkKey = std::numeric_limits<K>::max();
+
+// #{j < n : k[j] < t}
 #if defined(__AVX512F__)
-// AVX-512: 16 floats / 8 doubles per compare into a mask register, counted by
-// masked adds into two independent int32 / int64 vector accumulators; the
-// ragged ends use masked loads (no scalar tail). Ordered predicates: junk
-// (NaN) is never counted.
-template <int Pred>
-inline __m512i count_range_f32(const float* v, int64_t a, int64_t b, __m512 mv, __m512i acc) {
-  const __m512i one = _mm512_set1_epi32(1);
-  __m512i acc1 = _mm512_setzero_si512();
-  int64_t j = a;
-  for (; j + 32 <= b; j += 32) {
-    const __mmask16 k0 = _mm512_cmp_ps_mask(_mm512_loadu_ps(v + j), mv, Pred);
-    const __mmask16 k1 = _mm512_cmp_ps_mask(_mm512_loadu_ps(v + j + 16), mv, Pred);
-    acc = _mm512_mask_add_epi32(acc, k0, acc, one);
-    acc1 = _mm512_mask_add_epi32(acc1, k1, acc1, one);
+inline int64_t count_lt(const int32_t* __restrict k, int64_t n, int32_t t) {
+  const __m512i tv = _mm512_set1_epi32(t);
+  int64_t c0 = 0, c1 = 0;
+  int64_t j = 0;
+  for (; j + 32 <= n; j += 32) {
+    c0 += _mm_popcnt_u32(_mm512_cmplt_epi32_mask(_mm512_loadu_si512(k + j), tv));
+    c1 += _mm_popcnt_u32(_mm512_cmplt_epi32_mask(_mm512_loadu_si512(k + j + 16), tv));
   }
-  for (; j < b; j += 16) {
-    const int64_t n = b - j < 16 ? b - j : 16;
-    const __mmask16 t = static_cast<__mmask16>((1u << n) - 1u);
-    const __mmask16 k = _mm512_mask_cmp_ps_mask(t, _mm512_maskz_loadu_ps(t, v + j), mv, Pred);
-    acc = _mm512_mask_add_epi32(acc, k, acc, one);
+  for (; j < n; j += 16) {
+    const int64_t r = n - j < 16 ? n - j : 16;
+    const __mmask16 m = static_cast<__mmask16>((1u << r) - 1u);
+    c0 += _mm_popcnt_u32(_mm512_mask_cmplt_epi32_mask(m, _mm512_maskz_loadu_epi32(m, k + j), tv));
   }
-  return _mm512_add_epi32(acc, acc1);
+  return c0 + c1;
 }
 
-inline int64_t count_before(const float* __restrict v, int64_t G, int64_t idx, float m) {
-  const __m512 mv = _mm512_set1_ps(m);
-  __m512i acc = count_range_f32<_CMP_LE_OQ>(v, 0, idx, mv, _mm512_setzero_si512());
-  acc = count_range_f32<_CMP_LT_OQ>(v, idx + 1, G, mv, acc);
-  return static_cast<int64_t>(_mm512_reduce_add_epi32(acc));
-}
-
-template <int Pred>
-inline __m512i count_range_f64(const double* v, int64_t a, int64_t b, __m512d mv, __m512i acc) {
-  const __m512i one = _mm512_set1_epi64(1);
-  __m512i acc1 = _mm512_setzero_si512();
-  int64_t j = a;
-  for (; j + 16 <= b; j += 16) {
-    const __mmask8 k0 = _mm512_cmp_pd_mask(_mm512_loadu_pd(v + j), mv, Pred);
-    const __mmask8 k1 = _mm512_cmp_pd_mask(_mm512_loadu_pd(v + j + 8), mv, Pred);
-    acc = _mm512_mask_add_epi64(acc, k0, acc, one);
-    acc1 = _mm512_mask_add_epi64(acc1, k1, acc1, one);
+inline int64_t count_lt(const int64_t* __restrict k, int64_t n, int64_t t) {
+  const __m512i tv = _mm512_set1_epi64(t);
+  int64_t c0 = 0, c1 = 0;
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    c0 += _mm_popcnt_u32(_mm512_cmplt_epi64_mask(_mm512_loadu_si512(k + j), tv));
+    c1 += _mm_popcnt_u32(_mm512_cmplt_epi64_mask(_mm512_loadu_si512(k + j + 8), tv));
   }
-  for (; j < b; j += 8) {
-    const int64_t n = b - j < 8 ? b - j : 8;
-    const __mmask8 t = static_cast<__mmask8>((1u << n) - 1u);
-    const __mmask8 k = _mm512_mask_cmp_pd_mask(t, _mm512_maskz_loadu_pd(t, v + j), mv, Pred);
-    acc = _mm512_mask_add_epi64(acc, k, acc, one);
+  for (; j < n; j += 8) {
+    const int64_t r = n - j < 8 ? n - j : 8;
+    const __mmask8 m = static_cast<__mmask8>((1u << r) - 1u);
+    c0 += _mm_popcnt_u32(_mm512_mask_cmplt_epi64_mask(m, _mm512_maskz_loadu_epi64(m, k + j), tv));
   }
-  return _mm512_add_epi64(acc, acc1);
-}
-
-inline int64_t count_before(const double* __restrict v, int64_t G, int64_t idx, double m) {
-  const __m512d mv = _mm512_set1_pd(m);
-  __m512i acc = count_range_f64<_CMP_LE_OQ>(v, 0, idx, mv, _mm512_setzero_si512());
-  acc = count_range_f64<_CMP_LT_OQ>(v, idx + 1, G, mv, acc);
-  return static_cast<int64_t>(_mm512_reduce_add_epi64(acc));
+  return c0 + c1;
 }
 #elif defined(__AVX2__)
-// AVX2: 8 floats / 4 doubles per compare; a true lane is all ones (-1), so
-// subtracting the compare result counts it. Scalar tails.
-template <int Pred>
-inline int64_t count_range_f32(const float* v, int64_t a, int64_t b, float m) {
-  const __m256 mv = _mm256_set1_ps(m);
-  __m256i acc0 = _mm256_setzero_si256(), acc1 = _mm256_setzero_si256();
-  int64_t j = a;
-  for (; j + 16 <= b; j += 16) {
-    acc0 = _mm256_sub_epi32(acc0, _mm256_castps_si256(_mm256_cmp_ps(_mm256_loadu_ps(v + j), mv, Pred)));
-    acc1 = _mm256_sub_epi32(acc1, _mm256_castps_si256(_mm256_cmp_ps(_mm256_loadu_ps(v + j + 8), mv, Pred)));
+// a true compare lane is all ones (-1): subtracting it counts it
+inline int64_t count_lt(const int32_t* __restrict k, int64_t n, int32_t t) {
+  const __m256i tv = _mm256_set1_epi32(t);
+  __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    a0 = _mm256_sub_epi32(a0, _mm256_cmpgt_epi32(tv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(k + j))));
+    a1 = _mm256_sub_epi32(a1, _mm256_cmpgt_epi32(tv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(k + j + 8))));
   }
   alignas(32) int32_t lanes[8];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), _mm256_add_epi32(acc0, acc1));
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), _mm256_add_epi32(a0, a1));
   int64_t c = 0;
   for (int l = 0; l < 8; ++l) c += lanes[l];
-  for (; j < b; ++j) c += Pred == _CMP_LE_OQ ? (v[j] <= m) : (v[j] < m);
+  for (; j < n; ++j) c += k[j] < t;
   return c;
 }
 
-inline int64_t count_before(const float* __restrict v, int64_t G, int64_t idx, float m) {
-  return count_range_f32<_CMP_LE_OQ>(v, 0, idx, m) + count_range_f32<_CMP_LT_OQ>(v, idx + 1, G, m);
-}
-
-template <int Pred>
-inline int64_t count_range_f64(const double* v, int64_t a, int64_t b, double m) {
-  const __m256d mv = _mm256_set1_pd(m);
-  __m256i acc0 = _mm256_setzero_si256(), acc1 = _mm256_setzero_si256();
-  int64_t j = a;
-  for (; j + 8 <= b; j += 8) {
-    acc0 = _mm256_sub_epi64(acc0, _mm256_castpd_si256(_mm256_cmp_pd(_mm256_loadu_pd(v + j), mv, Pred)));
-    acc1 = _mm256_sub_epi64(acc1, _mm256_castpd_si256(_mm256_cmp_pd(_mm256_loadu_pd(v + j + 4), mv, Pred)));
+inline int64_t count_lt(const int64_t* __restrict k, int64_t n, int64_t t) {
+  const __m256i tv = _mm256_set1_epi64x(t);
+  __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    a0 = _mm256_sub_epi64(a0, _mm256_cmpgt_epi64(tv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(k + j))));
+    a1 = _mm256_sub_epi64(a1, _mm256_cmpgt_epi64(tv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(k + j + 4))));
   }
   alignas(32) int64_t lanes[4];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), _mm256_add_epi64(acc0, acc1));
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), _mm256_add_epi64(a0, a1));
   int64_t c = lanes[0] + lanes[1] + lanes[2] + lanes[3];
-  for (; j < b; ++j) c += Pred == _CMP_LE_OQ ? (v[j] <= m) : (v[j] < m);
+  for (; j < n; ++j) c += k[j] < t;
   return c;
 }
-
-inline int64_t count_before(const double* __restrict v, int64_t G, int64_t idx, double m) {
-  return count_range_f64<_CMP_LE_OQ>(v, 0, idx, m) + count_range_f64<_CMP_LT_OQ>(v, idx + 1, G, m);
-}
 #else
-template <typename T>
-inline int64_t count_before(const T* __restrict v, int64_t G, int64_t idx, T m) {
-  return count_before_portable(v, G, idx, m);
+// portable: the compiler vectorises it for the variant's ISA
+template <typename K>
+inline int64_t count_lt(const K* __restrict k, int64_t n, K t) {
+  int32_t c = 0;
+  for (int64_t j = 0; j < n; ++j) c += k[j] < t;
+  return c;
 }
 #endif
 
-// Number of valid items whose value equals m, less one (m's own; junk is NaN: never equal).
-template <typename T>
-inline int64_t count_equal(const T* __restrict v, int64_t G, T m) {
+// Adds to ranks[i] the part of rank(idx[i]) that lies in the chunk of keys
+// [c0, c1) (kc points at key c0): #{j < idx : key_j <= t} + #{j > idx : key_j < t}
+// with t = tkey[i], the key of item idx[i]. Every match reads the chunk from L1.
+template <typename K>
+inline void count_ranks_chunk(const K* __restrict kc, int64_t c0, int64_t c1, const int64_t* idx,
+                              const K* tkey, int64_t M, int64_t* ranks) {
+  for (int64_t i = 0; i < M; ++i) {
+    const int64_t m = idx[i];
+    const K t = tkey[i];
+    if (c1 <= m)
+      ranks[i] += count_lt(kc, c1 - c0, static_cast<K>(t + 1));
+    else if (c0 > m)
+      ranks[i] += count_lt(kc, c1 - c0, t);
+    else
+      ranks[i] += count_lt(kc, m - c0, static_cast<K>(t + 1)) + count_lt(kc + (m - c0) + 1, c1 - m - 1, t);
+  }
+}
+
+// Number of valid items whose key equals key_m, less one (m's own; junk keys match no valid key).
+template <typename K>
+inline int64_t count_equal(const K* __restrict k, int64_t G, K km) {
   int32_t c = 0;
-  for (int64_t j = 0; j < G; ++j) c += (v[j] == m);
+  for (int64_t j = 0; j < G; ++j) c += (k[j] == km);
   return static_cast<int64_t>(c) - 1;
 }
 
@@ -211,6 +210,27 @@ inline T epilogue(T x, T qn) {
   }
 }
 
+// Order keys of n items of a row into out: junk (same pid and camera, or the
+// junk pid) -> above every threshold, NaN distance -> +inf. Returns the number
+// of non-finite raw values (x - x is 0 exactly for finite x, NaN otherwise:
+// the caller's finiteness check, fused into this one read of the row).
+template <typename T, int Epi>
+inline int64_t row_keys(const T* __restrict d, const int32_t* __restrict gkey, const int32_t* __restrict gc,
+                        int64_t n, int32_t qk, int32_t qc, int32_t km1, T qn, key_t<T>* __restrict out) {
+  using K = key_t<T>;
+  const T inf = std::numeric_limits<T>::infinity();
+  int32_t bad = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const T raw = d[j];
+    bad += !(raw - raw == T(0));
+    const bool junk = ((gkey[j] == qk) & (gc[j] == qc)) | (gkey[j] == km1);
+    const T x = epilogue<T, Epi>(raw, qn);
+    const K k = order_key<T>(x == x ? x : inf);
+    out[j] = junk ? kJunkKey<K> : k;
+  }
+  return static_cast<int64_t>(bad);
+}
+
 // Gallery ids compressed once per call: dense int32 pid / camera codes (so
 // the per-row junk test is a 16-lane int32 compare) and the gallery items of
 // each pid in index order (so a query's matches are found without a scan).
@@ -254,16 +274,17 @@ void rank_stats_impl(const T* dist, const T* qnorm, int64_t Q, int64_t G, int64_
                      bool junk_minus1, bool trapezoid, double* out_ap, int64_t* out_first,
                      double* out_inp, int64_t* out_nmatch, int nthreads, int64_t* out_ranks,
                      const int64_t* rank_offsets, int64_t* out_ties, int64_t* out_nonfinite) {
+  using K = key_t<T>;
   int64_t nonfinite = 0;
   const T inf = std::numeric_limits<T>::infinity();
-  const T junk_value = std::numeric_limits<T>::quiet_NaN();
+  const K junk_key = kJunkKey<K>;
   const GalleryIndex gi(gpid, gcam, G);
   const int32_t* __restrict gkey = gi.key.data();
   const int32_t* __restrict gc = gi.cam.data();
   const int32_t km1 = junk_minus1 ? gi.key_minus1 : -2;
 #pragma omp parallel num_threads(nthreads) reduction(+ : nonfinite)
   {
-    std::vector<T> v(static_cast<size_t>(G));
+    std::vector<K> chunk(static_cast<size_t>(kChunk)), row, tkeys;
     std::vector<int64_t> midx, ranks, order, ties;
     std::vector<std::pair<int64_t, int64_t>> rank_tie;
     midx.reserve(64);
@@ -274,19 +295,6 @@ void rank_stats_impl(const T* dist, const T* qnorm, int64_t Q, int64_t G, int64_
       const int32_t qk = GalleryIndex::code(gi.upid, qpid[q]);
       const int32_t qc = GalleryIndex::code(gi.ucam, qcam[q]);
       const T qn = Epi == 0 ? T(0) : qnorm[q];
-      T* __restrict vv = v.data();
-      // junk -> NaN, NaN distance -> +inf (vectorised selects on int32 codes)
-      for (int64_t j = 0; j < G; ++j) {
-        const bool junk = ((gkey[j] == qk) & (gc[j] == qc)) | (gkey[j] == km1);
-        const T x = epilogue<T, Epi>(d[j], qn);
-        vv[j] = junk ? junk_value : (x == x ? x : inf);
-      }
-      if (out_nonfinite != nullptr) {
-        // the caller's finiteness check, fused: x - x is 0 exactly for finite x, NaN otherwise
-        int32_t bad = 0;
-        for (int64_t j = 0; j < G; ++j) bad += !(d[j] - d[j] == T(0));
-        nonfinite += bad;
-      }
       midx.clear();
       const bool query_is_junk_id = junk_minus1 && qpid[q] == -1;
       if (!query_is_junk_id && qk >= 0) {
@@ -295,32 +303,60 @@ void rank_stats_impl(const T* dist, const T* qnorm, int64_t Q, int64_t G, int64_
           if (gc[j] != qc) midx.push_back(j);
         }
       }
+      const int64_t M = static_cast<int64_t>(midx.size());
+      auto make_keys = [&](int64_t j0, int64_t j1, K* out) {
+        return row_keys<T, Epi>(d + j0, gkey + j0, gc + j0, j1 - j0, qk, qc, km1, qn, out);
+      };
       ranks.clear();
       ties.clear();
-      const int64_t M = static_cast<int64_t>(midx.size());
-      if (M > 0 && M <= kMaxCountMatches) {
-        for (int64_t k = 0; k < M; ++k) {
-          ranks.push_back(count_before(vv, G, midx[k], vv[midx[k]]));
-          if (out_ties != nullptr) ties.push_back(count_equal(vv, G, vv[midx[k]]));
+      if (M <= kMaxCountMatches && out_ties == nullptr) {
+        // fused: each L1 chunk of keys is made, then counted by every match,
+        // before the next chunk; the thresholds are the matches' own keys
+        if (M > 0 || out_nonfinite != nullptr) {
+          tkeys.resize(M);
+          for (int64_t i = 0; i < M; ++i) {
+            const T x = epilogue<T, Epi>(d[midx[i]], qn);
+            tkeys[i] = order_key<T>(x == x ? x : inf);
+          }
+          ranks.assign(M, 0);
+          for (int64_t c0 = 0; c0 < G; c0 += kChunk) {
+            const int64_t c1 = std::min(G, c0 + kChunk);
+            nonfinite += make_keys(c0, c1, chunk.data());
+            count_ranks_chunk<K>(chunk.data(), c0, c1, midx.data(), tkeys.data(), M, ranks.data());
+          }
         }
-      } else if (M > kMaxCountMatches) {
-        // full stable ordering of the valid items
-        order.clear();
-        for (int64_t j = 0; j < G; ++j)
-          if (vv[j] == vv[j]) order.push_back(j);  // not junk
-        std::sort(order.begin(), order.end(), [vv](int64_t a, int64_t b) {
-          return vv[a] < vv[b] || (vv[a] == vv[b] && a < b);
-        });
-        const int64_t n = static_cast<int64_t>(order.size());
-        for (int64_t r = 0; r < n; ++r) {
-          const int64_t j = order[r];
-          if (gkey[j] != qk) continue;
-          ranks.push_back(r);
-          if (out_ties != nullptr) {
-            int64_t t = 0;
-            for (int64_t a = r - 1; a >= 0 && vv[order[a]] == vv[j]; --a) ++t;
-            for (int64_t a = r + 1; a < n && vv[order[a]] == vv[j]; ++a) ++t;
-            ties.push_back(t);
+      } else {
+        // the whole key row: tie counts, or a full sort for many matches
+        row.resize(static_cast<size_t>(G));
+        K* __restrict kv = row.data();
+        nonfinite += make_keys(0, G, kv);
+        if (M <= kMaxCountMatches) {
+          tkeys.resize(M);
+          for (int64_t i = 0; i < M; ++i) tkeys[i] = kv[midx[i]];
+          ranks.assign(M, 0);
+          for (int64_t c0 = 0; c0 < G; c0 += kChunk)
+            count_ranks_chunk<K>(kv + c0, c0, std::min(G, c0 + kChunk), midx.data(), tkeys.data(), M,
+                                 ranks.data());
+          for (int64_t i = 0; i < M; ++i) ties.push_back(count_equal<K>(kv, G, tkeys[i]));
+        } else {
+          // full stable ordering of the valid items
+          order.clear();
+          for (int64_t j = 0; j < G; ++j)
+            if (kv[j] != junk_key) order.push_back(j);
+          std::sort(order.begin(), order.end(), [kv](int64_t a, int64_t b) {
+            return kv[a] < kv[b] || (kv[a] == kv[b] && a < b);
+          });
+          const int64_t n = static_cast<int64_t>(order.size());
+          for (int64_t r = 0; r < n; ++r) {
+            const int64_t j = order[r];
+            if (gkey[j] != qk) continue;
+            ranks.push_back(r);
+            if (out_ties != nullptr) {
+              int64_t t = 0;
+              for (int64_t a = r - 1; a >= 0 && kv[order[a]] == kv[j]; --a) ++t;
+              for (int64_t a = r + 1; a < n && kv[order[a]] == kv[j]; ++a) ++t;
+              ties.push_back(t);
+            }
           }
         }
       }

@@ -1,0 +1,76 @@
+"""The CPU rank-statistics kernel counts each gallery row in L1-sized chunks of
+integer order keys. These cases cross the chunk boundaries (2048 keys) with
+matches on and next to them, exact ties across chunks, -0.0 next to +0.0, +inf
+and NaN distances, for every CPU variant the machine runs."""
+
+import pytest
+import torch
+
+from pyfici.ops import reid_rank_stats
+from pyfici.reid import evaluate
+
+
+def _ids(Q, G, n_ids, n_cams, gen):
+    return (
+        torch.randint(0, n_ids, (Q,), generator=gen),
+        torch.randint(-1, n_ids, (G,), generator=gen),
+        torch.randint(0, n_cams, (Q,), generator=gen),
+        torch.randint(0, n_cams, (G,), generator=gen),
+    )
+
+
+def _check(dist, ids, cpu_isa, finite=True):
+    for protocol in ("torchreid", "market1501"):
+        kw = dict(protocol=protocol, check_finite_values=finite)
+        ref = reid_rank_stats(dist, *ids, backend="torch", **kw)
+        out = reid_rank_stats(dist, *ids, backend="cpu", **kw)
+        for a, b in zip(out, ref):
+            assert torch.allclose(a, b, equal_nan=True, rtol=0, atol=1e-12), (cpu_isa, dist.shape, protocol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("G", [2047, 2048, 2049, 4096 + 37, 6150])
+def test_chunk_boundaries_ties_and_signed_zero(cpu_isa, dtype, G):
+    gen = torch.Generator().manual_seed(G)
+    Q = 9
+    dist = torch.rand(Q, G, generator=gen, dtype=torch.float64)
+    dist[:, ::7] = dist[:, :1].clone()  # exact ties in every chunk
+    dist = dist.to(dtype)
+    # the first rows: values 0 and -0 only (all tied), then a few coarse levels
+    dist[0] = 0.0
+    dist[0, ::3] = -0.0
+    dist[1] = torch.randint(0, 3, (G,), generator=gen).to(dtype) - 1.0
+    dist[1, ::4] *= -0.0
+    ids = _ids(Q, G, 60, 3, gen)
+    # matches at the chunk edges: items 2047, 2048, 4095, 4096 get query 2's pid
+    qp, gp, qc, gc = ids
+    for j in (0, 2047, 2048, 4095, 4096, G - 1):
+        if j < G:
+            gp[j] = qp[2]
+            gc[j] = (qc[2] + 1) % 3
+    _check(dist, (qp, gp, qc, gc), cpu_isa)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_inf_and_nan_distances_across_chunks(cpu_isa, dtype):
+    gen = torch.Generator().manual_seed(3)
+    Q, G = 6, 5000
+    dist = torch.rand(Q, G, generator=gen, dtype=torch.float64).to(dtype)
+    dist[:, 100::900] = float("inf")
+    dist[:, 2048::1000] = float("nan")
+    # unchecked: a NaN distance ranks as +inf, after every number, ties by index
+    _check(dist, _ids(Q, G, 40, 4, gen), cpu_isa, finite=False)
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean", "cosine"])
+def test_features_fused_epilogue_wide_gallery(cpu_isa, metric):
+    gen = torch.Generator().manual_seed(11)
+    Q, G, D = 23, 4500, 12
+    x = torch.randn(Q, D, generator=gen)
+    y = torch.randn(G, D, generator=gen)
+    y[::9] = y[:1].clone()  # identical gallery rows: exact distance ties
+    qp, gp, qc, gc = _ids(Q, G, 50, 3, gen)
+    ref = evaluate(x, y, qp, gp, qc, gc, metric=metric, backend="torch")
+    out = evaluate(x, y, qp, gp, qc, gc, metric=metric, backend="cpu")
+    assert torch.allclose(torch.as_tensor(out.cmc), torch.as_tensor(ref.cmc), rtol=0, atol=1e-12)
+    assert abs(out.mAP - ref.mAP) < 1e-12 and abs(out.mINP - ref.mINP) < 1e-12
