@@ -32,6 +32,9 @@ pybind11::dict cpu_features() {
   d["avx512cd"] = bool(__builtin_cpu_supports("avx512cd"));
   d["avx512dq"] = bool(__builtin_cpu_supports("avx512dq"));
   d["avx512vl"] = bool(__builtin_cpu_supports("avx512vl"));
+  // the vendor decides which BLAS is fastest (pyfici/_native.py: the GEMM provider)
+  d["intel"] = bool(__builtin_cpu_is("intel"));
+  d["amd"] = bool(__builtin_cpu_is("amd"));
 #endif
   return d;
 }

@@ -15,6 +15,7 @@ module. See docs/cpu_dispatch.md.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import importlib.util
 import os
@@ -153,6 +154,126 @@ def use_isa(isa: str):
         _C, CPU_ISA = saved
 
 
+# ---------------------------------------------------------------------------
+# the CPU GEMM under the kNN tiles (docs/cpu_dispatch.md, "The GEMM")
+# ---------------------------------------------------------------------------
+
+GEMM_CHOICES = ("auto", "torch", "openblas")
+OPENBLAS_PREFIX = "scipy_"  # symbol prefix of the scipy-openblas32 build (scipy_cblas_sgemm, ...)
+_GEMM_FORCED: str | None = None  # set by use_gemm()
+_OPENBLAS_CONFIG: dict[str, str] = {}  # module name -> the loaded OpenBLAS's configuration string
+_OPENBLAS_PATH: tuple[str, str] | None = None  # (path, "") or ("", why it is unavailable), looked up once
+
+
+def openblas_library() -> str:
+    """Path of the OpenBLAS shared library of the ``scipy-openblas32`` package (how numpy
+    and scipy ship OpenBLAS), or a RuntimeError that says how to get it."""
+    global _OPENBLAS_PATH
+    if _OPENBLAS_PATH is None:
+        try:
+            import scipy_openblas32
+
+            lib = scipy_openblas32.get_library(fullname=True)
+            _OPENBLAS_PATH = (os.path.join(scipy_openblas32.get_lib_dir(), lib), "")
+        except (ImportError, OSError, IndexError) as e:
+            _OPENBLAS_PATH = ("", f"the scipy-openblas32 package is not usable ({type(e).__name__}: {e}); install "
+                              "it with `pip install scipy-openblas32` (wheels exist for x86-64 and aarch64 Linux)")
+    if _OPENBLAS_PATH[1]:
+        raise RuntimeError(_OPENBLAS_PATH[1])
+    return _OPENBLAS_PATH[0]
+
+
+def openblas_module():
+    """The chosen CPU module with OpenBLAS loaded into it (dlopen from C++, once per module),
+    or a RuntimeError with the reason."""
+    mod = cpu_module()
+    if mod.__name__ not in _OPENBLAS_CONFIG:
+        path = openblas_library()
+        _OPENBLAS_CONFIG[mod.__name__] = mod.gemm_load(path, OPENBLAS_PREFIX)
+    return mod
+
+
+@functools.cache
+def cpu_vendor() -> str:
+    """"intel", "amd" or "other" (from CPUID)."""
+    generic, _ = _load("_C_generic")
+    f = dict(generic.cpu_features()) if generic is not None else {}
+    return "intel" if f.get("intel") else "amd" if f.get("amd") else "other"
+
+
+def openblas_error() -> str:
+    """Why OpenBLAS cannot be used for the chosen CPU module ("" when it loads)."""
+    try:
+        openblas_module()
+    except RuntimeError as e:
+        return str(e)
+    return ""
+
+
+def auto_gemm(vendor: str, torch_has_mkl: bool, openblas_error: str) -> tuple[str, str]:
+    """The rule behind PYFICI_GEMM=auto -> (provider, why). MKL (torch.mm) on Intel CPUs when
+    torch links it; OpenBLAS everywhere else when it loads (MKL is slower than OpenBLAS on
+    AMD; off x86 torch has no MKL); torch.mm when OpenBLAS is unavailable."""
+    if vendor == "intel" and torch_has_mkl:
+        return "torch", "Intel CPU and torch links MKL"
+    if not openblas_error:
+        return "openblas", f"{'AMD' if vendor == 'amd' else 'this'} CPU" + ("" if torch_has_mkl else ", torch has no MKL")
+    return "torch", f"OpenBLAS unavailable: {openblas_error}"
+
+
+def gemm_choice() -> tuple[str, str]:
+    """(provider, why) of the CPU GEMM under the kNN tiles: "torch" (torch.mm, i.e. the BLAS
+    torch links, driven tile by tile from Python) or "openblas" (the C++ worker with
+    scipy-openblas32's OpenBLAS). ``PYFICI_GEMM=auto|torch|openblas`` (or use_gemm()) chooses;
+    a forced choice that cannot be used raises (ValueError for an unknown name,
+    RuntimeError when OpenBLAS cannot be loaded)."""
+    requested = _GEMM_FORCED or os.environ.get("PYFICI_GEMM") or "auto"
+    if requested not in GEMM_CHOICES:
+        raise ValueError(f"PYFICI_GEMM={requested!r} is not one of {GEMM_CHOICES}")
+    if requested == "torch":
+        return "torch", "forced (PYFICI_GEMM=torch)"
+    if requested == "openblas":
+        err = openblas_error()
+        if err:
+            raise RuntimeError(f"PYFICI_GEMM=openblas: OpenBLAS cannot be used ({err})")
+        return "openblas", "forced (PYFICI_GEMM=openblas)"
+    vendor, mkl = cpu_vendor(), torch.backends.mkl.is_available()
+    # OpenBLAS is not even loaded where the rule picks MKL without it
+    return auto_gemm(vendor, mkl, "" if vendor == "intel" and mkl else openblas_error())
+
+
+def gemm_provider() -> str:
+    """"torch" or "openblas": see gemm_choice()."""
+    return gemm_choice()[0]
+
+
+@contextlib.contextmanager
+def use_gemm(name: str):
+    """Run the CPU ops with the GEMM provider ``name`` (auto, torch, openblas) inside the
+    block, as PYFICI_GEMM does; a choice that cannot be used raises on entry."""
+    global _GEMM_FORCED
+    saved = _GEMM_FORCED
+    _GEMM_FORCED = name
+    try:
+        gemm_choice()
+        yield name
+    finally:
+        _GEMM_FORCED = saved
+
+
+def gemm_info() -> str:
+    """One line for ``pyfici info``: the provider in use, why, and the library."""
+    try:
+        name, why = gemm_choice()
+    except (ValueError, RuntimeError) as e:
+        return f"unusable: {e}"
+    if name == "openblas":
+        lib = _OPENBLAS_CONFIG.get(cpu_module().__name__, "")
+        return f"openblas ({why}; {lib})"
+    blas = "MKL" if torch.backends.mkl.is_available() else "torch's BLAS"
+    return f"torch.mm ({blas}; {why})"
+
+
 def cuda_module():
     """The CUDA module, or a RuntimeError that says how to rebuild."""
     if _cuda is None:
@@ -216,6 +337,7 @@ def info() -> dict:
     d["cpu_isa"] = CPU_ISA or "none"
     d["cpu_isas_built"] = ", ".join(CPU_ISAS_BUILT) or "none"
     d["cpu_isas_supported"] = ", ".join(CPU_ISAS_SUPPORTED) or "none"
+    d["cpu_gemm"] = gemm_info() if _C is not None else "none (no CPU module)"
     if _cuda is not None:
         d["backend_cuda"] = f"built (archs {_cuda.__archs__}, cudart {_cuda.runtime_version()})"
     else:

@@ -35,6 +35,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "gemm.h"
 #include "registry.h"
 
 namespace py = pybind11;
@@ -81,83 +82,103 @@ inline void heap_sift_down(T* __restrict hv, int64_t* __restrict hi, int64_t k, 
   hi[p] = i;
 }
 
+constexpr int64_t kEmpty = std::numeric_limits<int64_t>::max();  // index of an unused heap entry
+
+// Merges the scores of one tile row s[0, cols) into the row's heap (hv, hi: k entries,
+// root = worst kept). Column j has global index col_base + j; column self_col (local,
+// -1: none) is skipped. Columns must arrive in increasing global index order over the
+// calls for one row: an equal score then never displaces a kept (lower) index.
+template <typename T, bool HasA, bool HasB>
+inline void scan_row(const T* __restrict s, int64_t cols, int64_t col_base, const T* __restrict a,
+                     const T* __restrict b, int64_t k, T* __restrict hv, int64_t* __restrict hi, int64_t self_col) {
+  T thresh = hv[0];
+  auto scalar_range = [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      T v = s[j];
+      if constexpr (HasA) v *= a[j];
+      if constexpr (HasB) v += b[j];
+      if (v > thresh && j != self_col) {
+        hv[0] = v;
+        hi[0] = col_base + j;
+        heap_sift_down(hv, hi, k, 0);
+        thresh = hv[0];
+      }
+    }
+  };
+  int64_t j = 0;
+  for (; j + kOuter <= cols; j += kOuter) {
+    // one max over 64 scores (vertical vmaxps, a single horizontal step), then
+    // 16-lane bitmasks only where the block holds a score above the k-th best
+    T m = thresh;
+#pragma omp simd reduction(max : m)
+    for (int64_t t = 0; t < kOuter; ++t) {
+      T v = s[j + t];
+      if constexpr (HasA) v *= a[j + t];
+      if constexpr (HasB) v += b[j + t];
+      m = v > m ? v : m;
+    }
+    if (!(m > thresh)) continue;
+    for (int64_t j16 = j; j16 < j + kOuter; j16 += kBlock) {
+      uint32_t hit = 0;
+#pragma omp simd reduction(| : hit)
+      for (int64_t t = 0; t < kBlock; ++t) {
+        T v = s[j16 + t];
+        if constexpr (HasA) v *= a[j16 + t];
+        if constexpr (HasB) v += b[j16 + t];
+        hit |= static_cast<uint32_t>(v > thresh) << t;
+      }
+      while (hit) {  // only the lanes that beat the k-th best (re-checked: it may have risen)
+        const int t = __builtin_ctz(hit);
+        hit &= hit - 1;
+        scalar_range(j16 + t, j16 + t + 1);
+      }
+    }
+  }
+  scalar_range(j, cols);
+}
+
+// A row's state (k entries sorted best first, index -1 = unused) as a heap (worst at the
+// root: the reversed sorted list already is one), and back.
+template <typename T>
+inline void state_to_heap(const T* vals, const int64_t* idx, int64_t k, T* hv, int64_t* hi) {
+  for (int64_t t = 0; t < k; ++t) {
+    hv[t] = vals[k - 1 - t];
+    hi[t] = idx[k - 1 - t] < 0 ? kEmpty : idx[k - 1 - t];
+  }
+}
+
+template <typename T>
+inline void heap_to_state(const T* hv, const int64_t* hi, int64_t k, std::vector<std::pair<T, int64_t>>& sorted,
+                          T* vals, int64_t* idx) {
+  sorted.resize(static_cast<size_t>(k));
+  for (int64_t t = 0; t < k; ++t) sorted[t] = {hv[t], hi[t]};
+  std::sort(sorted.begin(), sorted.end(),
+            [](const auto& p, const auto& q) { return better(p.first, p.second, q.first, q.second); });
+  for (int64_t t = 0; t < k; ++t) {
+    vals[t] = sorted[t].first;
+    idx[t] = sorted[t].second == kEmpty ? -1 : sorted[t].second;
+  }
+}
+
 template <typename T, bool HasA, bool HasB>
 void select_tile_impl(const T* S, int64_t rows, int64_t cols, int64_t ld, int64_t col_offset, const T* a,
                       const T* b, int64_t k, T* state_vals, int64_t* state_idx, int64_t self_offset,
                       int nthreads) {
-  constexpr int64_t kEmpty = std::numeric_limits<int64_t>::max();
   nthreads = threads_for(nthreads, rows * cols, rows);
 #pragma omp parallel num_threads(nthreads)
   {
-    std::vector<T> hv_buf(static_cast<size_t>(k));
-    std::vector<int64_t> hi_buf(static_cast<size_t>(k));
+    std::vector<T> hv(static_cast<size_t>(k));
+    std::vector<int64_t> hi(static_cast<size_t>(k));
     std::vector<std::pair<T, int64_t>> sorted(static_cast<size_t>(k));
     // dynamic: on a busy machine a descheduled thread does not hold the others up
 #pragma omp for schedule(dynamic, 16)
     for (int64_t r = 0; r < rows; ++r) {
-      const T* __restrict s = S + r * ld;
-      T* __restrict vals = state_vals + r * k;
-      int64_t* __restrict idx = state_idx + r * k;
-      T* __restrict hv = hv_buf.data();
-      int64_t* __restrict hi = hi_buf.data();
+      T* vals = state_vals + r * k;
+      int64_t* idx = state_idx + r * k;
       const int64_t self_col = self_offset >= 0 ? self_offset + r - col_offset : -1;
-      // the state is sorted best first: reversed, it is already a valid heap (worst at the root)
-      for (int64_t t = 0; t < k; ++t) {
-        hv[t] = vals[k - 1 - t];
-        hi[t] = idx[k - 1 - t] < 0 ? kEmpty : idx[k - 1 - t];
-      }
-      T thresh = hv[0];
-      auto scalar_range = [&](int64_t j0, int64_t j1) {
-        for (int64_t j = j0; j < j1; ++j) {
-          T v = s[j];
-          if constexpr (HasA) v *= a[j];
-          if constexpr (HasB) v += b[j];
-          // columns arrive in increasing index order: an equal score never displaces a kept one
-          if (v > thresh && j != self_col) {
-            hv[0] = v;
-            hi[0] = col_offset + j;
-            heap_sift_down(hv, hi, k, 0);
-            thresh = hv[0];
-          }
-        }
-      };
-      int64_t j = 0;
-      for (; j + kOuter <= cols; j += kOuter) {
-        // one max over 64 scores (vertical vmaxps, a single horizontal step), then
-        // 16-lane bitmasks only where the block holds a score above the k-th best
-        T m = thresh;
-#pragma omp simd reduction(max : m)
-        for (int64_t t = 0; t < kOuter; ++t) {
-          T v = s[j + t];
-          if constexpr (HasA) v *= a[j + t];
-          if constexpr (HasB) v += b[j + t];
-          m = v > m ? v : m;
-        }
-        if (!(m > thresh)) continue;
-        for (int64_t j16 = j; j16 < j + kOuter; j16 += kBlock) {
-          uint32_t hit = 0;
-#pragma omp simd reduction(| : hit)
-          for (int64_t t = 0; t < kBlock; ++t) {
-            T v = s[j16 + t];
-            if constexpr (HasA) v *= a[j16 + t];
-            if constexpr (HasB) v += b[j16 + t];
-            hit |= static_cast<uint32_t>(v > thresh) << t;
-          }
-          while (hit) {  // only the lanes that beat the k-th best (re-checked: it may have risen)
-            const int t = __builtin_ctz(hit);
-            hit &= hit - 1;
-            scalar_range(j16 + t, j16 + t + 1);
-          }
-        }
-      }
-      scalar_range(j, cols);
-      for (int64_t t = 0; t < k; ++t) sorted[t] = {hv[t], hi[t]};
-      std::sort(sorted.begin(), sorted.end(),
-                [](const auto& p, const auto& q) { return better(p.first, p.second, q.first, q.second); });
-      for (int64_t t = 0; t < k; ++t) {
-        vals[t] = sorted[t].first;
-        idx[t] = sorted[t].second == kEmpty ? -1 : sorted[t].second;
-      }
+      state_to_heap(vals, idx, k, hv.data(), hi.data());
+      scan_row<T, HasA, HasB>(S + r * ld, cols, col_offset, a, b, k, hv.data(), hi.data(), self_col);
+      heap_to_state(hv.data(), hi.data(), k, sorted, vals, idx);
     }
   }
 }
@@ -173,6 +194,132 @@ void select_tile(const T* S, int64_t rows, int64_t cols, int64_t ld, int64_t col
     select_tile_impl<T, false, true>(S, rows, cols, ld, col_offset, a, b, k, vals, idx, self_offset, nthreads);
   else
     select_tile_impl<T, false, false>(S, rows, cols, ld, col_offset, a, b, k, vals, idx, self_offset, nthreads);
+}
+
+// The whole selection pass in one call, with the GEMM from the run-time BLAS (gemm.h):
+// the gallery is walked in tiles of tg columns for each block of tq queries; each score
+// tile S = X'_block @ Y'_tile^T (X' = (X - mu) * c and Y' likewise when mu / c != 1,
+// else the inputs themselves) is scanned into the block's heaps right after the GEMM
+// wrote it, while it is still in cache, and no tile ever goes back to Python.
+//
+// Threads: the work items (query block x gallery part) run on OpenMP threads, each
+// calling a single-threaded GEMM (the BLAS's own threads are set to 1 for the call, so
+// the two pools never oversubscribe the cores; a multi-threaded GEMM per tile with an
+// OpenMP scan after it measured 10x slower on a loaded 2-core machine). The gallery is
+// split into parts only when there are too few query blocks to keep the threads busy;
+// the parts' lists are merged at the end.
+// Output: the L best (score, global index) of every query, best first, -1 = unused;
+// the same selection as knn_select_tile over the same scores.
+template <typename T>
+inline void transform_rows(const T* src, int64_t n, int64_t D, const T* mu, T c, T* dst) {
+  for (int64_t r = 0; r < n; ++r) {
+    const T* __restrict x = src + r * D;
+    T* __restrict o = dst + r * D;
+    if (mu) {
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) o[d] = (x[d] - mu[d]) * c;
+    } else {
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) o[d] = x[d] * c;
+    }
+  }
+}
+
+template <typename T, bool HasA, bool HasB>
+void select_gemm_impl(const T* X, const T* Y, int64_t Q, int64_t G, int64_t D, const T* mu, double c, const T* a,
+                      const T* b, int64_t L, T* out_s, int64_t* out_i, int64_t col_offset, int64_t self_offset,
+                      int64_t tq, int64_t tg, int nthreads) {
+  const bool transformed = mu != nullptr || c != 1.0;
+  const T cc = static_cast<T>(c);
+  const int64_t nqb = (Q + tq - 1) / tq;
+  const int64_t ntiles = (G + tg - 1) / tg;
+  nthreads = std::max(1, nthreads);
+  // a query block's pass over gallery tiles [t0, t1): heaps of its rows -> sorted lists
+  struct Buffers {
+    std::vector<T> S, xb, yb, hv;
+    std::vector<int64_t> hi;
+    std::vector<std::pair<T, int64_t>> sorted;
+  };
+  auto alloc = [&](Buffers& B) {
+    B.S.resize(static_cast<size_t>(tq * tg));
+    if (transformed) {
+      B.xb.resize(static_cast<size_t>(tq * D));
+      B.yb.resize(static_cast<size_t>(tg * D));
+    }
+    B.hv.resize(static_cast<size_t>(tq * L));
+    B.hi.resize(static_cast<size_t>(tq * L));
+  };
+  auto scan_rows = [&](Buffers& B, int64_t q0, int64_t r0, int64_t r1, int64_t g0, int64_t cols) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t self_col = self_offset >= 0 ? self_offset + q0 + r - col_offset - g0 : -1;
+      scan_row<T, HasA, HasB>(B.S.data() + r * cols, cols, col_offset + g0, HasA ? a + g0 : nullptr,
+                              HasB ? b + g0 : nullptr, L, B.hv.data() + r * L, B.hi.data() + r * L, self_col);
+    }
+  };
+  auto start_block = [&](Buffers& B, int64_t q0, int64_t rows) -> const T* {
+    std::fill(B.hv.begin(), B.hv.begin() + rows * L, -std::numeric_limits<T>::infinity());
+    std::fill(B.hi.begin(), B.hi.begin() + rows * L, kEmpty);
+    if (!transformed) return X + q0 * D;
+    transform_rows(X + q0 * D, rows, D, mu, cc, B.xb.data());
+    return B.xb.data();
+  };
+  auto gallery_tile = [&](Buffers& B, int64_t g0, int64_t cols) -> const T* {
+    if (!transformed) return Y + g0 * D;
+    transform_rows(Y + g0 * D, cols, D, mu, cc, B.yb.data());
+    return B.yb.data();
+  };
+  auto finish_block = [&](Buffers& B, int64_t rows, T* vals, int64_t* idx) {
+    for (int64_t r = 0; r < rows; ++r)
+      heap_to_state(B.hv.data() + r * L, B.hi.data() + r * L, L, B.sorted, vals + r * L, idx + r * L);
+  };
+
+  // enough work items for every thread (a descheduled thread then holds up little)
+  const int64_t want = 4 * static_cast<int64_t>(nthreads);
+  const int64_t P = nthreads == 1 || nqb >= want ? 1 : std::min(ntiles, (want + nqb - 1) / nqb);
+  std::vector<T> part_s(P > 1 ? static_cast<size_t>(P * Q * L) : 0);
+  std::vector<int64_t> part_i(P > 1 ? static_cast<size_t>(P * Q * L) : 0);
+  const int64_t items = nqb * P;
+  BlasThreads blas(1);
+#pragma omp parallel num_threads(static_cast<int>(std::min<int64_t>(nthreads, items)))
+  {
+    Buffers B;
+    alloc(B);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < items; ++it) {
+      const int64_t qb = it / P, p = it % P;
+      const int64_t q0 = qb * tq, rows = std::min(tq, Q - q0);
+      const T* xq = start_block(B, q0, rows);
+      for (int64_t t = p * ntiles / P; t < (p + 1) * ntiles / P; ++t) {
+        const int64_t g0 = t * tg, cols = std::min(tg, G - g0);
+        gemm_nt(rows, cols, D, xq, D, gallery_tile(B, g0, cols), D, B.S.data(), cols);
+        scan_rows(B, q0, 0, rows, g0, cols);
+      }
+      if (P == 1)
+        finish_block(B, rows, out_s + q0 * L, out_i + q0 * L);
+      else
+        finish_block(B, rows, part_s.data() + (p * Q + q0) * L, part_i.data() + (p * Q + q0) * L);
+    }
+  }
+  if (P == 1) return;
+  // merge the parts' lists: the best L of their union by (score desc, index asc)
+#pragma omp parallel num_threads(threads_for(nthreads, Q * P * L * 16, Q))
+  {
+    std::vector<std::pair<T, int64_t>> all(static_cast<size_t>(P * L));
+#pragma omp for schedule(static)
+    for (int64_t q = 0; q < Q; ++q) {
+      for (int64_t p = 0; p < P; ++p)
+        for (int64_t t = 0; t < L; ++t) {
+          const int64_t i = part_i[(p * Q + q) * L + t];
+          all[p * L + t] = {part_s[(p * Q + q) * L + t], i < 0 ? kEmpty : i};
+        }
+      std::partial_sort(all.begin(), all.begin() + L, all.end(),
+                        [](const auto& u, const auto& v) { return better(u.first, u.second, v.first, v.second); });
+      for (int64_t t = 0; t < L; ++t) {
+        out_s[q * L + t] = all[t].first;
+        out_i[q * L + t] = all[t].second == kEmpty ? -1 : all[t].second;
+      }
+    }
+  }
 }
 
 // Exact value of one (query, gallery row) pair: double accumulation over d = 0..D-1 in
@@ -533,6 +680,37 @@ PYFICI_REGISTER(m) {
       "Merge a [rows, cols] score tile (row stride ld; score = S*a[j] + b[j], a/b optional (0)) into the "
       "running top-k state ([rows, k] values best-first, int64 indices). Column j has global index "
       "col_offset + j; self_offset >= 0 excludes global index self_offset + row.");
+  m.def(
+      "knn_select_gemm",
+      [](std::uintptr_t X, std::uintptr_t Y, int dtype, int64_t Q, int64_t G, int64_t D, std::uintptr_t mu, double c,
+         std::uintptr_t a, std::uintptr_t b, int64_t L, std::uintptr_t out_s, std::uintptr_t out_i, int64_t col_offset,
+         int64_t self_offset, int64_t tq, int64_t tg, int nthreads) {
+        if (!gemm_loaded()) throw std::runtime_error("knn_select_gemm: the BLAS GEMM is not loaded (gemm_load)");
+        if (Q < 1 || G < 1 || D < 1 || L < 1 || tq < 1 || tg < 1)
+          throw std::invalid_argument("knn_select_gemm: Q, G, D, L, tq and tg must be positive");
+        py::gil_scoped_release nogil;
+        dispatch_float(dtype, "knn_select_gemm", [&](auto* tag) {
+          using T = std::remove_pointer_t<decltype(tag)>;
+          const T* pa = as_ptr<const T>(a);
+          const T* pb = as_ptr<const T>(b);
+          auto run = [&](auto has_a, auto has_b) {
+            select_gemm_impl<T, decltype(has_a)::value, decltype(has_b)::value>(
+                as_ptr<const T>(X), as_ptr<const T>(Y), Q, G, D, as_ptr<const T>(mu), c, pa, pb, L, as_ptr<T>(out_s),
+                as_ptr<int64_t>(out_i), col_offset, self_offset, tq, tg, nthreads);
+          };
+          constexpr std::true_type on{};
+          constexpr std::false_type off{};
+          if (pa && pb) run(on, on);
+          else if (pa) run(on, off);
+          else if (pb) run(off, on);
+          else run(off, off);
+        });
+      },
+      "The whole selection pass with the loaded BLAS: the L best ranking scores (S*a[j] + b[j], a/b optional) "
+      "and global indices (col_offset + j) of every query of X [Q, D] over Y [G, D], best first, into "
+      "out_s / out_i [Q, L]. mu (optional, [D]) and c: the inputs are transformed to (x - mu) * c per tile. "
+      "self_offset >= 0: query q excludes global index self_offset + q. tq x tg: the score tile of each of "
+      "the nthreads OpenMP threads (the GEMM inside runs single-threaded).");
   m.def(
       "knn_refine",
       [](std::uintptr_t X, std::uintptr_t Y, int dtype, int64_t Q, int64_t D, int64_t L, int metric,

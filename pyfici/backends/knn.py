@@ -1,9 +1,11 @@
 """kNN on the cpu, cuda and triton backends: approximate selection, exact refinement,
 certification.
 
-1. Selection. The gallery is walked in score tiles ``S = X_t @ Y_t^T`` (torch.mm:
-   the BLAS / cuBLAS torch links; the Triton kernel computes its own tiles with
-   ``tl.dot``). A native kernel merges each tile into a running per-row list of the
+1. Selection. The gallery is walked in score tiles ``S = X_t @ Y_t^T``: on the CPU
+   with the GEMM provider of ``pyfici._native.gemm_choice()`` (``torch``: torch.mm per
+   tile from Python; ``openblas``: the whole tile loop in one C++ call with OpenBLAS),
+   on CUDA with torch.mm (cuBLAS); the Triton kernel computes its own tiles with
+   ``tl.dot``. A native kernel merges each tile into a running per-row list of the
    ``L = k + MARGIN`` best *ranking scores* ``x.y_j * a_j + b_j`` (bigger is
    better): ``a = 1/||y||`` for cosine, ``b = -||y||^2 / 2`` for (sq)euclidean, so
    no normalised copy of the gallery is made. The scores are computed on a
@@ -24,8 +26,9 @@ certification.
    place) are recomputed by the direct formula over the whole gallery. The result
    is therefore the exact top-k of the direct formula for every row.
 
-Memory: two score tiles on the CPU (the selection of one tile runs on a helper
-thread while BLAS fills the next), one on CUDA, plus one transformed query and
+Memory: two score tiles on the CPU with torch.mm (the selection of one tile runs on a
+helper thread while BLAS fills the next), one small tile per thread with OpenBLAS
+(scanned right after its GEMM, while in cache), one on CUDA, plus one transformed query and
 gallery tile when a transform is needed; independent of Q and G otherwise.
 Deciding the transform and the uncertified rows reads a few scalars back to the
 host (one synchronisation per call on CUDA).
@@ -49,6 +52,9 @@ MAX_LIST = {"cuda": 2048}  # largest candidate list a selection kernel keeps
 _ROW_CHUNK_ELEMS = 1 << 22  # elements of the gathered [rows, L, D] block in the torch refinement
 
 _PIPELINE = os.environ.get("PYFICI_KNN_PIPELINE", "1") != "0"
+# the C++ worker (GEMM provider "openblas"): the score tile of each thread (1 MB in float32)
+WORKER_TILE = 1 << 18
+WORKER_TILE_ROWS = 256
 _SELECTOR: tuple[int, ThreadPoolExecutor] | None = None
 
 
@@ -200,6 +206,8 @@ def select_tiles(
     Gallery column j has global index col_offset + j; with exclude_self, query i
     excludes global index self_offset + i. Unused list entries hold (-inf, -1).
     """
+    if backend == "cpu" and _native.gemm_provider() == "openblas":
+        return _select_worker(x, y, L, space, exclude_self, tile, col_offset, self_offset)
     Q, G = x.shape[0], y.shape[0]
     dt, dev = x.dtype, x.device
     code = _native.DTYPE_CODES[dt]
@@ -251,6 +259,36 @@ def select_tiles(
     finally:
         if pending is not None:
             pending.result()
+    return out_s, out_i
+
+
+def worker_tile_shape(Q: int, G: int, tile: int) -> tuple[int, int]:
+    """Score tile of the C++ worker: at most WORKER_TILE elements (one tile per thread,
+    sized to stay in a core's L2 between the GEMM and the scan) and at most ``tile``."""
+    elems = max(1, min(tile, WORKER_TILE))
+    tq = max(1, min(Q, WORKER_TILE_ROWS, elems // min(G, 1024)))
+    return tq, max(1, min(G, elems // tq))
+
+
+def _select_worker(x, y, L: int, space: Space, exclude_self: bool, tile: int, col_offset: int, self_offset: int):
+    """select_tiles with the whole tile loop in C++ (GEMM from OpenBLAS, the scan of each
+    tile right after its GEMM): one call, no Python per tile."""
+    Q, G = x.shape[0], y.shape[0]
+    dt = x.dtype
+    out_s = torch.full((Q, L), float("-inf"), dtype=dt)
+    out_i = torch.full((Q, L), -1, dtype=torch.int64)
+    if Q == 0 or G == 0:
+        return out_s, out_i
+    mod = _native.openblas_module()
+    tq, tg = worker_tile_shape(Q, G, tile)
+    mu = space.mu.contiguous() if space.mu is not None else None
+    mod.knn_select_gemm(
+        x.data_ptr(), y.data_ptr(), _native.DTYPE_CODES[dt], Q, G, x.shape[1],
+        mu.data_ptr() if mu is not None else 0, space.c,
+        space.a.data_ptr() if space.a is not None else 0, space.b.data_ptr() if space.b is not None else 0,
+        L, out_s.data_ptr(), out_i.data_ptr(), col_offset, self_offset if exclude_self else -1, tq, tg,
+        _native.num_threads(),
+    )
     return out_s, out_i
 
 
