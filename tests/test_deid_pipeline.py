@@ -97,9 +97,46 @@ def test_max_res_detects_on_a_smaller_copy(photos):
     assert np.abs(ax - bx).max() < 0.1 * (ax[2] - ax[0])  # boxes in full-resolution pixels
 
 
+def test_detection_scale_rule():
+    assert P.detection_scale(360, 480) == pytest.approx(P.SMALLEST_FACE_AT_SCALE_1 / P.MIN_DETECT_FACE)
+    assert P.detection_scale(360, 480, 43) == pytest.approx(2.0)
+    assert P.detection_scale(360, 480, 24, max_res=960) == pytest.approx(2.0)  # capped: copy <= 960 px
+    assert P.detection_scale(3000, 4000, 24, max_res=1000) == pytest.approx(0.25)
+    assert P.smallest_face_found(P.detection_scale(360, 480, 30)) == pytest.approx(30)
+    for bad in (0, -3, float("nan")):
+        with pytest.raises(UserError, match="min-detect"):
+            P.detection_scale(360, 480, bad)
+
+
+def test_auto_scale_finds_small_faces():
+    """The default (automatic scale for 24 px faces) finds the scene's faces of
+    24-39 px that dlib's upsample 1 misses; --max-res caps the scan."""
+    sc = face_scenes.composed_scenes(1)[0]  # faces of 27, 31, 49, 68 and 175 px
+    truth = face_scenes.truth_boxes(sc["truth"])
+    img = P.SourceImage("s.png", None, sc["image"], "PNG")
+
+    def found(dets):
+        hit = []
+        for x0, y0, x1, y1 in truth:
+            hit.append(any(x0 <= (d.box[0] + d.box[2]) / 2 <= x1 and y0 <= (d.box[1] + d.box[3]) / 2 <= y1
+                           and 0.4 <= (d.box[2] - d.box[0]) / (x1 - x0) <= 2.5 for d in dets if d.score > 0))
+        return np.asarray(hit)
+
+    sides = truth[:, 2] - truth[:, 0]
+    small = sides < 40
+    assert small.sum() >= 2 and (~small).sum() >= 1
+    auto = found(P.detect_faces([img]))
+    up1 = found(P.detect_faces([img], upsample=1))
+    assert auto.all(), (sides, auto)
+    assert not up1[small].all() and up1[~small].all()
+    capped = P.SourceImage("s.png", None, sc["image"], "PNG", max_res=480)  # scale 1: faces >= 86 px
+    c = found(P.detect_faces([capped]))
+    assert c[sides >= 90].all() and not c[small].any()
+
+
 def test_align_decides_fallbacks():
     img = P.SourceImage("s.png", None, face_scenes.composed_scenes(1)[0]["image"], "PNG")
-    dets = P.detect_faces([img], threshold=0.0, band=0.3, upsample=1)
+    dets = P.detect_faces([img], threshold=0.0, band=0.3)
     al = P.align_faces([img], dets, 64, threshold=0.0, min_face=60, fallback="pixelate")
     acts = [(a.action, a.reason) for a in al]
     assert any(a == "deidentify" for a, _ in acts)

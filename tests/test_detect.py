@@ -178,6 +178,51 @@ def test_bad_inputs(det):
     assert len(det.detect(np.zeros((3, 3, 3), np.uint8))[0]) == 0  # too small for any window
 
 
+def test_folded_forward_equals_conv_then_affine(det):
+    """forward folds each affine into its convolution; the plain layer-by-layer
+    computation (dlib's order) gives the same score map."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 97, 131, generator=g)
+    y = x
+    for j in range(6):
+        y = F.relu(det.convs[j](y) * getattr(det, f"gamma{j}") + getattr(det, f"beta{j}"))
+    y = det.convs[6](y)
+    out = det(x)
+    assert out.shape == y.shape
+    torch.testing.assert_close(out.contiguous(), y, atol=2e-4, rtol=1e-4)
+
+
+def test_scale_maps_boxes_back(det):
+    """``scale`` resizes before scanning: scale 1 is upsample 0; scale 2 finds
+    the faces that upsample 1 finds, boxes in the original image's pixels."""
+    img = face_scenes.composed_scenes(2)[1]["image"]
+    a, b = det.detect(img, upsample=0)[0], det.detect(img, scale=1.0)[0]
+    assert np.array_equal(a.boxes, b.boxes) and np.array_equal(a.scores, b.scores)
+    u1, s2 = det.detect(img, upsample=1)[0], det.detect(img, scale=2.0)[0]
+    assert len(u1) >= 2
+    for box in u1.boxes:
+        assert max(iou(box, o) for o in s2.boxes) >= 0.8
+    # a crop scanned at 3x: the same face, its box in the crop's pixels
+    big = np.asarray(u1.boxes[0])
+    side = big[2] - big[0] + 1
+    r0, c0 = max(0, big[1] - side), max(0, big[0] - side)
+    crop = np.ascontiguousarray(img[r0:big[3] + side, c0:big[2] + side])
+    d = det.detect(crop, scale=3.0)[0]
+    moved = big - np.array([c0, r0, c0, r0])
+    assert max(iou(moved, o) for o in d.boxes) >= 0.8
+
+
+def test_scale_bad_inputs(det):
+    img = np.zeros((40, 40, 3), np.uint8)
+    for bad in (0, -1.0, float("nan"), float("inf"), "2"):
+        with pytest.raises(ValueError, match="scale"):
+            det.detect(img, scale=bad)
+    with pytest.raises(ValueError, match="scale and upsample"):
+        det.detect(img, scale=2.0, upsample=1)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_gpu_matches_cpu(det):
     import copy

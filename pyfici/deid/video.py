@@ -202,11 +202,15 @@ class FramePass:
 
 
 def describe_video(path: str | os.PathLike, info: dict, crop_size: int, embed_crops, *, threshold: float = 0.0,
-                   band: float = 0.3, upsample: int = 1, min_face: int = 40, fallback: str = "blur",
-                   max_res: int | None = None, batch: int = 8, quiet: bool = True) -> FramePass:
+                   band: float = 0.3, upsample: int | None = None, min_face: int = 40, fallback: str = "blur",
+                   max_res: int | None = None, batch: int = 8, quiet: bool = True,
+                   min_detect: float | None = None) -> FramePass:
     """Pass 1: decode, detect, align and describe every face, ``batch`` frames
     at a time. ``embed_crops(crops [n, 3, s, s] in [-1, 1]) -> codes [n, D]``
-    gives each face its generator code (``TrackedFace.code``)."""
+    gives each face its generator code (``TrackedFace.code``). ``upsample`` /
+    ``min_detect`` / ``max_res``: the detector's scan scale as in
+    :func:`pyfici.deid.pipeline.detect_faces` (``None``: automatic from
+    ``min_detect``, default :data:`pyfici.deid.pipeline.MIN_DETECT_FACE`)."""
     import torch
 
     from pyfici.deid import pipeline as P
@@ -221,8 +225,9 @@ def describe_video(path: str | os.PathLike, info: dict, crop_size: int, embed_cr
 
     def flush():
         t0 = len(fp.per_frame)
-        imgs = [P.SourceImage(f"frame{t0 + i}", None, f, "PNG", scale) for i, f in enumerate(buf)]
-        dets = P.detect_faces(imgs, None, threshold=threshold, band=band, upsample=upsample, batch_size=batch)
+        imgs = [P.SourceImage(f"frame{t0 + i}", None, f, "PNG", scale, max_res=max_res) for i, f in enumerate(buf)]
+        dets = P.detect_faces(imgs, None, threshold=threshold, band=band, upsample=upsample, batch_size=batch,
+                              min_size=P.MIN_DETECT_FACE if min_detect is None else min_detect)
         al = P.align_faces(imgs, dets, crop_size, threshold=threshold, min_face=min_face, fallback=fallback,
                            predictor=sp)
         fp.per_frame.extend([] for _ in buf)
