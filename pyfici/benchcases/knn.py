@@ -1,13 +1,22 @@
 """Benchmarks of family 2 (exact kNN, k-nearest averaging, k-Same) against what
-users run today: chunked ``torch.mm`` alone (the GEMM floor), chunked
-``torch.mm`` + ``topk`` + gather + mean, and faiss-cpu ``IndexFlatIP.search``
-+ mean. Unit-norm embeddings (as FICGAN's identity codes), cosine / inner
-product, k = 10."""
+users run today: the bare GEMM alone with each CPU BLAS (chunked ``torch.mm``, i.e.
+MKL where torch links it, and OpenBLAS from scipy-openblas32 through pyfici's loader,
+same chunks; the floor), chunked ``torch.mm`` + ``topk`` + gather + mean, and
+faiss-cpu ``IndexFlatIP.search`` + mean; pyfici itself with each GEMM provider
+(``PYFICI_GEMM``). Unit-norm embeddings (as FICGAN's identity codes), cosine / inner
+product, k = 10. The peak memory knn_average adds beyond its inputs and output is
+measured in a fresh process per provider and printed (and kept in the case note)."""
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+
 import torch
 
+from pyfici import _native
 from pyfici.bench import Case
 from pyfici.deid import k_same
 from pyfici.ops import knn, knn_average
@@ -20,6 +29,7 @@ SIZES = {
     "full-cuda": {"avg": (1000000, 1000000, 512, 10), "ksame": 0},
 }
 CHUNK = 1024  # query rows per torch.mm chunk in the anchors ([1024, G] float32 output)
+MEASURE_MEMORY = True  # the knn_average case measures its peak extra memory (one extra run per GEMM)
 
 
 def unit_rows(n: int, d: int, seed: int, device: str) -> torch.Tensor:
@@ -38,6 +48,74 @@ def mm_alone(x: torch.Tensor, y: torch.Tensor, chunk: int = CHUNK):
         return out
 
     return run
+
+
+def openblas_alone(x: torch.Tensor, y: torch.Tensor, chunk: int = CHUNK):
+    """The same chunked product as mm_alone with OpenBLAS (multi-threaded), or None."""
+    try:
+        mod = _native.openblas_module()
+    except RuntimeError:
+        return None
+    out = torch.empty((min(chunk, x.shape[0]), y.shape[0]), dtype=x.dtype)
+    code, G, D, threads = _native.DTYPE_CODES[x.dtype], y.shape[0], x.shape[1], torch.get_num_threads()
+
+    def run():
+        for q0 in range(0, x.shape[0], chunk):
+            rows = min(chunk, x.shape[0] - q0)
+            mod.gemm_nt(code, rows, G, D, x[q0].data_ptr(), y.data_ptr(), out.data_ptr(), threads)
+        return out
+
+    return run
+
+
+def with_gemm(name: str, fn):
+    def run():
+        with _native.use_gemm(name):
+            return fn()
+
+    return run
+
+
+def gemm_providers() -> list[str]:
+    """The CPU GEMM providers usable here (torch always)."""
+    return ["torch"] + ([] if _native.openblas_error() else ["openblas"])
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{field}:\s+(\d+)", f.read(), re.M).group(1))
+
+
+def measure_peak_extra(Q: int, G: int, D: int, k: int) -> None:
+    """Prints the peak resident memory (MB) one knn_average call adds to this process: the
+    peak is reset (/proc/self/clear_refs, Linux) after the inputs exist and a small call
+    has loaded every library, so only the call's own buffers count."""
+    import gc
+
+    from pyfici.ops import knn_average
+
+    x = unit_rows(Q, D, 0, "cpu")
+    y = unit_rows(G, D, 1, "cpu")
+    knn_average(x[:64], y[:4096], k, metric="cosine", check_values=False)
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _status_kb("VmRSS")
+    out = knn_average(x, y, k, metric="cosine", check_values=False)
+    extra_kb = _status_kb("VmHWM") - base - out.numel() * out.element_size() // 1024
+    print(f"{extra_kb / 1024:.1f}")
+
+
+def peak_extra_mb(Q: int, G: int, D: int, k: int, gemm: str) -> str:
+    """measure_peak_extra in a fresh process with PYFICI_GEMM=gemm: '<MB> MB' or why not."""
+    if not os.path.exists("/proc/self/clear_refs"):
+        return "n/a (needs Linux /proc)"
+    code = f"from pyfici.benchcases.knn import measure_peak_extra as m; m({Q}, {G}, {D}, {k})"
+    env = dict(os.environ, PYFICI_GEMM=gemm)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        return f"n/a ({r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode})"
+    return f"{float(r.stdout.split()[-1]):.0f} MB"
 
 
 def mm_topk_mean(x: torch.Tensor, y: torch.Tensor, k: int, chunk: int = CHUNK):
@@ -79,22 +157,41 @@ def cases(size: str, device: str) -> list[Case]:
     full = size == "full"
     out: list[Case] = []
 
+    ours = "pyfici knn_average"
+    if device == "cpu":
+        ours += f" (gemm {_native.gemm_provider()})"
+    avg_case = Case("knn", f"knn_average Q={Q} G={G} D={D} k={k}", lambda: setup_avg(), ours=ours,
+                    note="cosine, unit-norm rows", repeats=2 if full else 3)
+
     def setup_avg():
         x = unit_rows(Q, D, 0, device)
         y = unit_rows(G, D, 1, device)
-        fns = {
-            "pyfici knn_average": lambda: knn_average(x, y, k, metric="cosine", check_values=False),
-            "chunked torch.mm alone": mm_alone(x, y),
-            "torch.mm + topk + gather + mean": mm_topk_mean(x, y, k),
-        }
+        fns = {ours: lambda: knn_average(x, y, k, metric="cosine", check_values=False)}
+        if device == "cpu":
+            mem = []
+            for name in gemm_providers():
+                if MEASURE_MEMORY:
+                    mb = peak_extra_mb(Q, G, D, k, name)
+                    mem.append(f"gemm {name}: {mb}")
+                    print(f"[bench]   knn_average peak extra memory, gemm {name}: {mb}", file=sys.stderr, flush=True)
+                if name != _native.gemm_provider():
+                    fns[f"pyfici knn_average (gemm {name})"] = with_gemm(
+                        name, lambda: knn_average(x, y, k, metric="cosine", check_values=False))
+            if mem:
+                avg_case.note = f"cosine, unit-norm rows; peak extra memory {', '.join(mem)}"
+        fns["chunked torch.mm alone"] = mm_alone(x, y)
+        if device == "cpu":
+            f = openblas_alone(x, y)
+            if f is not None:
+                fns["chunked OpenBLAS sgemm alone"] = f
+        fns["torch.mm + topk + gather + mean"] = mm_topk_mean(x, y, k)
         if device == "cpu":
             f = faiss_search_mean(x, y, k)
             if f is not None:
                 fns["faiss IndexFlatIP.search + mean"] = (f, 1) if full else f
         return fns
 
-    out.append(Case("knn", f"knn_average Q={Q} G={G} D={D} k={k}", setup_avg,
-                    ours="pyfici knn_average", note="cosine, unit-norm rows", repeats=2 if full else 3))
+    out.append(avg_case)
 
     def setup_knn():
         x = unit_rows(Q, D, 0, device)
