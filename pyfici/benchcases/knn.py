@@ -207,13 +207,17 @@ def cases(size: str, device: str) -> list[Case]:
                 idx.append(i)
             return torch.cat(vals), torch.cat(idx)
 
-        return {
-            "pyfici knn (ip)": lambda: knn(x, y, k, metric="ip", check_values=False),
-            "torch.mm + topk": topk_only,
-        }
+        fns = {"pyfici knn (ip)": lambda: knn(x, y, k, metric="ip", check_values=False)}
+        if device == "cpu":
+            for name in gemm_providers():
+                if name != _native.gemm_provider():
+                    fns[f"pyfici knn (ip, gemm {name})"] = with_gemm(
+                        name, lambda: knn(x, y, k, metric="ip", check_values=False))
+        fns["torch.mm + topk"] = topk_only
+        return fns
 
     out.append(Case("knn", f"knn ip Q={Q} G={G} D={D} k={k}", setup_knn, ours="pyfici knn (ip)",
-                    repeats=2 if full else 3))
+                    note=f"gemm {_native.gemm_provider()}" if device == "cpu" else "", repeats=2 if full else 3))
 
     N = SIZES[key]["ksame"]
     if N and device == "cpu":
