@@ -82,6 +82,7 @@ class TrackedFace:
     landmarks: np.ndarray  # [5, 2]
     descriptor: np.ndarray  # [128] dlib face descriptor
     code: object = None  # the generator's identity code of this face (set by the caller's embed stage)
+    lbph: np.ndarray | None = None  # LBPH histogram of the generator crop (pyfici.deid.metrics.lbph_features)
 
 
 @dataclass
@@ -89,6 +90,8 @@ class Track:
     id: int
     faces: list[TrackedFace] = field(default_factory=list)
     identity: int = -1
+    # per recognizer ("dlib", "lbph"): whether each output face is re-identified (set by render_video)
+    reid_hits: dict[str, list[bool]] = field(default_factory=dict)
 
     @property
     def frames(self) -> list[int]:
@@ -189,6 +192,45 @@ def smooth_track(track: Track, radius: int = 2) -> np.ndarray:
     return out
 
 
+# --------------------------------------------------------------------------- detection between key frames
+
+REGION_GROW = 1.0  # a region is the face's box grown by this many box sides on every side
+REGION_MIN_FACE = 0.6  # a region is scanned for faces down to this fraction of the box side
+
+
+def detect_near(pixels: np.ndarray, boxes, threshold: float, max_scale: float, detector=None) -> list[tuple]:
+    """Faces near ``boxes`` ((x0, y0, x1, y1) in frame pixels): each box's
+    region (grown by ``REGION_GROW`` box sides on every side, clipped to the
+    frame) scanned by the CNN detector at the scale that finds faces down to
+    ``REGION_MIN_FACE`` times the box side (at most ``max_scale``, the scale of
+    a full-frame scan); detections of all regions merged by dlib's NMS.
+    Returns ``[(x0, y0, x1, y1, score)]`` (exclusive x1, y1) above ``threshold``."""
+    from pyfici.deid.pipeline import SMALLEST_FACE_AT_SCALE_1
+    from pyfici.models.dlib_mmod import load_dlib_mmod, nms_dlib
+
+    det = detector if detector is not None else load_dlib_mmod()
+    H, W = pixels.shape[:2]
+    rects, scores = [], []
+    for x0, y0, x1, y1 in boxes:
+        side = max(x1 - x0, y1 - y0, 1.0)
+        g = REGION_GROW * side
+        c0, r0 = int(max(0, np.floor(x0 - g))), int(max(0, np.floor(y0 - g)))
+        c1, r1 = int(min(W, np.ceil(x1 + g))), int(min(H, np.ceil(y1 + g)))
+        if c1 - c0 < 2 or r1 - r0 < 2:
+            continue
+        sc = min(max_scale, SMALLEST_FACE_AT_SCALE_1 / (REGION_MIN_FACE * side))
+        d = det.detect(np.ascontiguousarray(pixels[r0:r1, c0:c1]), threshold=threshold,
+                       scale=None if sc == 1.0 else sc)[0]
+        if len(d):
+            rects.append(d.boxes + np.array([c0, r0, c0, r0]))
+            scores.append(d.scores)
+    if not rects:
+        return []
+    b, sc = np.concatenate(rects), np.concatenate(scores)
+    keep = nms_dlib(b, sc, det.nms_iou, det.nms_covered)
+    return [(float(b[i, 0]), float(b[i, 1]), float(b[i, 2] + 1), float(b[i, 3] + 1), float(sc[i])) for i in keep]
+
+
 # --------------------------------------------------------------------------- stages
 
 
@@ -204,30 +246,65 @@ class FramePass:
 def describe_video(path: str | os.PathLike, info: dict, crop_size: int, embed_crops, *, threshold: float = 0.0,
                    band: float = 0.3, upsample: int | None = None, min_face: int = 40, fallback: str = "blur",
                    max_res: int | None = None, batch: int = 8, quiet: bool = True,
-                   min_detect: float | None = None) -> FramePass:
-    """Pass 1: decode, detect, align and describe every face, ``batch`` frames
-    at a time. ``embed_crops(crops [n, 3, s, s] in [-1, 1]) -> codes [n, D]``
+                   min_detect: float | None = None, detect_every: int = 5) -> FramePass:
+    """Pass 1: decode, detect, align and describe every face, about ``batch``
+    frames at a time. ``embed_crops(crops [n, 3, s, s] in [-1, 1]) -> codes [n, D]``
     gives each face its generator code (``TrackedFace.code``). ``upsample`` /
     ``min_detect`` / ``max_res``: the detector's scan scale as in
     :func:`pyfici.deid.pipeline.detect_faces` (``None``: automatic from
-    ``min_detect``, default :data:`pyfici.deid.pipeline.MIN_DETECT_FACE`)."""
+    ``min_detect``, default :data:`pyfici.deid.pipeline.MIN_DETECT_FACE`).
+
+    Every ``detect_every``-th frame (a key frame) is scanned whole; a frame
+    between two key frames is scanned only near the faces of the frame before it
+    and of the next key frame (:func:`detect_near`), so a face seen on any key
+    frame is found on the frames around it. A face visible for fewer than
+    ``detect_every`` frames, none of them a key frame, can be missed:
+    ``detect_every=1`` scans every frame whole."""
     import torch
 
     from pyfici.deid import pipeline as P
+    from pyfici.deid.metrics import lbph_features
     from pyfici.models.dlib_face import load_dlib_face_resnet
     from pyfici.models.dlib_shape import load_shape_predictor
     from pyfici.progress import progress
 
+    if int(detect_every) != detect_every or detect_every < 1:
+        raise UserError(f"--detect-every must be an integer >= 1, got {detect_every!r}")
     scale = min(1.0, max_res / max(info["width"], info["height"])) if max_res else 1.0
+    min_size = P.MIN_DETECT_FACE if min_detect is None else min_detect
+    if upsample is None:
+        full_scale = P.detection_scale(info["height"], info["width"], min_size, max_res)
+    else:
+        full_scale = scale * 2.0 ** upsample
     net, sp = load_dlib_face_resnet(), load_shape_predictor()
     fp = FramePass([], {}, 0)
     buf: list[np.ndarray] = []
+    prev: list[P.FaceDetection] = []  # the last frame's detections (from the previous batch)
+
+    def detect(imgs: list) -> list:
+        nonlocal prev
+        t0 = len(fp.per_frame)
+        key = [i for i in range(len(imgs)) if (t0 + i) % detect_every == 0]
+        per = {i: [] for i in range(len(imgs))}
+        for d in P.detect_faces([imgs[i] for i in key], None, threshold=threshold, band=band, upsample=upsample,
+                                batch_size=batch, min_size=min_size):
+            d.image_index = key[d.image_index]
+            per[d.image_index].append(d)
+        last = prev
+        for i in range(len(imgs)):
+            if i not in key:
+                nxt = next((per[j] for j in key if j > i), [])
+                seeds = [d.box for d in last] + [d.box for d in nxt]
+                per[i] = [P.FaceDetection(i, b[:4], b[4]) for b in
+                          detect_near(imgs[i].pixels, seeds, threshold - band, full_scale)]
+            last = per[i]
+        prev = last
+        return [d for i in range(len(imgs)) for d in per[i]]
 
     def flush():
         t0 = len(fp.per_frame)
         imgs = [P.SourceImage(f"frame{t0 + i}", None, f, "PNG", scale, max_res=max_res) for i, f in enumerate(buf)]
-        dets = P.detect_faces(imgs, None, threshold=threshold, band=band, upsample=upsample, batch_size=batch,
-                              min_size=P.MIN_DETECT_FACE if min_detect is None else min_detect)
+        dets = detect(imgs)
         al = P.align_faces(imgs, dets, crop_size, threshold=threshold, min_face=min_face, fallback=fallback,
                            predictor=sp)
         fp.per_frame.extend([] for _ in buf)
@@ -235,9 +312,11 @@ def describe_video(path: str | os.PathLike, info: dict, crop_size: int, embed_cr
         if ok:
             with torch.no_grad():
                 desc = net.embed_images(P.face_crops(imgs, ok, 150, "chip")).numpy()
-            codes = embed_crops(P.face_crops(imgs, ok, crop_size) * 2 - 1)
-            for a, d, c in zip(ok, desc, codes):
-                tf = TrackedFace(t0 + a.det.image_index, a.det.box, a.det.score, a.landmarks, d, c)
+            crops = P.face_crops(imgs, ok, crop_size) * 2 - 1
+            codes = embed_crops(crops)
+            hists = lbph_features(crops).numpy()
+            for a, d, c, h in zip(ok, desc, codes, hists):
+                tf = TrackedFace(t0 + a.det.image_index, a.det.box, a.det.score, a.landmarks, d, c, h)
                 fp.per_frame[tf.frame].append(tf)
         for a in al:
             if a.action != "deidentify":
@@ -247,7 +326,8 @@ def describe_video(path: str | os.PathLike, info: dict, crop_size: int, embed_cr
     for frame in progress(iter_frames(path), desc="detect", quiet=quiet, total=info["frames"] or None):
         buf.append(frame)
         fp.n_frames += 1
-        if len(buf) == batch:
+        # a batch ends on a key frame, so the frames before it know its faces
+        if len(buf) >= batch and (fp.n_frames - 1) % detect_every == 0:
             flush()
     if buf:
         flush()
@@ -280,7 +360,10 @@ def render_video(path: str | os.PathLike, dst: str | os.PathLike, info: dict, fp
     from landmarks smoothed along its track, pasted back; fallbacks obfuscated;
     encoded with the audio copied (:class:`VideoWriter`, atomic). Returns per
     track whether each output face is re-identified: its dlib descriptor is
-    nearest to its own person's mean descriptor among the clip's people."""
+    nearest to its own person's mean descriptor among the clip's people. Each
+    track's ``reid_hits`` gets the same per recognizer: ``"dlib"`` as returned
+    and, when pass 1 gave the faces LBPH histograms, ``"lbph"`` (the output's
+    generator crop nearest, by chi-square, to its own person's mean histogram)."""
     import torch
 
     from pyfici.deid import pipeline as P
@@ -291,12 +374,19 @@ def render_video(path: str | os.PathLike, dst: str | os.PathLike, info: dict, fp
         obfuscate,
         paste_back,
     )
+    from pyfici.deid.metrics import _chi2, lbph_features
     from pyfici.models.dlib_face import load_dlib_face_resnet
     from pyfici.progress import progress
 
     net = load_dlib_face_resnet()
     gallery = np.stack([np.mean([f.descriptor for tr in tracks if tr.identity == p for f in tr.faces], 0)
                         for p in range(n_people)])
+    with_lbph = all(f.lbph is not None for tr in tracks for f in tr.faces)
+    if with_lbph:
+        lbph_gallery = torch.from_numpy(np.stack([np.mean([f.lbph for tr in tracks if tr.identity == p
+                                                           for f in tr.faces], 0) for p in range(n_people)]))
+    for tr in tracks:
+        tr.reid_hits = {"dlib": [], "lbph": []} if with_lbph else {"dlib": []}
     todo: dict[int, list[tuple[Track, int, np.ndarray]]] = {}
     for tr in tracks:
         for j, lm in enumerate(smooth_track(tr)):
@@ -317,6 +407,11 @@ def render_video(path: str | os.PathLike, dst: str | os.PathLike, info: dict, fp
                     d_out = net.embed_images(chips).numpy()
                 for (tr, _, _), d in zip(items, d_out):
                     hits[tr.id].append(int(np.argmin(np.linalg.norm(gallery - d, axis=1))) == tr.identity)
+                    tr.reid_hits["dlib"].append(hits[tr.id][-1])
+                if with_lbph:
+                    h_out = lbph_features(extract_chips(img, M, crop_size) * 2 - 1)
+                    for (tr, _, _), p in zip(items, _chi2(h_out, lbph_gallery).argmin(1).tolist()):
+                        tr.reid_hits["lbph"].append(p == tr.identity)
             for a in fp.fallbacks.get(t, []):
                 if a.action != "keep":
                     img = obfuscate(img, a.det.box, a.action)
@@ -325,14 +420,17 @@ def render_video(path: str | os.PathLike, dst: str | os.PathLike, info: dict, fp
 
 
 def track_rows(tracks: list[Track], assignment, sizes, hits: dict[int, list[bool]]) -> list[dict]:
-    """The report's row per track: frames, person, cluster, mean score, re-identification rate."""
+    """The report's row per track: frames, person, cluster, mean score, re-identification rate
+    (dlib descriptor; ``_lbph``: LBPH, when :func:`render_video` measured it)."""
     rows = []
     for tr in tracks:
         c = int(assignment[tr.identity])
         rows.append({"track": tr.id, "person": tr.identity, "cluster": c, "cluster_size": int(sizes[c]),
                      "first_frame": tr.frames[0], "last_frame": tr.frames[-1], "n_frames": len(tr.faces),
                      "mean_score": float(np.mean([f.score for f in tr.faces])),
-                     "reidentification_rate": float(np.mean(hits[tr.id])) if hits[tr.id] else None})
+                     "reidentification_rate": float(np.mean(hits[tr.id])) if hits[tr.id] else None,
+                     "reidentification_rate_lbph": (float(np.mean(tr.reid_hits["lbph"]))
+                                                    if tr.reid_hits.get("lbph") else None)})
     return rows
 
 
@@ -427,5 +525,5 @@ def _container_format(p: Path) -> str | None:
 
 
 __all__ = ["FramePass", "Track", "TrackedFace", "VIDEO_EXTENSIONS", "VideoWriter", "box_iou", "build_tracks",
-           "describe_video", "is_video", "iter_frames", "merge_tracks", "render_video", "smooth_track", "track_people",
+           "describe_video", "detect_near", "is_video", "iter_frames", "merge_tracks", "render_video", "smooth_track", "track_people",
            "track_rows", "video_info"]
