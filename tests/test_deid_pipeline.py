@@ -86,6 +86,28 @@ def test_write_image_keeps_format_and_strips_metadata(photos, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
 
 
+def test_interrupted_write_leaves_no_file(tmp_path, monkeypatch):
+    """Ctrl-C while the encoder writes: no file under the final name, no
+    temporary file left, an earlier output under that name untouched."""
+    px = np.full((40, 60, 3), 120, np.uint8)
+    dst = P.write_image(px, tmp_path / "o" / "a.jpg", "JPEG")
+    before = dst.read_bytes()
+    real = Image.Image.save
+
+    def save(self, fp, *a, **kw):
+        with open(fp, "wb") as f:
+            f.write(b"\xff\xd8 half a JPEG")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Image.Image, "save", save)
+    for name in ("a.jpg", "b.jpg"):
+        with pytest.raises(KeyboardInterrupt):
+            P.write_image(px + 1, tmp_path / "o" / name, "JPEG")
+    monkeypatch.setattr(Image.Image, "save", real)
+    assert dst.read_bytes() == before and not (tmp_path / "o" / "b.jpg").exists()
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["a.jpg"]
+
+
 def test_max_res_detects_on_a_smaller_copy(photos):
     full, _ = P.read_images(str(photos / "a.png"))
     small, _ = P.read_images(str(photos / "a.png"), max_res=300)
