@@ -168,15 +168,18 @@ def test_quick_builtin_defaults_and_released_defaults():
     from pyfici.methods.rollback import RollbackConfig
 
     q = AutoLRConfig(dataset="builtin")
-    assert (q.quick, q.backbone, q.image_size, q.epochs, q.max_retries) == (True, "efficientnet_lite0", 32, 2, 2)
+    assert (q.quick, q.backbone, q.image_size, q.epochs, q.max_retries, q.threads) == (True, "efficientnet_lite0",
+                                                                                      32, 5, 2, 1)
     r = AutoLRConfig(dataset="builtin", backbone="resnet50")
-    assert (r.quick, r.image_size, r.epochs, r.batch_size, r.max_retries) == (False, 224, 50, 40, 10)
+    assert (r.quick, r.image_size, r.epochs, r.batch_size, r.max_retries, r.threads) == (False, 224, 50, 40, 10, None)
     assert AutoLRConfig(dataset="cub200", root="x").backbone == "resnet50"
     assert AutoLRConfig(dataset="builtin", epochs=7).epochs == 7
     q = RollbackConfig(dataset="builtin")
-    assert (q.quick, q.backbone, q.image_size, q.epochs_per_period) == (True, "efficientnet_lite0", (96, 48), 2)
+    assert (q.quick, q.backbone, q.image_size, q.epochs_per_period, q.workers, q.threads) == (
+        True, "efficientnet_lite0", (96, 48), 2, 0, 1)
     r = RollbackConfig(dataset="market1501", root="x")
-    assert (r.backbone, r.image_size, r.epochs_per_period, r.eval_every) == ("resnet50", (288, 144), 40, 10)
+    assert (r.backbone, r.image_size, r.epochs_per_period, r.eval_every, r.workers, r.threads) == (
+        "resnet50", (288, 144), 40, 10, 2, None)
 
 
 def test_ficgan_flags_come_from_its_config_dataclass(capsys):

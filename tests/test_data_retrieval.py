@@ -153,7 +153,7 @@ def test_aircraft_variant_split(tmp_path):
 def test_load_dispatch_errors(tmp_path):
     with pytest.raises(ValueError, match="--root"):
         load_retrieval_dataset("cub200")
-    with pytest.raises(FileNotFoundError, match="no such folder"):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
         load_retrieval_dataset("cub200", tmp_path / "missing")
     with pytest.raises(ValueError, match="unknown retrieval dataset"):
         load_retrieval_dataset("imagenet", tmp_path)

@@ -19,5 +19,5 @@ def load_by_name(kind: str, registry: Mapping[str, Callable | None], name: str, 
     if root is None:
         raise ValueError(f"--dataset {name} needs --root DIR (the folder holding the official layout)")
     if not Path(root).is_dir():
-        raise FileNotFoundError(f"--root {root}: no such folder")
+        raise FileNotFoundError(f"--root {root}: the folder does not exist")
     return registry[name](root)

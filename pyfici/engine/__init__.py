@@ -23,7 +23,7 @@ _LAZY = {
     "validate": "config", "add_json_argument": "config", "emit_json": "config", "add_command_arguments": "config",
     "count_type": "config",
     "Runtime": "runtime", "setup": "runtime", "log": "runtime", "resolve_device": "runtime",
-    "seed_everything": "runtime", "distributed_info": "runtime",
+    "seed_everything": "runtime", "distributed_info": "runtime", "torch_threads": "runtime",
     "atomic_save": "files", "atomic_write_text": "files", "write_json": "files", "load_checkpoint": "files",
     "save_figure": "files",
     "RunDir": "rundir", "check_output_path": "rundir", "check_resume_config": "rundir",

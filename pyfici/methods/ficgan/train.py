@@ -59,7 +59,7 @@ from pyfici.engine.errors import user_errors
 from pyfici.engine.files import load_checkpoint
 from pyfici.engine.loop import CallbackHook, Trainer
 from pyfici.engine.rundir import RunDir, check_resume_config
-from pyfici.engine.runtime import log, seed_everything, setup
+from pyfici.engine.runtime import log, resolve_device, seed_everything, setup, torch_threads
 from pyfici.methods.ficgan.data import load_face_folder, save_grid
 from pyfici.methods.ficgan.model import FICGAN, FICGANConfig
 from pyfici.optim import LayerwiseAdamW
@@ -67,6 +67,7 @@ from pyfici.optim import LayerwiseAdamW
 _RESUME_IGNORE = ("steps", "out", "resume", "device", "sample_every", "checkpoint_every", "log_every", "amp", "quiet")
 KIND_TRAIN, KIND_FINAL = "ficgan-train", "ficgan"
 BUILTIN_QUICK_STEPS = 500
+BUILTIN_QUICK_THREADS = 1  # measured: 2 threads are several times slower on a busy 2-core CPU
 
 
 def make_optimizer(params, lr: float, betas=(0.0, 0.99)):
@@ -154,9 +155,11 @@ def train_main(args) -> int:
     cfg = config_from_args(FICGANTrainConfig, args)
     if cfg.steps is None and cfg.data == "builtin":
         log(f"--data builtin without --steps: the quick built-in run, {BUILTIN_QUICK_STEPS} steps of train_builtin's "
-            "CPU recipe (16/64 channels, batch 6, 60 % reconstruction warm-up); give --steps for the full recipe")
-        _emit(train_builtin(out=cfg.out, steps=BUILTIN_QUICK_STEPS, size=cfg.size, device=cfg.device,
-                            resume=cfg.resume, quiet=cfg.quiet, seed=cfg.seed), args.json)
+            f"CPU recipe (16/64 channels, batch 6, 60 % reconstruction warm-up; on the CPU {BUILTIN_QUICK_THREADS} "
+            "torch thread: these small convolutions run faster on one); give --steps for the full recipe")
+        with torch_threads(BUILTIN_QUICK_THREADS if resolve_device(cfg.device).type == "cpu" else None):
+            _emit(train_builtin(out=cfg.out, steps=BUILTIN_QUICK_STEPS, size=cfg.size, device=cfg.device,
+                                resume=cfg.resume, quiet=cfg.quiet, seed=cfg.seed), args.json)
         return 0
     if cfg.steps is None:
         cfg.steps = FICGANTrainConfig.steps
