@@ -228,3 +228,24 @@ def test_the_cpu_modules_do_not_link_a_blas_or_libtorch():
             if r.returncode != 0:
                 pytest.skip("ldd is not available")
             assert "openblas" not in r.stdout and "torch" not in r.stdout and "mkl" not in r.stdout, r.stdout
+
+
+@pytest.mark.parametrize("gemm", ["torch", "openblas"] if HAS_OPENBLAS else ["torch"])
+def test_mm_nt_on_each_provider(gemm):
+    from pyfici.backends.gemm import mm_nt
+
+    gen = torch.Generator().manual_seed(9)
+    with _native.use_gemm(gemm):
+        for M, N, K in [(1, 1, 1), (5, 0, 3), (3, 4, 0), (67, 131, 33), (300, 7, 513)]:
+            for dtype in (torch.float32, torch.float64):
+                x = torch.randint(-4, 5, (M, K), generator=gen).to(dtype)
+                y = torch.randint(-4, 5, (N, K), generator=gen).to(dtype)
+                bias = torch.randint(-9, 9, (N,), generator=gen).to(dtype)
+                want = x @ y.T  # integer data: every BLAS is exact
+                assert torch.equal(mm_nt(x, y), want), (gemm, M, N, K, dtype)
+                assert torch.equal(mm_nt(x, y, alpha=-2.0, bias=bias), bias - 2 * want)
+                out = torch.full((M, N), float("nan"), dtype=dtype)
+                assert mm_nt(x, y, out, bias=bias) is out and torch.equal(out, bias + want)
+                # non-contiguous inputs are fine
+                xt = torch.cat([x, x], 1)[:, :K]
+                assert torch.equal(mm_nt(xt, y, alpha=0.5), 0.5 * want)

@@ -8,6 +8,8 @@
 
 #include <dlfcn.h>
 
+#include <algorithm>
+#include <limits>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -87,15 +89,15 @@ void require_loaded() {
 bool gemm_loaded() { return g_blas.handle != nullptr; }
 
 void gemm_nt(int64_t m, int64_t n, int64_t k, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
-             int64_t ldc) {
+             int64_t ldc, float alpha, float beta) {
   g_blas.sgemm(kRowMajor, kNoTrans, kTrans, static_cast<blasint>(m), static_cast<blasint>(n), static_cast<blasint>(k),
-               1.0f, A, static_cast<blasint>(lda), B, static_cast<blasint>(ldb), 0.0f, C, static_cast<blasint>(ldc));
+               alpha, A, static_cast<blasint>(lda), B, static_cast<blasint>(ldb), beta, C, static_cast<blasint>(ldc));
 }
 
 void gemm_nt(int64_t m, int64_t n, int64_t k, const double* A, int64_t lda, const double* B, int64_t ldb, double* C,
-             int64_t ldc) {
+             int64_t ldc, double alpha, double beta) {
   g_blas.dgemm(kRowMajor, kNoTrans, kTrans, static_cast<blasint>(m), static_cast<blasint>(n), static_cast<blasint>(k),
-               1.0, A, static_cast<blasint>(lda), B, static_cast<blasint>(ldb), 0.0, C, static_cast<blasint>(ldc));
+               alpha, A, static_cast<blasint>(lda), B, static_cast<blasint>(ldb), beta, C, static_cast<blasint>(ldc));
 }
 
 BlasThreads::BlasThreads(int n) : saved_(g_blas.get_threads()) {
@@ -115,17 +117,23 @@ PYFICI_REGISTER(m) {
   m.def(
       "gemm_nt",
       [](int dtype, int64_t m, int64_t n, int64_t k, std::uintptr_t A, std::uintptr_t B, std::uintptr_t C,
-         int nthreads) {
+         int nthreads, double alpha, double beta) {
         require_loaded();
         if (dtype != kFloat32 && dtype != kFloat64) throw std::invalid_argument("gemm_nt: dtype must be float32 or float64");
+        if (m < 0 || n < 0 || k < 0 || std::max({m, n, k}) > std::numeric_limits<int>::max())
+          throw std::invalid_argument("gemm_nt: m, n, k must be in [0, 2^31)");
         py::gil_scoped_release nogil;
-        BlasThreads threads(nthreads);
+        BlasThreads threads(std::max(1, nthreads));
         if (dtype == kFloat32)
-          gemm_nt(m, n, k, as_ptr<const float>(A), k, as_ptr<const float>(B), k, as_ptr<float>(C), n);
+          gemm_nt(m, n, k, as_ptr<const float>(A), k, as_ptr<const float>(B), k, as_ptr<float>(C), n,
+                  static_cast<float>(alpha), static_cast<float>(beta));
         else
-          gemm_nt(m, n, k, as_ptr<const double>(A), k, as_ptr<const double>(B), k, as_ptr<double>(C), n);
+          gemm_nt(m, n, k, as_ptr<const double>(A), k, as_ptr<const double>(B), k, as_ptr<double>(C), n, alpha, beta);
       },
-      "C[m, n] = A[m, k] @ B[n, k]^T (contiguous row-major) with the loaded BLAS on nthreads threads.");
+      py::arg("dtype"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("A"), py::arg("B"), py::arg("C"),
+      py::arg("nthreads"), py::arg("alpha") = 1.0, py::arg("beta") = 0.0,
+      "C[m, n] = alpha * A[m, k] @ B[n, k]^T + beta * C (contiguous row-major; C is not read when "
+      "beta == 0) with the loaded BLAS on nthreads threads.");
 }
 
 }  // namespace pyfici
