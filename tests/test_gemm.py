@@ -176,10 +176,12 @@ def test_knn_average_and_k_same_with_openblas(cpu_isa):
 
 def test_worker_tile_fits_the_cache_and_the_tile_bound():
     for Q, G, tile in [(1, 1, 1 << 23), (20000, 100000, 1 << 23), (5, 10**6, 1 << 23), (300, 50, 64), (9, 9, 1)]:
-        tq, tg = bk.worker_tile_shape(Q, G, tile)
-        assert 1 <= tq <= min(Q, bk.WORKER_TILE_ROWS) and 1 <= tg <= G
-        assert tq * tg <= max(1, min(tile, bk.WORKER_TILE)), (Q, G, tile)
-    assert bk.worker_tile_shape(20000, 100000, 1 << 23) == (256, 1024)
+        for itemsize in (4, 8):
+            tq, tg = bk.worker_tile_shape(Q, G, tile, itemsize)
+            assert 1 <= tq <= min(Q, bk.WORKER_TILE_ROWS) and 1 <= tg <= G
+            assert tq * tg <= max(1, min(tile, bk.WORKER_TILE_BYTES // itemsize)), (Q, G, tile)
+    assert bk.worker_tile_shape(20000, 100000, 1 << 23) == (512, 1024)
+    assert bk.worker_tile_shape(20000, 100000, 1 << 23, 8) == (256, 1024)
 
 
 def test_auto_rule():

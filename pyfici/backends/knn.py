@@ -27,7 +27,7 @@ certification.
    is therefore the exact top-k of the direct formula for every row.
 
 Memory: two score tiles on the CPU with torch.mm (the selection of one tile runs on a
-helper thread while BLAS fills the next), one small tile per thread with OpenBLAS
+helper thread while BLAS fills the next), one 2 MB tile per thread with OpenBLAS
 (scanned right after its GEMM, while in cache), one on CUDA, plus one transformed query and
 gallery tile when a transform is needed; independent of Q and G otherwise.
 Deciding the transform and the uncertified rows reads a few scalars back to the
@@ -52,9 +52,11 @@ MAX_LIST = {"cuda": 2048}  # largest candidate list a selection kernel keeps
 _ROW_CHUNK_ELEMS = 1 << 22  # elements of the gathered [rows, L, D] block in the torch refinement
 
 _PIPELINE = os.environ.get("PYFICI_KNN_PIPELINE", "1") != "0"
-# the C++ worker (GEMM provider "openblas"): the score tile of each thread (1 MB in float32)
-WORKER_TILE = 1 << 18
-WORKER_TILE_ROWS = 256
+# the C++ worker (GEMM provider "openblas"): the score tile of each thread, 512 x 1024 in
+# float32 (2 MB, a core's L2 here; measured single-threaded at D = 512: 512 x 1024 tiles
+# 129-133 GFLOP/s, 256 x 1024 123, 128 x 2048 105, one 1024 x 8192 GEMM 133-140)
+WORKER_TILE_BYTES = 2 << 20
+WORKER_TILE_ROWS = 512
 _SELECTOR: tuple[int, ThreadPoolExecutor] | None = None
 
 
@@ -262,10 +264,10 @@ def select_tiles(
     return out_s, out_i
 
 
-def worker_tile_shape(Q: int, G: int, tile: int) -> tuple[int, int]:
-    """Score tile of the C++ worker: at most WORKER_TILE elements (one tile per thread,
-    sized to stay in a core's L2 between the GEMM and the scan) and at most ``tile``."""
-    elems = max(1, min(tile, WORKER_TILE))
+def worker_tile_shape(Q: int, G: int, tile: int, itemsize: int = 4) -> tuple[int, int]:
+    """Score tile of the C++ worker: at most WORKER_TILE_BYTES (one tile per thread, sized
+    to stay in a core's L2 between the GEMM and the scan) and at most ``tile`` elements."""
+    elems = max(1, min(tile, WORKER_TILE_BYTES // itemsize))
     tq = max(1, min(Q, WORKER_TILE_ROWS, elems // min(G, 1024)))
     return tq, max(1, min(G, elems // tq))
 
@@ -280,7 +282,7 @@ def _select_worker(x, y, L: int, space: Space, exclude_self: bool, tile: int, co
     if Q == 0 or G == 0:
         return out_s, out_i
     mod = _native.openblas_module()
-    tq, tg = worker_tile_shape(Q, G, tile)
+    tq, tg = worker_tile_shape(Q, G, tile, x.element_size())
     mu = space.mu.contiguous() if space.mu is not None else None
     mod.knn_select_gemm(
         x.data_ptr(), y.data_ptr(), _native.DTYPE_CODES[dt], Q, G, x.shape[1],
