@@ -72,6 +72,15 @@ class RunConfig:
         return d
 
 
+def fill_presets(cfg, quick: bool) -> None:
+    """Set ``cfg.quick`` and give every field left ``None`` its value from the config class's
+    ``BUILTIN_QUICK`` preset (``quick``: the short run on the built-in data) or ``RELEASED``."""
+    cfg.quick = quick
+    for k, v in (cfg.BUILTIN_QUICK if quick else cfg.RELEASED).items():
+        if getattr(cfg, k) is None:
+            setattr(cfg, k, v)
+
+
 def _flag(f: dataclasses.Field) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 

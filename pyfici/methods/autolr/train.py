@@ -23,6 +23,7 @@ from pyfici.engine.config import (
     add_command_arguments,
     config_from_args,
     emit_json,
+    fill_presets,
     option,
     validate,
 )
@@ -105,10 +106,7 @@ class AutoLRConfig(RunConfig):
                                      "image_size": 32, "builtin_per_class": 30, "threads": 1}
 
     def __post_init__(self) -> None:
-        self.quick = self.dataset == "builtin" and self.backbone is None and self.pretrained is None
-        for k, v in (self.BUILTIN_QUICK if self.quick else self.RELEASED).items():
-            if getattr(self, k) is None:
-                setattr(self, k, v)
+        fill_presets(self, self.dataset == "builtin" and self.backbone is None and self.pretrained is None)
 
     def resolved_prune(self) -> str:
         if self.prune == "default":

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from pyfici.data.reid import REID_DATASETS
 from pyfici.engine import RunConfig, UserError, option, validate
-from pyfici.engine.config import add_command_arguments, config_from_args, emit_json
+from pyfici.engine.config import add_command_arguments, config_from_args, emit_json, fill_presets
 from pyfici.engine.errors import user_errors
 from pyfici.engine.evaluation import evaluate_reid
 from pyfici.engine.loop import CallbackHook, Trainer, train_epoch
@@ -92,10 +92,7 @@ class RollbackConfig(RunConfig):
                                      "eval_every": 2, "workers": 0, "threads": 1}
 
     def __post_init__(self) -> None:
-        self.quick = self.dataset == "builtin" and self.backbone is None and self.pretrained is None
-        for k, v in (self.BUILTIN_QUICK if self.quick else self.RELEASED).items():
-            if getattr(self, k) is None:
-                setattr(self, k, v)
+        fill_presets(self, self.dataset == "builtin" and self.backbone is None and self.pretrained is None)
         self.image_size = tuple(self.image_size)
 
     def to_dict(self) -> dict:
