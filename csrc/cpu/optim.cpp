@@ -60,6 +60,15 @@ struct BF16 {
   uint16_t v;
 };
 
+// IEEE binary16 storage type: _Float16 on x86-64 (gcc >= 12, clang), __fp16 on
+// Arm, where older compilers have no _Float16 in C++; both convert to and
+// from float with round to nearest even.
+#if defined(__aarch64__) || defined(__arm__)
+using Half = __fp16;
+#else
+using Half = _Float16;
+#endif
+
 // math type: float64 for float64 params, float32 for the rest
 template <typename P>
 struct MathOf {
@@ -74,7 +83,7 @@ using math_t = typename MathOf<P>::type;
 
 inline float to_c(float x) { return x; }
 inline double to_c(double x) { return x; }
-inline float to_c(_Float16 x) { return static_cast<float>(x); }
+inline float to_c(Half x) { return static_cast<float>(x); }
 inline float to_c(BF16 x) {
   uint32_t u = static_cast<uint32_t>(x.v) << 16;
   float f;
@@ -88,7 +97,7 @@ inline float from_c<float>(float x) { return x; }
 template <>
 inline double from_c<double>(double x) { return x; }
 template <>
-inline _Float16 from_c<_Float16>(float x) { return static_cast<_Float16>(x); }
+inline Half from_c<Half>(float x) { return static_cast<Half>(x); }
 template <>
 inline BF16 from_c<BF16>(float x) {
   uint32_t u;
@@ -374,7 +383,7 @@ void sgd_step(int64_t n, const int64_t* meta, const double* lrs, const double* h
   switch (pdtype) {
     case kFloat32: return sgd_step_t<float>(n, meta, lrs, hyper, inv_scale, nthreads);
     case kFloat64: return sgd_step_t<double>(n, meta, lrs, hyper, inv_scale, nthreads);
-    case kFloat16: return sgd_step_t<_Float16>(n, meta, lrs, hyper, inv_scale, nthreads);
+    case kFloat16: return sgd_step_t<Half>(n, meta, lrs, hyper, inv_scale, nthreads);
     case kBFloat16: return sgd_step_t<BF16>(n, meta, lrs, hyper, inv_scale, nthreads);
     default: return;
   }
@@ -538,7 +547,7 @@ void adamw_step(int64_t n, const int64_t* meta, const double* lrs, float* steps,
   switch (pdtype) {
     case kFloat32: return adamw_step_t<float>(n, meta, lrs, steps, hyper, inv_scale, nthreads);
     case kFloat64: return adamw_step_t<double>(n, meta, lrs, steps, hyper, inv_scale, nthreads);
-    case kFloat16: return adamw_step_t<_Float16>(n, meta, lrs, steps, hyper, inv_scale, nthreads);
+    case kFloat16: return adamw_step_t<Half>(n, meta, lrs, steps, hyper, inv_scale, nthreads);
     case kBFloat16: return adamw_step_t<BF16>(n, meta, lrs, steps, hyper, inv_scale, nthreads);
     default: return;
   }
@@ -604,7 +613,7 @@ void weight_variation(int64_t n, const int64_t* meta, int dtype, double* out, in
     switch (dtype) {
       case kFloat32: s = sqdiff_float(static_cast<const float*>(a) + c.begin, static_cast<const float*>(b) + c.begin, len); break;
       case kFloat64: s = sqdiff_scalar(static_cast<const double*>(a) + c.begin, static_cast<const double*>(b) + c.begin, 0, len); break;
-      case kFloat16: s = sqdiff_scalar(static_cast<const _Float16*>(a) + c.begin, static_cast<const _Float16*>(b) + c.begin, 0, len); break;
+      case kFloat16: s = sqdiff_scalar(static_cast<const Half*>(a) + c.begin, static_cast<const Half*>(b) + c.begin, 0, len); break;
       case kBFloat16: s = sqdiff_scalar(static_cast<const BF16*>(a) + c.begin, static_cast<const BF16*>(b) + c.begin, 0, len); break;
       default: break;
     }
