@@ -194,26 +194,50 @@ def smooth_track(track: Track, radius: int = 2) -> np.ndarray:
 
 # --------------------------------------------------------------------------- detection between key frames
 
-REGION_GROW = 1.0  # a region is the face's box grown by this many box sides on every side
-REGION_MIN_FACE = 0.6  # a region is scanned for faces down to this fraction of the box side
+REGION_GROW = 0.35  # a region is the face's box grown by this many box sides on every side
+REGION_MIN_FACE = 0.7  # a region is scanned for faces down to this fraction of the box side
+
+
+def _merge_regions(boxes) -> list[list[float]]:
+    """Overlapping boxes joined into their bounding box (repeated until none
+    overlap), so that a face seeded by two frames is scanned once."""
+    out = [list(map(float, b[:4])) for b in boxes]
+    merged = True
+    while merged:
+        merged = False
+        for i in range(len(out)):
+            for j in range(i + 1, len(out)):
+                a, b = out[i], out[j]
+                if box_iou(a, b) > 0.0:
+                    out[i] = [min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3])]
+                    del out[j]
+                    merged = True
+                    break
+            if merged:
+                break
+    return out
 
 
 def detect_near(pixels: np.ndarray, boxes, threshold: float, max_scale: float, detector=None) -> list[tuple]:
-    """Faces near ``boxes`` ((x0, y0, x1, y1) in frame pixels): each box's
-    region (grown by ``REGION_GROW`` box sides on every side, clipped to the
-    frame) scanned by the CNN detector at the scale that finds faces down to
-    ``REGION_MIN_FACE`` times the box side (at most ``max_scale``, the scale of
-    a full-frame scan); detections of all regions merged by dlib's NMS.
-    Returns ``[(x0, y0, x1, y1, score)]`` (exclusive x1, y1) above ``threshold``."""
+    """Faces near ``boxes`` ((x0, y0, x1, y1) in frame pixels): overlapping
+    boxes are joined, each region (grown by ``REGION_GROW`` of its side on every
+    side, clipped to the frame) scanned by the CNN detector at the scale that
+    finds faces down to ``REGION_MIN_FACE`` times the smallest seed box's side
+    in it (at most ``max_scale``, the scale of a whole-frame scan); detections
+    of all regions merged by dlib's NMS. Returns ``[(x0, y0, x1, y1, score)]``
+    (exclusive x1, y1) above ``threshold``."""
     from pyfici.deid.pipeline import SMALLEST_FACE_AT_SCALE_1
     from pyfici.models.dlib_mmod import load_dlib_mmod, nms_dlib
 
     det = detector if detector is not None else load_dlib_mmod()
     H, W = pixels.shape[:2]
     rects, scores = [], []
-    for x0, y0, x1, y1 in boxes:
-        side = max(x1 - x0, y1 - y0, 1.0)
-        g = REGION_GROW * side
+    for region in _merge_regions(boxes):
+        inside = [b for b in boxes if b[0] >= region[0] and b[1] >= region[1] and b[2] <= region[2]
+                  and b[3] <= region[3]]
+        side = max(1.0, min(max(b[2] - b[0], b[3] - b[1]) for b in inside))
+        x0, y0, x1, y1 = region
+        g = REGION_GROW * max(x1 - x0, y1 - y0)
         c0, r0 = int(max(0, np.floor(x0 - g))), int(max(0, np.floor(y0 - g)))
         c1, r1 = int(min(W, np.ceil(x1 + g))), int(min(H, np.ceil(y1 + g)))
         if c1 - c0 < 2 or r1 - r0 < 2:
