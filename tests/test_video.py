@@ -133,6 +133,17 @@ def test_interrupted_video_run_leaves_no_output(clip, model, tmp_path, monkeypat
     assert not (out / clip.name).exists() and not list(out.glob(".tmp-*"))
 
 
+def test_drop_nested_keeps_one_box_per_face():
+    from pyfici.deid.pipeline import FaceDetection
+
+    face = FaceDetection(0, (100.0, 100.0, 160.0, 160.0), 1.05)
+    hair = FaceDetection(0, (80.0, 70.0, 200.0, 190.0), 0.3)  # around the face
+    other = FaceDetection(0, (150.0, 100.0, 210.0, 160.0), 0.9)  # a neighbour, 1/6 overlap
+    kept = V.drop_nested([hair, other, face])
+    assert kept == [face, other]
+    assert V.drop_nested([]) == []
+
+
 def test_detect_near_finds_the_face_in_its_region(clip_and_truth):
     clip, truth = clip_and_truth
     frame = next(V.iter_frames(clip))

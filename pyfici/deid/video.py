@@ -255,6 +255,26 @@ def detect_near(pixels: np.ndarray, boxes, threshold: float, max_scale: float, d
     return [(float(b[i, 0]), float(b[i, 1]), float(b[i, 2] + 1), float(b[i, 3] + 1), float(sc[i])) for i in keep]
 
 
+def drop_nested(dets: list, covered: float = 0.5) -> list:
+    """One box per face: a detection is dropped when more than ``covered`` of
+    the smaller box's area lies inside a higher-scoring detection of the same
+    frame (dlib's NMS keeps a large box around a small one, e.g. face + hair,
+    which would start a second track on one face)."""
+    kept: list = []
+    for d in sorted(dets, key=lambda d: -d.score):
+        a = d.box
+        for k in kept:
+            b = k.box
+            iw = min(a[2], b[2]) - max(a[0], b[0])
+            ih = min(a[3], b[3]) - max(a[1], b[1])
+            small = min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
+            if iw > 0 and ih > 0 and iw * ih > covered * small:
+                break
+        else:
+            kept.append(d)
+    return kept
+
+
 # --------------------------------------------------------------------------- stages
 
 
@@ -314,13 +334,15 @@ def describe_video(path: str | os.PathLike, info: dict, crop_size: int, embed_cr
                                 batch_size=batch, min_size=min_size):
             d.image_index = key[d.image_index]
             per[d.image_index].append(d)
+        for j in key:
+            per[j] = drop_nested(per[j])
         last = prev
         for i in range(len(imgs)):
             if i not in key:
                 nxt = next((per[j] for j in key if j > i), [])
                 seeds = [d.box for d in last] + [d.box for d in nxt]
-                per[i] = [P.FaceDetection(i, b[:4], b[4]) for b in
-                          detect_near(imgs[i].pixels, seeds, threshold - band, full_scale)]
+                per[i] = drop_nested([P.FaceDetection(i, b[:4], b[4]) for b in
+                                      detect_near(imgs[i].pixels, seeds, threshold - band, full_scale)])
             last = per[i]
         prev = last
         return [d for i in range(len(imgs)) for d in per[i]]
@@ -549,5 +571,5 @@ def _container_format(p: Path) -> str | None:
 
 
 __all__ = ["FramePass", "Track", "TrackedFace", "VIDEO_EXTENSIONS", "VideoWriter", "box_iou", "build_tracks",
-           "describe_video", "detect_near", "is_video", "iter_frames", "merge_tracks", "render_video", "smooth_track", "track_people",
-           "track_rows", "video_info"]
+           "describe_video", "detect_near", "drop_nested", "is_video", "iter_frames", "merge_tracks", "render_video",
+           "smooth_track", "track_people", "track_rows", "video_info"]
