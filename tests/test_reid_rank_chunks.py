@@ -74,3 +74,36 @@ def test_features_fused_epilogue_wide_gallery(cpu_isa, metric):
     out = evaluate(x, y, qp, gp, qc, gc, metric=metric, backend="cpu")
     assert torch.allclose(torch.as_tensor(out.cmc), torch.as_tensor(ref.cmc), rtol=0, atol=1e-12)
     assert abs(out.mAP - ref.mAP) < 1e-12 and abs(out.mINP - ref.mINP) < 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_row_abs_max_kernel_matches_torch(cpu_isa, dtype):
+    """The cosine conditioning's row scale (native on CPU rows): the same values as
+    abs().amax, NaN where a row holds one, Inf for an infinite entry, strided rows."""
+    from pyfici.ops.distance import _row_abs_max
+
+    gen = torch.Generator().manual_seed(5)
+    for rows, cols in ((1, 1), (3, 15), (4, 16), (5, 17), (9, 1000), (2, 4099)):
+        x = torch.randn(rows, cols, generator=gen, dtype=torch.float64).to(dtype) * 1e3
+        x[0, 0] = -0.0
+        assert torch.equal(_row_abs_max(x), x.abs().amax(dim=1, keepdim=True)), (cpu_isa, rows, cols)
+        part = x[:, : max(1, cols - 1)]  # row stride larger than the row
+        assert torch.equal(_row_abs_max(part), part.abs().amax(dim=1, keepdim=True))
+        if rows > 1:
+            y = x.clone()
+            y[-1, -1] = float("nan")
+            y[0, -1] = float("-inf")
+            m = _row_abs_max(y)
+            assert torch.isnan(m[-1]).all() and m[0].item() == float("inf")
+            assert torch.equal(m[1:-1], y[1:-1].abs().amax(dim=1, keepdim=True))
+
+
+def test_cosine_conditioning_names_the_non_finite_input():
+    from pyfici.ops.distance import condition_features
+
+    x = torch.randn(5, 8)
+    x[2, 3] = float("inf")
+    with pytest.raises(ValueError, match=r"^query: contains non-finite values \(0 NaN, 1 Inf\)"):
+        condition_features(x, torch.randn(4, 8), "cosine", xname="query", yname="gallery")
+    with pytest.raises(ValueError, match="^gallery: contains non-finite"):
+        condition_features(torch.randn(4, 8), x, "cosine", xname="query", yname="gallery")

@@ -383,9 +383,45 @@ void rank_stats_impl(const T* dist, const T* qnorm, int64_t Q, int64_t G, int64_
   if (out_nonfinite != nullptr) *out_nonfinite = nonfinite;
 }
 
+// out[r] = max_j |x[r, j]| of each row, NaN if the row holds a NaN (an Inf
+// row gives Inf): the cosine feature conditioning's row scale and its
+// finiteness check in one read of the features. |x| is taken on the bit
+// pattern (sign cleared): non-negative floats order as their bits do, and
+// every NaN pattern is above +inf's, so an unsigned max reduction (which
+// vectorises) gives the float max and propagates NaN.
+template <typename T>
+void row_abs_max_impl(const T* x, int64_t rows, int64_t cols, int64_t ld, T* out, int nthreads) {
+  using U = std::conditional_t<std::is_same_v<T, float>, uint32_t, uint64_t>;
+  constexpr U mag = std::numeric_limits<U>::max() >> 1;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const U* __restrict v = reinterpret_cast<const U*>(x + r * ld);
+    U m = 0;
+    for (int64_t j = 0; j < cols; ++j) {
+      const U b = v[j] & mag;
+      m = b > m ? b : m;
+    }
+    T f;
+    std::memcpy(&f, &m, sizeof f);
+    out[r] = f;
+  }
+}
+
 }  // namespace
 
 PYFICI_REGISTER(m) {
+  m.def(
+      "row_abs_max",
+      [](std::uintptr_t x, int dtype, int64_t rows, int64_t cols, int64_t ld, std::uintptr_t out, int nthreads) {
+        py::gil_scoped_release nogil;
+        if (dtype == kFloat32)
+          row_abs_max_impl(as_ptr<const float>(x), rows, cols, ld, as_ptr<float>(out), nthreads);
+        else if (dtype == kFloat64)
+          row_abs_max_impl(as_ptr<const double>(x), rows, cols, ld, as_ptr<double>(out), nthreads);
+        else
+          throw std::invalid_argument("row_abs_max: x must be float32 or float64");
+      },
+      "out[r] = max |x[r, :]| of a [rows, cols] matrix with row stride ld (NaN where a row holds a NaN).");
   m.def(
       "reid_rank_stats",
       [](std::uintptr_t dist, int dtype, int64_t Q, int64_t G, int64_t ld, std::uintptr_t qpid,

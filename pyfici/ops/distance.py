@@ -80,10 +80,28 @@ def _mul_pow2_tensor(t: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _row_scaled(x: torch.Tensor) -> torch.Tensor:
+def _row_abs_max(x: torch.Tensor) -> torch.Tensor:
+    """[rows, 1] largest magnitude of each row (NaN where a row holds a NaN): one
+    read of x by the native kernel for CPU float rows, torch elsewhere."""
+    if not x.shape[1]:
+        return x.new_ones((x.shape[0], 1))
+    if (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.stride(1) == 1
+            and x.shape[0] and _native.has_cpu() and not torch.compiler.is_compiling()):
+        m = torch.empty((x.shape[0], 1), dtype=x.dtype)
+        _native.cpu_module().row_abs_max(x.data_ptr(), _native.DTYPE_CODES[x.dtype], x.shape[0], x.shape[1],
+                                         x.stride(0), m.data_ptr(), _native.num_threads())
+        return m
+    return x.abs().amax(dim=1, keepdim=True)
+
+
+def _row_scaled(x: torch.Tensor, name: str | None = None) -> torch.Tensor:
     """Each row divided by its largest magnitude (zero rows unchanged): the row norms
-    computed next neither overflow nor underflow."""
-    m = x.abs().amax(dim=1, keepdim=True) if x.shape[1] else x.new_ones((x.shape[0], 1))
+    computed next neither overflow nor underflow. With ``name``, non-finite values
+    (seen in the row maxima: NaN and Inf propagate) raise ValueError naming it."""
+    m = _row_abs_max(x)
+    if name is not None and not bool(torch.isfinite(m).all()):
+        check_finite(name, x)
+        raise ValueError(f"{name}: contains non-finite values")
     return x / torch.where(m > 0, m, torch.ones_like(m))
 
 
@@ -104,11 +122,9 @@ def condition_features(x: torch.Tensor, y: torch.Tensor | None, metric: str, *, 
     x = x.to(dt)
     y = x if same else y.to(dt)
     if metric == "cosine":
-        if check and not torch.compiler.is_compiling():
-            check_finite(xname, x)
-            check_finite(yname, y)
-        x = _row_scaled(x)
-        return x, (x if same else _row_scaled(y)), 0
+        checked = check and not torch.compiler.is_compiling()
+        x = _row_scaled(x, xname if checked else None)
+        return x, (x if same else _row_scaled(y, yname if checked else None)), 0
     if x.numel() == 0 and y.numel() == 0:
         return x, y, 0
     # largest magnitude from one min/max pass per tensor (NaN propagates: it also flags non-finite input)
