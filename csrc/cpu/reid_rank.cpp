@@ -322,11 +322,6 @@ void rank_stats_impl(const T* dist, const T* qnorm, int64_t Q, int64_t G, int64_
           for (int64_t c0 = 0; c0 < G; c0 += kChunk) {
             const int64_t c1 = std::min(G, c0 + kChunk);
             nonfinite += make_keys(c0, c1, chunk.data());
-            // the next chunk of the row (or the next row's first) is fetched
-            // from memory while this one is counted
-            const T* next = c1 < G ? d + c1 : d + ld;
-            const int64_t nn = c1 < G ? std::min(G, c1 + kChunk) - c1 : (q + 1 < Q ? std::min(G, kChunk) : 0);
-            for (int64_t j = 0; j < nn; j += 64 / static_cast<int64_t>(sizeof(T))) __builtin_prefetch(next + j, 0, 2);
             count_ranks_chunk<K>(chunk.data(), c0, c1, midx.data(), tkeys.data(), M, ranks.data());
           }
         }
