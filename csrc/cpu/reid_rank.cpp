@@ -218,14 +218,20 @@ template <typename T, int Epi>
 inline int64_t row_keys(const T* __restrict d, const int32_t* __restrict gkey, const int32_t* __restrict gc,
                         int64_t n, int32_t qk, int32_t qc, int32_t km1, T qn, key_t<T>* __restrict out) {
   using K = key_t<T>;
-  const T inf = std::numeric_limits<T>::infinity();
+  constexpr K mag = std::numeric_limits<K>::max();
+  const K inf_key = order_key<T>(std::numeric_limits<T>::infinity());  // its bits
   int32_t bad = 0;
+  // integer selects only (no branch, no float compare-and-select), so that
+  // the loop vectorises without mask registers too (AVX2)
   for (int64_t j = 0; j < n; ++j) {
     const T raw = d[j];
     bad += !(raw - raw == T(0));
+    const T x = epilogue<T, Epi>(raw, qn) + T(0);  // -0 -> +0
+    K b;
+    std::memcpy(&b, &x, sizeof b);
+    K k = b ^ ((b >> (8 * sizeof(K) - 1)) & mag);
+    k = (b & mag) > inf_key ? inf_key : k;  // NaN -> +inf
     const bool junk = ((gkey[j] == qk) & (gc[j] == qc)) | (gkey[j] == km1);
-    const T x = epilogue<T, Epi>(raw, qn);
-    const K k = order_key<T>(x == x ? x : inf);
     out[j] = junk ? kJunkKey<K> : k;
   }
   return static_cast<int64_t>(bad);
