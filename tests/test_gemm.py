@@ -185,12 +185,13 @@ def test_worker_tile_fits_the_cache_and_the_tile_bound():
 
 
 def test_auto_rule():
-    assert _native.auto_gemm("intel", True, "")[0] == "torch"
+    assert _native.auto_gemm("intel", True, "")[0] == "openblas"
     assert _native.auto_gemm("intel", False, "")[0] == "openblas"
     assert _native.auto_gemm("amd", True, "")[0] == "openblas"
     assert _native.auto_gemm("other", False, "")[0] == "openblas"
-    name, why = _native.auto_gemm("amd", True, "no wheel here")
-    assert name == "torch" and "OpenBLAS unavailable: no wheel here" in why
+    for vendor in ("intel", "amd", "other"):
+        name, why = _native.auto_gemm(vendor, True, "no wheel here")
+        assert name == "torch" and "OpenBLAS unavailable: no wheel here" in why
 
 
 def test_forced_choices_and_info():
