@@ -244,7 +244,8 @@ def test_cli_rejects_bad_fallback(capsys):
 
 
 @pytest.mark.parametrize("flag,value", [("--min-face", "-1"), ("--k", "0"), ("--upsample", "-1"),
-                                        ("--quality", "0"), ("--quality", "101"), ("--max-res", "0")])
+                                        ("--quality", "0"), ("--quality", "101"), ("--max-res", "0"),
+                                        ("--min-detect", "0"), ("--detect-every", "0")])
 def test_cli_rejects_out_of_range_numbers_before_reading_anything(flag, value, tmp_path, capsys):
     from pyfici.cli import main
 
@@ -255,3 +256,19 @@ def test_cli_rejects_out_of_range_numbers_before_reading_anything(flag, value, t
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and flag in err[0], err
     assert not out.exists()
+
+
+def test_cli_detection_defaults_find_small_faces():
+    """`pyfici deid` scans at the scale that finds faces of --min-detect (24) pixels unless
+    --upsample asks for dlib's fixed pyramid; video key frames every --detect-every frames."""
+    import argparse
+
+    from pyfici.methods.ficgan.deid import add_deid_arguments
+
+    p = argparse.ArgumentParser()
+    add_deid_arguments(p)
+    a = p.parse_args(["--checkpoint", "c.pt", "--input", "x", "--out", "y"])
+    assert a.upsample is None and a.min_detect == P.MIN_DETECT_FACE == 24 and a.detect_every == 5
+    a = p.parse_args(["--checkpoint", "c.pt", "--input", "x", "--out", "y", "--upsample", "1", "--min-detect", "30",
+                      "--detect-every", "1"])
+    assert (a.upsample, a.min_detect, a.detect_every) == (1, 30, 1)

@@ -135,9 +135,12 @@ class FoundFaces:
 
 
 def find_faces(inputs: Inputs, size: int, mode: str = "auto", detector=None, min_face: int = 40,
-               det_threshold: float = 0.0, fallback: str = "blur", upsample: int = 1, det_band: float = 0.3) -> FoundFaces:
+               det_threshold: float = 0.0, fallback: str = "blur", upsample: int | None = None, det_band: float = 0.3,
+               min_detect: float | None = None) -> FoundFaces:
     """Stages *detect* and *align*: aligned crops as they are (``mode`` aligned,
-    or auto for small square images); faces detected in the other images."""
+    or auto for small square images); faces detected in the other images.
+    ``upsample=None`` scans at the scale that finds faces of ``min_detect``
+    pixels (default :data:`pyfici.deid.pipeline.MIN_DETECT_FACE`)."""
     faces: list[Face] = []
     photos = [i for i, im in enumerate(inputs.images)
               if not (mode == "aligned" or (mode == "auto" and looks_aligned(im.pixels, size)))]
@@ -146,7 +149,8 @@ def find_faces(inputs: Inputs, size: int, mode: str = "auto", detector=None, min
             faces.append(Face(i, _centre_crop(im.pixels, size), None))
     sub = [inputs.images[i] for i in photos]
     with _deid_errors():
-        dets = P.detect_faces(sub, detector, threshold=det_threshold, band=det_band, upsample=upsample)
+        dets = P.detect_faces(sub, detector, threshold=det_threshold, band=det_band, upsample=upsample,
+                              min_size=P.MIN_DETECT_FACE if min_detect is None else min_detect)
         al = P.align_faces(sub, dets, size, threshold=det_threshold, min_face=min_face, fallback=fallback)
     for a in al:
         a.det.image_index = photos[a.det.image_index]
@@ -273,8 +277,8 @@ def _check_out(out: str | os.PathLike, input: str, inputs: Inputs) -> None:
 def deidentify(model: FICGAN, input: str, k: int, out: str | os.PathLike, *, degree: float = 1.0,
                levels: str | list[str] = "coarse,middle,fine", example: str | None = None, labels: str | None = None,
                faces_mode: str = "auto", min_face: int = 40, detector=None, recognizer: str = "lbph",
-               det_threshold: float = 0.0, det_band: float = 0.3, fallback: str = "blur", upsample: int = 1,
-               quality: int = 95, max_res: int | None = None, seed: int = 0, device: str = "cpu",
+               det_threshold: float = 0.0, det_band: float = 0.3, fallback: str = "blur", upsample: int | None = None,
+               min_detect: float | None = None, quality: int = 95, max_res: int | None = None, seed: int = 0, device: str = "cpu",
                checkpoint: str | None = None) -> dict:
     """De-identify ``input`` (file, folder or ``"builtin"``) into ``out``; returns
     the report (also ``out/report.json``, ``out/report.md``, ``out/grid.png``,
@@ -286,7 +290,8 @@ def deidentify(model: FICGAN, input: str, k: int, out: str | os.PathLike, *, deg
     out_dir = Path(out)
     inputs = read_inputs(input, max_res)
     _check_out(out, input, inputs)
-    found = find_faces(inputs, size, faces_mode, detector, min_face, det_threshold, fallback, upsample, det_band)
+    found = find_faces(inputs, size, faces_mode, detector, min_face, det_threshold, fallback, upsample, det_band,
+                       min_detect)
     faces = found.faces
     if not faces and not found.aligned:
         raise DeidError(f"--input {input}: no face found in any image ({len(found.no_face)} image(s) searched); "
@@ -298,7 +303,8 @@ def deidentify(model: FICGAN, input: str, k: int, out: str | os.PathLike, *, deg
     example_crop = None
     if example:
         ex = read_inputs(example)
-        ex_found = find_faces(ex, size, faces_mode, detector, min_face, det_threshold, fallback, upsample)
+        ex_found = find_faces(ex, size, faces_mode, detector, min_face, det_threshold, fallback, upsample,
+                              det_band, min_detect)
         if not ex_found.faces:
             raise DeidError(f"--example {example}: no face found")
         example_crop = ex_found.faces[0].crop
@@ -310,7 +316,9 @@ def deidentify(model: FICGAN, input: str, k: int, out: str | os.PathLike, *, deg
                     "n_faces": len(faces), "n_identities": len(id_names), "skipped_files": inputs.skipped,
                     "no_face": found.no_face, "detector": {"name": "dlib CNN (mmod_human_face_detector, pyfici port)"
                                                            if detector is None else getattr(detector, "name", "custom"),
-                                                           "threshold": det_threshold, "upsample": upsample},
+                                                           "threshold": det_threshold, "upsample": upsample,
+                                                           "min_detect": P.MIN_DETECT_FACE if min_detect is None
+                                                           else min_detect},
                     "fallback": fallback,
                     "blurred_small_faces": [{"image": P.display_name(inputs.images[a.det.image_index].name),
                                              "box": a.det.box_dict(), "score": a.det.score, "action": a.action,
@@ -477,9 +485,10 @@ def face_rows(inputs: Inputs, found: FoundFaces, faces: list[Face], part, id_of_
 
 def deidentify_video(model: FICGAN, input: str, k: int, out: str | os.PathLike, *, degree: float = 1.0,
                      levels: str | list[str] = "coarse,middle,fine", min_face: int = 40, det_threshold: float = 0.0,
-                     det_band: float = 0.3, fallback: str = "blur", upsample: int = 1, max_res: int | None = None,
-                     seed: int = 0, device: str = "cpu", quiet: bool = True, batch: int = 8, min_track: int = 3,
-                     checkpoint: str | None = None) -> dict:
+                     det_band: float = 0.3, fallback: str = "blur", upsample: int | None = None,
+                     max_res: int | None = None, seed: int = 0, device: str = "cpu", quiet: bool = True, batch: int = 8,
+                     min_track: int = 3, checkpoint: str | None = None, min_detect: float | None = None,
+                     detect_every: int = 5) -> dict:
     """De-identify a video file into ``out/<same name>`` (+ ``report.json``),
     composing the stages of :mod:`pyfici.deid.video`: describe every frame's
     faces (pass 1), track them and merge the tracks of one person, k-Same over
@@ -510,7 +519,7 @@ def deidentify_video(model: FICGAN, input: str, k: int, out: str | os.PathLike, 
     with _deid_errors():
         fp = V.describe_video(input, info, size, embed_crops, threshold=det_threshold, band=det_band,
                               upsample=upsample, min_face=min_face, fallback=fallback, max_res=max_res, batch=batch,
-                              quiet=quiet)
+                              quiet=quiet, min_detect=min_detect, detect_every=detect_every)
     tracks, n_people = V.track_people(fp, fallback, min_track)
     if not tracks:
         raise DeidError(f"--input {input}: no face to de-identify in {fp.n_frames} frames")
@@ -530,16 +539,21 @@ def deidentify_video(model: FICGAN, input: str, k: int, out: str | os.PathLike, 
     with _deid_errors():
         hits = V.render_video(input, dst, info, fp, tracks, n_people, size, generate, quiet=quiet)
     all_hits = [h for v in hits.values() for h in v]
+    rows = V.track_rows(tracks, part.assignment, part.sizes, hits)
+    lbph = [(t["reidentification_rate_lbph"], t["n_frames"]) for t in rows if t["reidentification_rate_lbph"] is not None]
     report = {"input": P.display_name(input), "output": P.display_name(str(dst)), "k": k, "degree": degree,
               "levels": lv, "checkpoint": str(checkpoint) if checkpoint else None, "video": info,
               "n_frames": fp.n_frames, "n_tracks": len(tracks), "n_people": n_people,
               "cluster_sizes": part.sizes.tolist(), "partition": part.implementation,
               "k_anonymous": bool(part.is_k_anonymous(k) and degree >= 1.0 and len(lv) == len(GROUPS)),
-              "tracks": V.track_rows(tracks, part.assignment, part.sizes, hits),
+              "tracks": rows,
               "reidentification_rate": float(np.mean(all_hits)) if all_hits else 0.0,
+              "reidentification_rate_lbph": (sum(r * n for r, n in lbph) / sum(n for _, n in lbph)) if lbph else None,
               "reidentification_bound_1_over_k": 1.0 / k,
               "recognizer": "dlib face descriptor (pyfici port), nearest person of the clip",
-              "detector": {"threshold": det_threshold, "band": det_band, "upsample": upsample, "max_res": max_res},
+              "detector": {"threshold": det_threshold, "band": det_band, "upsample": upsample, "max_res": max_res,
+                           "min_detect": P.MIN_DETECT_FACE if min_detect is None else min_detect,
+                           "detect_every": detect_every},
               "fallbacks": [{"frame": t, "box": a.det.box_dict(), "score": a.det.score, "action": a.action,
                              "reason": a.reason} for t, v in sorted(fp.fallbacks.items()) for a in v],
               "audio_copied": info["audio"]}
@@ -622,8 +636,15 @@ def add_deid_arguments(p: argparse.ArgumentParser) -> None:
                    help="detector score above which a face is de-identified (default: %(default)s, dlib's)")
     p.add_argument("--det-band", type=float, default=0.3,
                    help="detections scoring up to this much below --det-threshold get the --fallback (default: %(default)s)")
-    p.add_argument("--upsample", type=count_type(0), default=1,
-                   help="enlarge images 2x this many times before detection; 1 finds faces from ~40 px (default: %(default)s)")
+    p.add_argument("--upsample", type=count_type(0), default=None,
+                   help="enlarge images 2x this many times before detection, as dlib does (1 finds faces from ~40 px); "
+                        "default: the scale that finds faces of --min-detect pixels")
+    p.add_argument("--min-detect", type=count_type(1), default=P.MIN_DETECT_FACE,
+                   help="smallest face (pixels) detection must find; sets the scan scale, capped by --max-res "
+                        "(default: %(default)s; ignored with --upsample)")
+    p.add_argument("--detect-every", type=count_type(1), default=5,
+                   help="video: scan every N-th frame whole and the frames between near the faces already found "
+                        "(1: every frame whole; default: %(default)s)")
     p.add_argument("--fallback", default="blur", choices=P.FALLBACKS,
                    help="what faces that cannot be de-identified get (too small, uncertain, failed alignment)")
     p.add_argument("--min-face", type=count_type(0), default=40, help="faces smaller than this (pixels) get the --fallback")
@@ -672,9 +693,12 @@ def deid_main(args) -> int:
         r = deidentify_video(model, args.input, args.k, args.out, degree=args.degree, levels=args.levels,
                              min_face=args.min_face, det_threshold=args.det_threshold, det_band=args.det_band,
                              fallback=args.fallback, upsample=args.upsample, max_res=args.max_res, seed=args.seed,
-                             device=args.device, quiet=args.quiet, checkpoint=args.checkpoint)
+                             device=args.device, quiet=args.quiet, checkpoint=args.checkpoint,
+                             min_detect=args.min_detect, detect_every=args.detect_every)
         print(f"k={r['k']} k_anonymous={r['k_anonymous']} people={r['n_people']} tracks={r['n_tracks']} "
-              f"clusters={r['cluster_sizes']} reidentification_rate={r['reidentification_rate']:.3f}")
+              f"clusters={r['cluster_sizes']} reidentification_rate={r['reidentification_rate']:.3f} (dlib), "
+              f"{'n/a' if r['reidentification_rate_lbph'] is None else format(r['reidentification_rate_lbph'], '.3f')}"
+              " (LBPH)")
         for t in r["tracks"]:
             print(f"  track {t['track']}: frames {t['first_frame']}-{t['last_frame']} person {t['person']} "
                   f"cluster {t['cluster']} reidentification_rate {t['reidentification_rate']}")
@@ -685,7 +709,8 @@ def deid_main(args) -> int:
     r = deidentify(model, args.input, args.k, args.out, degree=args.degree, levels=args.levels,
                    example=args.example, labels=args.labels, faces_mode=args.faces_mode, min_face=args.min_face,
                    det_threshold=args.det_threshold, det_band=args.det_band, fallback=args.fallback,
-                   upsample=args.upsample, quality=args.quality, max_res=args.max_res, recognizer=args.recognizer, seed=args.seed,
+                   upsample=args.upsample, min_detect=args.min_detect, quality=args.quality, max_res=args.max_res,
+                   recognizer=args.recognizer, seed=args.seed,
                    device=args.device, checkpoint=args.checkpoint)
     print(f"k={r['k']} k_anonymous={r['k_anonymous']} clusters={r.get('cluster_sizes')} "
           f"reidentification_rate={r.get('reidentification_rate')} ({r.get('recognizer')})")
