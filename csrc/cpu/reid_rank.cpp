@@ -282,7 +282,6 @@ void rank_stats_impl(const T* dist, const T* qnorm, int64_t Q, int64_t G, int64_
                      const int64_t* rank_offsets, int64_t* out_ties, int64_t* out_nonfinite) {
   using K = key_t<T>;
   int64_t nonfinite = 0;
-  const T inf = std::numeric_limits<T>::infinity();
   const K junk_key = kJunkKey<K>;
   const GalleryIndex gi(gpid, gcam, G);
   const int32_t* __restrict gkey = gi.key.data();
@@ -320,10 +319,7 @@ void rank_stats_impl(const T* dist, const T* qnorm, int64_t Q, int64_t G, int64_
         // before the next chunk; the thresholds are the matches' own keys
         if (M > 0 || out_nonfinite != nullptr) {
           tkeys.resize(M);
-          for (int64_t i = 0; i < M; ++i) {
-            const T x = epilogue<T, Epi>(d[midx[i]], qn);
-            tkeys[i] = order_key<T>(x == x ? x : inf);
-          }
+          for (int64_t i = 0; i < M; ++i) make_keys(midx[i], midx[i] + 1, &tkeys[i]);  // same keys as the row's
           ranks.assign(M, 0);
           for (int64_t c0 = 0; c0 < G; c0 += kChunk) {
             const int64_t c1 = std::min(G, c0 + kChunk);
