@@ -107,3 +107,33 @@ def test_cosine_conditioning_names_the_non_finite_input():
         condition_features(x, torch.randn(4, 8), "cosine", xname="query", yname="gallery")
     with pytest.raises(ValueError, match="^gallery: contains non-finite"):
         condition_features(torch.randn(4, 8), x, "cosine", xname="query", yname="gallery")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_match_counts_junk_items_and_negative_nan(cpu_isa, dtype):
+    """Queries with 0..9 matches (the counting shares passes between matches
+    four at a time: every remainder), same-camera junk items and junk-pid (-1)
+    items on the chunk edges, and NaN of both signs."""
+    gen = torch.Generator().manual_seed(11)
+    Q, G = 3, 2 * 2048 + 301
+    dist = torch.rand(Q, G, generator=gen, dtype=torch.float64).to(dtype)
+    dist[:, 5::97] = -float("nan")
+    dist[:, 9::113] = float("nan")
+    edges = [0, 2047, 2048, 2049, 4095, 4096, 4097, G - 1, 17, 3000]
+    for n_match in range(len(edges)):
+        qp = torch.full((Q,), 1000)
+        qc = torch.zeros(Q, dtype=torch.int64)
+        gp = torch.randint(0, 50, (G,), generator=gen)
+        gc = torch.randint(0, 4, (G,), generator=gen)
+        gp[1::5] = -1
+        for j in edges[:n_match]:  # the matches (another camera) ...
+            gp[j], gc[j] = 1000, 1 + j % 3
+        for j in edges[n_match:n_match + 3]:  # ... and same-camera junk items of the same pid
+            gp[j], gc[j] = 1000, 0
+        for protocol in ("torchreid", "market1501"):
+            kw = dict(protocol=protocol, check_finite_values=False)
+            ref = reid_rank_stats(dist, qp, gp, qc, gc, backend="torch", **kw)
+            out = reid_rank_stats(dist, qp, gp, qc, gc, backend="cpu", **kw)
+            assert out[3].tolist() == [n_match] * Q, (cpu_isa, protocol)
+            for a, b in zip(out, ref):
+                assert torch.allclose(a, b, equal_nan=True, rtol=0, atol=1e-12), (cpu_isa, protocol, n_match)

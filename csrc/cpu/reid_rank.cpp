@@ -61,19 +61,22 @@ constexpr K kJunkKey = std::numeric_limits<K>::max();
 // #{j < n : k[j] < t}
 #if defined(__AVX512F__)
 inline int64_t count_lt(const int32_t* __restrict k, int64_t n, int32_t t) {
+  // a true compare lane adds one to its accumulator lane (masked add: no
+  // mask-to-integer moves in the loop)
   const __m512i tv = _mm512_set1_epi32(t);
-  int64_t c0 = 0, c1 = 0;
+  const __m512i one = _mm512_set1_epi32(1);
+  __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
   int64_t j = 0;
   for (; j + 32 <= n; j += 32) {
-    c0 += _mm_popcnt_u32(_mm512_cmplt_epi32_mask(_mm512_loadu_si512(k + j), tv));
-    c1 += _mm_popcnt_u32(_mm512_cmplt_epi32_mask(_mm512_loadu_si512(k + j + 16), tv));
+    a0 = _mm512_mask_add_epi32(a0, _mm512_cmplt_epi32_mask(_mm512_loadu_si512(k + j), tv), a0, one);
+    a1 = _mm512_mask_add_epi32(a1, _mm512_cmplt_epi32_mask(_mm512_loadu_si512(k + j + 16), tv), a1, one);
   }
   for (; j < n; j += 16) {
     const int64_t r = n - j < 16 ? n - j : 16;
     const __mmask16 m = static_cast<__mmask16>((1u << r) - 1u);
-    c0 += _mm_popcnt_u32(_mm512_mask_cmplt_epi32_mask(m, _mm512_maskz_loadu_epi32(m, k + j), tv));
+    a0 = _mm512_mask_add_epi32(a0, _mm512_mask_cmplt_epi32_mask(m, _mm512_maskz_loadu_epi32(m, k + j), tv), a0, one);
   }
-  return c0 + c1;
+  return _mm512_reduce_add_epi32(_mm512_add_epi32(a0, a1));
 }
 
 inline int64_t count_lt(const int64_t* __restrict k, int64_t n, int64_t t) {
@@ -133,22 +136,131 @@ inline int64_t count_lt(const K* __restrict k, int64_t n, K t) {
 }
 #endif
 
+// Cache lines to fetch ahead, a few at a time from inside the counting loops
+// (see count_ranks_chunk).
+struct Prefetch {
+  const char* p;
+  int64_t left;
+  inline void one() {
+    if (left > 0) {
+      __builtin_prefetch(p, 0, 3);
+      p += 64;
+      --left;
+    }
+  }
+  inline void rest() {
+    while (left > 0) one();
+  }
+};
+
+// out[i] += #{j < n : k[j] < t[i]} for four thresholds in one pass over the
+// keys (each key vector is loaded once and compared four times); one line of
+// pf every 32 keys.
+template <typename K>
+inline void count_lt4(const K* __restrict k, int64_t n, const K* t, int64_t* out, Prefetch& pf) {
+  for (int i = 0; i < 4; ++i) out[i] += count_lt(k, n, t[i]);
+  for (int64_t j = 0; j < n; j += 32) pf.one();
+}
+#if defined(__AVX512F__)
+inline void count_lt4(const int32_t* __restrict k, int64_t n, const int32_t* t, int64_t* out, Prefetch& pf) {
+  const __m512i one = _mm512_set1_epi32(1);
+  const __m512i t0 = _mm512_set1_epi32(t[0]), t1 = _mm512_set1_epi32(t[1]);
+  const __m512i t2 = _mm512_set1_epi32(t[2]), t3 = _mm512_set1_epi32(t[3]);
+  __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    if ((j & 31) == 0) pf.one();
+    const __m512i v = _mm512_loadu_si512(k + j);
+    a0 = _mm512_mask_add_epi32(a0, _mm512_cmplt_epi32_mask(v, t0), a0, one);
+    a1 = _mm512_mask_add_epi32(a1, _mm512_cmplt_epi32_mask(v, t1), a1, one);
+    a2 = _mm512_mask_add_epi32(a2, _mm512_cmplt_epi32_mask(v, t2), a2, one);
+    a3 = _mm512_mask_add_epi32(a3, _mm512_cmplt_epi32_mask(v, t3), a3, one);
+  }
+  if (j < n) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (n - j)) - 1u);
+    const __m512i v = _mm512_maskz_loadu_epi32(m, k + j);
+    a0 = _mm512_mask_add_epi32(a0, _mm512_mask_cmplt_epi32_mask(m, v, t0), a0, one);
+    a1 = _mm512_mask_add_epi32(a1, _mm512_mask_cmplt_epi32_mask(m, v, t1), a1, one);
+    a2 = _mm512_mask_add_epi32(a2, _mm512_mask_cmplt_epi32_mask(m, v, t2), a2, one);
+    a3 = _mm512_mask_add_epi32(a3, _mm512_mask_cmplt_epi32_mask(m, v, t3), a3, one);
+  }
+  out[0] += _mm512_reduce_add_epi32(a0);
+  out[1] += _mm512_reduce_add_epi32(a1);
+  out[2] += _mm512_reduce_add_epi32(a2);
+  out[3] += _mm512_reduce_add_epi32(a3);
+}
+#elif defined(__AVX2__)
+inline int64_t lane_sum(__m256i a) {
+  alignas(32) int32_t lanes[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), a);
+  int64_t c = 0;
+  for (int l = 0; l < 8; ++l) c += lanes[l];
+  return c;
+}
+
+inline void count_lt4(const int32_t* __restrict k, int64_t n, const int32_t* t, int64_t* out, Prefetch& pf) {
+  const __m256i t0 = _mm256_set1_epi32(t[0]), t1 = _mm256_set1_epi32(t[1]);
+  const __m256i t2 = _mm256_set1_epi32(t[2]), t3 = _mm256_set1_epi32(t[3]);
+  __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    if ((j & 31) == 0) pf.one();
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(k + j));
+    a0 = _mm256_sub_epi32(a0, _mm256_cmpgt_epi32(t0, v));
+    a1 = _mm256_sub_epi32(a1, _mm256_cmpgt_epi32(t1, v));
+    a2 = _mm256_sub_epi32(a2, _mm256_cmpgt_epi32(t2, v));
+    a3 = _mm256_sub_epi32(a3, _mm256_cmpgt_epi32(t3, v));
+  }
+  out[0] += lane_sum(a0);
+  out[1] += lane_sum(a1);
+  out[2] += lane_sum(a2);
+  out[3] += lane_sum(a3);
+  for (; j < n; ++j)
+    for (int i = 0; i < 4; ++i) out[i] += k[j] < t[i];
+}
+#endif
+
 // Adds to ranks[i] the part of rank(idx[i]) that lies in the chunk of keys
 // [c0, c1) (kc points at key c0): #{j < idx : key_j <= t} + #{j > idx : key_j < t}
 // with t = tkey[i], the key of item idx[i]. Every match reads the chunk from L1.
+//
+// pf/pf_lines: cache lines of the distances the next chunk's keys are made
+// from, prefetched from inside the counting passes, so that the memory system
+// fetches them while this chunk is counted (the counting reads only L1;
+// without this the row's reads and the counting take turns instead of
+// overlapping). A burst of them would wait for free line-fill buffers and
+// stall the counting; lines left when the passes end are fetched then.
 template <typename K>
 inline void count_ranks_chunk(const K* __restrict kc, int64_t c0, int64_t c1, const int64_t* idx,
-                              const K* tkey, int64_t M, int64_t* ranks) {
+                              const K* tkey, int64_t M, int64_t* ranks, const char* pf_start, int64_t pf_lines) {
+  Prefetch pf{pf_start, pf_lines};
+  // matches whose whole chunk is on one side of them share passes, four at a time
+  K th[4];
+  int64_t who[4];
+  int g = 0;
+  auto flush = [&]() {
+    int64_t cnt[4] = {0, 0, 0, 0};
+    for (int u = g; u < 4; ++u) th[u] = th[0];
+    count_lt4(kc, c1 - c0, th, cnt, pf);
+    for (int u = 0; u < g; ++u) ranks[who[u]] += cnt[u];
+    g = 0;
+  };
   for (int64_t i = 0; i < M; ++i) {
     const int64_t m = idx[i];
     const K t = tkey[i];
-    if (c1 <= m)
-      ranks[i] += count_lt(kc, c1 - c0, static_cast<K>(t + 1));
-    else if (c0 > m)
-      ranks[i] += count_lt(kc, c1 - c0, t);
-    else
+    if (c0 <= m && m < c1) {
       ranks[i] += count_lt(kc, m - c0, static_cast<K>(t + 1)) + count_lt(kc + (m - c0) + 1, c1 - m - 1, t);
+      continue;
+    }
+    th[g] = c1 <= m ? static_cast<K>(t + 1) : t;
+    who[g] = i;
+    if (++g == 4) flush();
   }
+  if (g == 1)
+    ranks[who[0]] += count_lt(kc, c1 - c0, th[0]);
+  else if (g > 1)
+    flush();
+  pf.rest();
 }
 
 // Number of valid items whose key equals key_m, less one (m's own; junk keys match no valid key).
@@ -210,19 +322,21 @@ inline T epilogue(T x, T qn) {
   }
 }
 
-// Order keys of n items of a row into out: junk (same pid and camera, or the
-// junk pid) -> above every threshold, NaN distance -> +inf. Returns the number
-// of non-finite raw values (x - x is 0 exactly for finite x, NaN otherwise:
-// the caller's finiteness check, fused into this one read of the row).
+// Order keys of n items of a row into out: NaN distance -> +inf, and each
+// item's key raised to at least jbase[j] (the lowest key for a usable item,
+// the junk key for an item of the junk pid; the query's own same-camera items
+// are set to junk by the caller). Returns the number of non-finite raw values
+// (x - x is 0 exactly for finite x, NaN otherwise: the caller's finiteness
+// check, fused into this one read of the row).
 template <typename T, int Epi>
-inline int64_t row_keys(const T* __restrict d, const int32_t* __restrict gkey, const int32_t* __restrict gc,
-                        int64_t n, int32_t qk, int32_t qc, int32_t km1, T qn, key_t<T>* __restrict out) {
+inline int64_t row_keys(const T* __restrict d, const key_t<T>* __restrict jbase, int64_t n, T qn,
+                        key_t<T>* __restrict out) {
   using K = key_t<T>;
   constexpr K mag = std::numeric_limits<K>::max();
   const K inf_key = order_key<T>(std::numeric_limits<T>::infinity());  // its bits
   int32_t bad = 0;
-  // integer selects only (no branch, no float compare-and-select), so that
-  // the loop vectorises without mask registers too (AVX2)
+  // integer selects only (no float compare-and-select), so that the loop
+  // vectorises without mask registers too (AVX2)
   for (int64_t j = 0; j < n; ++j) {
     const T raw = d[j];
     bad += !(raw - raw == T(0));
@@ -231,8 +345,7 @@ inline int64_t row_keys(const T* __restrict d, const int32_t* __restrict gkey, c
     std::memcpy(&b, &x, sizeof b);
     K k = b ^ ((b >> (8 * sizeof(K) - 1)) & mag);
     k = (b & mag) > inf_key ? inf_key : k;  // NaN -> +inf
-    const bool junk = ((gkey[j] == qk) & (gc[j] == qc)) | (gkey[j] == km1);
-    out[j] = junk ? kJunkKey<K> : k;
+    out[j] = k > jbase[j] ? k : jbase[j];
   }
   return static_cast<int64_t>(bad);
 }
@@ -286,31 +399,54 @@ void rank_stats_impl(const T* dist, const T* qnorm, int64_t Q, int64_t G, int64_
   const GalleryIndex gi(gpid, gcam, G);
   const int32_t* __restrict gkey = gi.key.data();
   const int32_t* __restrict gc = gi.cam.data();
-  const int32_t km1 = junk_minus1 ? gi.key_minus1 : -2;
+  // the junk pid's items are junk for every query: their key floor is the junk key
+  std::vector<K> jbase(static_cast<size_t>(G), std::numeric_limits<K>::min());
+  if (junk_minus1)
+    for (int64_t j = 0; j < G; ++j)
+      if (gkey[j] == gi.key_minus1) jbase[j] = junk_key;
+  // gallery items of query q's pid, for the next query's prefetch
+  auto members_of = [&](int64_t q, int64_t& b, int64_t& e) {
+    const int32_t k = GalleryIndex::code(gi.upid, qpid[q]);
+    b = k >= 0 ? gi.offsets[k] : 0;
+    e = k >= 0 ? gi.offsets[k + 1] : 0;
+  };
 #pragma omp parallel num_threads(nthreads) reduction(+ : nonfinite)
   {
     std::vector<K> chunk(static_cast<size_t>(kChunk)), row, tkeys;
-    std::vector<int64_t> midx, ranks, order, ties;
+    std::vector<int64_t> midx, jidx, ranks, order, ties;
     std::vector<std::pair<int64_t, int64_t>> rank_tie;
     midx.reserve(64);
+    jidx.reserve(64);
     ranks.reserve(64);
 #pragma omp for schedule(dynamic, 8)
     for (int64_t q = 0; q < Q; ++q) {
       const T* __restrict d = dist + q * ld;
+      if (q + 1 < Q) {
+        // the next query's match distances are read first and scattered over
+        // its row: start fetching them now (usually this thread's next row)
+        int64_t b, e;
+        members_of(q + 1, b, e);
+        for (int64_t t = b; t < e; ++t) __builtin_prefetch(d + ld + gi.members[t], 0, 3);
+      }
       const int32_t qk = GalleryIndex::code(gi.upid, qpid[q]);
       const int32_t qc = GalleryIndex::code(gi.ucam, qcam[q]);
       const T qn = Epi == 0 ? T(0) : qnorm[q];
       midx.clear();
+      jidx.clear();
       const bool query_is_junk_id = junk_minus1 && qpid[q] == -1;
       if (!query_is_junk_id && qk >= 0) {
         for (int64_t t = gi.offsets[qk]; t < gi.offsets[qk + 1]; ++t) {
           const int64_t j = gi.members[t];
-          if (gc[j] != qc) midx.push_back(j);
+          (gc[j] != qc ? midx : jidx).push_back(j);  // a match, or junk (same pid and camera)
         }
       }
       const int64_t M = static_cast<int64_t>(midx.size());
+      // keys of [j0, j1) with this query's junk items set to the junk key
       auto make_keys = [&](int64_t j0, int64_t j1, K* out) {
-        return row_keys<T, Epi>(d + j0, gkey + j0, gc + j0, j1 - j0, qk, qc, km1, qn, out);
+        const int64_t bad = row_keys<T, Epi>(d + j0, jbase.data() + j0, j1 - j0, qn, out);
+        for (const int64_t j : jidx)
+          if (j >= j0 && j < j1) out[j - j0] = junk_key;
+        return bad;
       };
       ranks.clear();
       ties.clear();
@@ -324,7 +460,11 @@ void rank_stats_impl(const T* dist, const T* qnorm, int64_t Q, int64_t G, int64_
           for (int64_t c0 = 0; c0 < G; c0 += kChunk) {
             const int64_t c1 = std::min(G, c0 + kChunk);
             nonfinite += make_keys(c0, c1, chunk.data());
-            count_ranks_chunk<K>(chunk.data(), c0, c1, midx.data(), tkeys.data(), M, ranks.data());
+            // the next chunk, or the start of the next row (usually this
+            // thread's next query: rows are handed out in runs)
+            const char* pf = reinterpret_cast<const char*>(c1 < G ? d + c1 : d + ld);
+            const int64_t pf_lines = static_cast<int64_t>(sizeof(T)) * std::min(kChunk, c1 < G ? G - c1 : G) / 64;
+            count_ranks_chunk<K>(chunk.data(), c0, c1, midx.data(), tkeys.data(), M, ranks.data(), pf, pf_lines);
           }
         }
       } else {
@@ -338,7 +478,7 @@ void rank_stats_impl(const T* dist, const T* qnorm, int64_t Q, int64_t G, int64_
           ranks.assign(M, 0);
           for (int64_t c0 = 0; c0 < G; c0 += kChunk)
             count_ranks_chunk<K>(kv + c0, c0, std::min(G, c0 + kChunk), midx.data(), tkeys.data(), M,
-                                 ranks.data());
+                                 ranks.data(), nullptr, 0);
           for (int64_t i = 0; i < M; ++i) ties.push_back(count_equal<K>(kv, G, tkeys[i]));
         } else {
           // full stable ordering of the valid items
