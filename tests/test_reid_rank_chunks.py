@@ -110,6 +110,33 @@ def test_cosine_conditioning_names_the_non_finite_input():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cosine_conditioning_scales_only_extreme_rows(dtype):
+    """Rows of ordinary magnitude are used as they are (no pass over them);
+    a row whose largest magnitude would over- or underflow its squared norm is
+    divided by it, and the cosine distances stay right for every row."""
+    from pyfici.ops import pairwise_distance
+    from pyfici.ops.distance import _SAFE_EXP, condition_features
+
+    s = _SAFE_EXP[dtype]
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 300, generator=gen, dtype=torch.float64).to(dtype)
+    y = torch.randn(7, 300, generator=gen, dtype=torch.float64).to(dtype)
+    xc, yc, _ = condition_features(x, y, "cosine")
+    assert xc is x and yc is y
+    big, small = x.clone(), y.clone()
+    big[1] *= 2.0 ** (s + 30)
+    small[2] *= 2.0 ** -(s + 30)
+    small[3] = 0.0
+    xc, yc, _ = condition_features(big, small, "cosine")
+    assert torch.equal(xc[0], big[0]) and torch.equal(yc[0], small[0])
+    assert xc[1].abs().max() == 1.0 and yc[2].abs().max() == 1.0 and torch.equal(yc[3], small[3])
+    ref = 1.0 - torch.nn.functional.normalize(x.double(), dim=1) @ torch.nn.functional.normalize(y.double(), dim=1).T
+    ref[:, 3] = 1.0  # a zero row is at cosine distance 1 from everything
+    d = pairwise_distance(big, small, metric="cosine").double()
+    assert torch.allclose(d, ref.clamp(0, 2), rtol=0, atol=1e-5 if dtype == torch.float32 else 1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_match_counts_junk_items_and_negative_nan(cpu_isa, dtype):
     """Queries with 0..9 matches (the counting shares passes between matches
     four at a time: every remainder), same-camera junk items and junk-pid (-1)

@@ -95,14 +95,22 @@ def _row_abs_max(x: torch.Tensor) -> torch.Tensor:
 
 
 def _row_scaled(x: torch.Tensor, name: str | None = None) -> torch.Tensor:
-    """Each row divided by its largest magnitude (zero rows unchanged): the row norms
-    computed next neither overflow nor underflow. With ``name``, non-finite values
+    """Rows ready for their norms: a row whose largest magnitude m is outside
+    2**-s .. 2**s (s = ``_SAFE_EXP``: 40 for float32, so the squares of a row of
+    up to 2**20 values neither overflow nor underflow) is divided by m; the
+    other rows (all of them, for features of ordinary magnitude) are returned
+    as they are, without a pass over them (``x`` itself when no row needs it:
+    callers do not write into the result). With ``name``, non-finite values
     (seen in the row maxima: NaN and Inf propagate) raise ValueError naming it."""
     m = _row_abs_max(x)
     if name is not None and not bool(torch.isfinite(m).all()):
         check_finite(name, x)
         raise ValueError(f"{name}: contains non-finite values")
-    return x / torch.where(m > 0, m, torch.ones_like(m))
+    s = _SAFE_EXP[x.dtype] if x.dtype in _SAFE_EXP else _SAFE_EXP[torch.float32]
+    unsafe = (m > 0) & ((m < 2.0**-s) | (m > 2.0**s))
+    if not torch.compiler.is_compiling() and not bool(unsafe.any()):
+        return x
+    return x / torch.where(unsafe, m, torch.ones_like(m))  # a division by 1 leaves a row exact
 
 
 def condition_features(x: torch.Tensor, y: torch.Tensor | None, metric: str, *, check: bool = True,
