@@ -183,10 +183,27 @@ void scan_impl(const T* tile, const T* norms, const ScanArgs& a) {
       const T* __restrict row = tile + t * a.ld;
       float* __restrict v = buf.data();
       const T nr = norms ? norms[r] : T(0);
-      for (int64_t c = 0; c < a.ncols; ++c) v[c] = raw_value<T, MODE>(row[c], nr, norms ? norms[a.c0 + c] : T(0));
-      if (kZeroDiag && r >= a.c0 && r < a.c0 + a.ncols) v[r - a.c0] = 0.0f;
-      float mx = a.rowmax[r];
-      for (int64_t c = 0; c < a.ncols; ++c) mx = v[c] > mx ? v[c] : mx;
+      if (t + 1 < a.nrows)  // the next row's start (the hardware prefetcher takes over from there)
+        for (int64_t c = 0; c < std::min<int64_t>(a.ncols, 512); c += 64 / sizeof(T)) __builtin_prefetch(row + a.ld + c);
+      // raw values and the running row max in one pass. The values are finite
+      // (the inputs are checked): the max is exact in any order, so it may be
+      // a vector reduction. The diagonal (a zero) is left out of the loops.
+      auto raw_max = [&](int64_t b, int64_t e, float m) {
+#pragma omp simd reduction(max : m)
+        for (int64_t c = b; c < e; ++c) {
+          const float x = raw_value<T, MODE>(row[c], nr, norms ? norms[a.c0 + c] : T(0));
+          v[c] = x;
+          m = x > m ? x : m;
+        }
+        return m;
+      };
+      const int64_t dg = kZeroDiag && r >= a.c0 && r < a.c0 + a.ncols ? r - a.c0 : a.ncols;
+      float mx = raw_max(0, dg, a.rowmax[r]);
+      if (dg < a.ncols) {
+        v[dg] = 0.0f;
+        mx = 0.0f > mx ? 0.0f : mx;
+        mx = raw_max(dg + 1, a.ncols, mx);
+      }
       a.rowmax[r] = mx;
       if (r < a.Q) {
         const int64_t cb = std::max(a.c0, a.Q);
