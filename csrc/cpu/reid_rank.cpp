@@ -11,8 +11,9 @@
 // it is never counted. Both predicates become one strict integer compare:
 // d_j <= d_m is key_j < key_m + 1. The counting then walks the key row in
 // L1-sized chunks and, for each chunk, counts every match's threshold
-// (vectorised compares, popcount of the compare masks), so the row is read
-// from L1 once per match instead of from L2. When a query has more than
+// (vectorised compares into per-lane counters, four matches per pass over the
+// chunk), so the row is read from L1 once per four matches instead of from L2
+// once per match. When a query has more than
 // kMaxCountMatches matches, a full sort of the valid row is cheaper and is
 // used instead.
 #include <omp.h>
@@ -225,11 +226,10 @@ inline void count_lt4(const int32_t* __restrict k, int64_t n, const int32_t* t, 
 // with t = tkey[i], the key of item idx[i]. Every match reads the chunk from L1.
 //
 // pf/pf_lines: cache lines of the distances the next chunk's keys are made
-// from, prefetched from inside the counting passes, so that the memory system
-// fetches them while this chunk is counted (the counting reads only L1;
-// without this the row's reads and the counting take turns instead of
-// overlapping). A burst of them would wait for free line-fill buffers and
-// stall the counting; lines left when the passes end are fetched then.
+// from, prefetched while this chunk is counted (the counting reads only L1;
+// without the prefetch the row's reads and the counting take turns instead of
+// overlapping). They are issued a few per counting pass, and the lines left
+// when the passes end right then.
 template <typename K>
 inline void count_ranks_chunk(const K* __restrict kc, int64_t c0, int64_t c1, const int64_t* idx,
                               const K* tkey, int64_t M, int64_t* ranks, const char* pf_start, int64_t pf_lines) {
