@@ -194,6 +194,23 @@ def test_auto_rule():
         assert name == "torch" and "OpenBLAS unavailable: no wheel here" in why
 
 
+def test_auto_tile_rule():
+    assert _native.auto_tile_gemm("intel", True, "")[0] == "torch"
+    assert _native.auto_tile_gemm("intel", False, "")[0] == "openblas"
+    assert _native.auto_tile_gemm("amd", True, "")[0] == "openblas"
+    assert _native.auto_tile_gemm("other", True, "")[0] == "openblas"
+    name, why = _native.auto_tile_gemm("amd", True, "no wheel here")
+    assert name == "torch" and "OpenBLAS unavailable: no wheel here" in why
+    want = _native.auto_tile_gemm(_native.cpu_vendor(), torch.backends.mkl.is_available(), _native.openblas_error())
+    assert _native.tile_gemm_provider() == want[0] and want[1] in _native.info()["cpu_tile_gemm"]
+    with _native.use_gemm("torch"):
+        assert _native.tile_gemm_provider() == "torch"
+        assert "forced (PYFICI_GEMM=torch)" in _native.info()["cpu_tile_gemm"]
+    if HAS_OPENBLAS:
+        with _native.use_gemm("openblas"):
+            assert _native.tile_gemm_provider() == "openblas"
+
+
 def test_forced_choices_and_info():
     with _native.use_gemm("torch"):
         assert _native.gemm_choice() == ("torch", "forced (PYFICI_GEMM=torch)")
@@ -252,3 +269,38 @@ def test_mm_nt_on_each_provider(gemm):
                 # non-contiguous inputs are fine
                 xt = torch.cat([x, x], 1)[:, :K]
                 assert torch.equal(mm_nt(xt, y, alpha=0.5), 0.5 * want)
+
+
+@pytest.mark.skipif(not HAS_OPENBLAS, reason="needs scipy-openblas32")
+@pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean", "cosine"])
+def test_evaluate_and_rerank_tiles_on_each_provider(metric, monkeypatch):
+    """evaluate's distance tiles and rerank's panels run on the chosen GEMM provider
+    (OpenBLAS under PYFICI_GEMM=openblas, torch.mm under torch), with the same results
+    to rounding."""
+    from pyfici.backends import gemm as gemm_mod
+    from pyfici.reid import evaluate, rerank
+
+    gen = torch.Generator().manual_seed(4)
+    Q, G, D = 37, 411, 24
+    q, g = _data(Q, G, D, torch.float32, 4)
+    qp, gp = torch.randint(0, 30, (Q,), generator=gen), torch.randint(0, 30, (G,), generator=gen)
+    qc, gc = torch.randint(0, 3, (Q,), generator=gen), torch.randint(0, 3, (G,), generator=gen)
+    calls = []
+    real = _native.openblas_module
+
+    def counting_module():
+        calls.append(1)
+        return real()
+
+    monkeypatch.setattr(gemm_mod._native, "openblas_module", counting_module)
+    res = {}
+    for name in ("torch", "openblas"):
+        calls.clear()
+        with _native.use_gemm(name):
+            ev = evaluate(q, g, qp, gp, qc, gc, metric=metric, tile=16)
+            rr = rerank(q, g, k1=6, k2=3, metric=metric, tile=64)
+        assert (len(calls) > 0) == (name == "openblas"), (name, len(calls))
+        res[name] = (ev, rr)
+    (ev_t, rr_t), (ev_o, rr_o) = res["torch"], res["openblas"]
+    assert abs(ev_t.mAP - ev_o.mAP) < 1e-6 and torch.allclose(ev_t.cmc, ev_o.cmc, atol=1e-6)
+    assert torch.allclose(rr_t, rr_o, rtol=0, atol=1e-5)

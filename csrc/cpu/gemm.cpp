@@ -7,6 +7,7 @@
 #include "gemm.h"
 
 #include <dlfcn.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <limits>
@@ -134,6 +135,40 @@ PYFICI_REGISTER(m) {
       py::arg("nthreads"), py::arg("alpha") = 1.0, py::arg("beta") = 0.0,
       "C[m, n] = alpha * A[m, k] @ B[n, k]^T + beta * C (contiguous row-major; C is not read when "
       "beta == 0) with the loaded BLAS on nthreads threads.");
+  // The same product on OpenMP threads, each running a single-threaded BLAS GEMM
+  // on its block of rows of C. Code that scans C with OpenMP right after uses
+  // this: the BLAS's own thread pool would still be spinning (waiting for work)
+  // on the cores the scan needs, and the scan's pool on the cores of the next GEMM.
+  m.def(
+      "gemm_nt_omp",
+      [](int dtype, int64_t m, int64_t n, int64_t k, std::uintptr_t A, std::uintptr_t B, std::uintptr_t C,
+         int nthreads, double alpha, double beta) {
+        require_loaded();
+        if (dtype != kFloat32 && dtype != kFloat64)
+          throw std::invalid_argument("gemm_nt_omp: dtype must be float32 or float64");
+        if (m < 0 || n < 0 || k < 0 || std::max({m, n, k}) > std::numeric_limits<int>::max())
+          throw std::invalid_argument("gemm_nt_omp: m, n, k must be in [0, 2^31)");
+        py::gil_scoped_release nogil;
+        BlasThreads threads(1);
+        const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads, (m + 63) / 64)));
+#pragma omp parallel num_threads(nt)
+        {
+          const int t = omp_get_thread_num(), T = omp_get_num_threads();
+          const int64_t r0 = m * t / T, r1 = m * (t + 1) / T;
+          if (r1 > r0) {
+            if (dtype == kFloat32)
+              gemm_nt(r1 - r0, n, k, as_ptr<const float>(A) + r0 * k, k, as_ptr<const float>(B), k,
+                      as_ptr<float>(C) + r0 * n, n, static_cast<float>(alpha), static_cast<float>(beta));
+            else
+              gemm_nt(r1 - r0, n, k, as_ptr<const double>(A) + r0 * k, k, as_ptr<const double>(B), k,
+                      as_ptr<double>(C) + r0 * n, n, alpha, beta);
+          }
+        }
+      },
+      py::arg("dtype"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("A"), py::arg("B"), py::arg("C"),
+      py::arg("nthreads"), py::arg("alpha") = 1.0, py::arg("beta") = 0.0,
+      "gemm_nt on up to nthreads OpenMP threads (blocks of at least 64 rows of C), each calling the "
+      "BLAS single-threaded.");
 }
 
 }  // namespace pyfici

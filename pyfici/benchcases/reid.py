@@ -7,6 +7,7 @@ argsort of the matrix alone, and the matrix product alone."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -18,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pyfici import _native
+from pyfici.backends.gemm import mm_nt
 from pyfici.bench import Case
 from pyfici.reid import evaluate, evaluate_distmat
 
@@ -150,19 +153,23 @@ def cases(size: str, device: str) -> list[Case]:
         gf = torch.randn(G, D, generator=g).to(dev)
         tile = max(1, (64 << 20) // (4 * G))
 
-        def mm_only():
-            for q0 in range(0, Q, tile):
-                torch.mm(qf[q0 : q0 + tile], gf.T)
+        def mm_only(gemm=None):
+            def run():
+                with _native.use_gemm(gemm) if gemm else contextlib.nullcontext():
+                    for q0 in range(0, Q, tile):
+                        mm_nt(qf[q0 : q0 + tile], gf)
+            return run
 
         def cdist_argsort():
             d = torch.cdist(qf, gf)
             torch.argsort(d, dim=1)
 
-        return {
-            "pyfici evaluate (features)": lambda: evaluate(qf, gf, qp, gp, qc, gc, max_rank=50),
-            "matrix product alone (torch.mm tiles)": mm_only,
-            "torch.cdist + torch.argsort": cdist_argsort,
-        }
+        fns = {"pyfici evaluate (features)": lambda: evaluate(qf, gf, qp, gp, qc, gc, max_rank=50),
+               "matrix product alone (torch.mm tiles)": mm_only("torch" if device == "cpu" else None)}
+        if device == "cpu" and not _native.openblas_error():
+            fns["matrix product alone (OpenBLAS tiles)"] = mm_only("openblas")
+        fns["torch.cdist + torch.argsort"] = cdist_argsort
+        return fns
 
     out.append(Case("reid", f"eval from features D={D}", setup_features, ours="pyfici evaluate (features)", repeats=3))
     return out

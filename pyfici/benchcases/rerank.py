@@ -69,7 +69,9 @@ def cases(size: str, device: str) -> list[Case]:
         def setup(Q=Q, G=G, D=D):
             q, g = features(Q, G, D, device)
             rerank(q[:2], g[:3])  # the first custom-op call of a process imports torch._dynamo: not timed
-            fns = {"pyfici": lambda: rerank(q, g), "its GEMM work alone (upper-half panels)": gemm_work(q, g)}
+            fns = {"pyfici": lambda: rerank(q, g)}
+            for name, label in _gemm_providers(device):
+                fns[f"its GEMM work alone (upper-half panels, {label})"] = gemm_work(q, g, name)
             if Q + G <= NUMPY_MAX_N and device == "cpu" and ref is not None:
                 def anchor():
                     qg, qq, gg = _distances(q, g)
@@ -85,11 +87,29 @@ def cases(size: str, device: str) -> list[Case]:
     return out
 
 
-def gemm_work(q: torch.Tensor, g: torch.Tensor):
+def _gemm_providers(device: str) -> list[tuple[str | None, str]]:
+    """(PYFICI_GEMM name, label) of each CPU GEMM provider that loads here (rerank's
+    panels run on the chosen one); on other devices torch's."""
+    if device != "cpu":
+        return [(None, "torch.mm")]
+    from pyfici import _native
+
+    out = [("torch", "torch.mm")]
+    if not _native.openblas_error():
+        out.append(("openblas", "OpenBLAS"))
+    return out
+
+
+def gemm_work(q: torch.Tensor, g: torch.Tensor, gemm: str | None = None):
     """The matrix products rerank cannot avoid, timed alone: the upper-half row
     panels ``X[r0:r1] @ X[r0:].T`` of the stacked features, with the panel
-    height and buffer the CPU backend uses. rerank's time over this one is
+    height and buffer the CPU backend uses, on the GEMM provider ``gemm``
+    (PYFICI_GEMM name; None: the chosen one). rerank's time over this one is
     what its scan and sparse phases add to the GEMM."""
+    import contextlib
+
+    from pyfici import _native
+    from pyfici.backends.gemm import mm_nt
     from pyfici.ops.rerank import panel_rows, prepare_features
 
     x, _ = prepare_features(q, g, "euclidean")
@@ -98,10 +118,11 @@ def gemm_work(q: torch.Tensor, g: torch.Tensor):
     buf = torch.empty(min(rows, N) * N, dtype=x.dtype, device=x.device)
 
     def run():
-        for r0 in range(0, N, rows):
-            r1 = min(N, r0 + rows)
-            w = N - r0
-            torch.mm(x[r0:r1], x[r0:].T, out=buf[: (r1 - r0) * w].view(r1 - r0, w))
+        with _native.use_gemm(gemm) if gemm else contextlib.nullcontext():
+            for r0 in range(0, N, rows):
+                r1 = min(N, r0 + rows)
+                w = N - r0
+                mm_nt(x[r0:r1], x[r0:], out=buf[: (r1 - r0) * w].view(r1 - r0, w))
         return buf
 
     return run

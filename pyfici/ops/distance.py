@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from pyfici import _native
+from pyfici.backends.gemm import mm_nt
 from pyfici.ops import reference
 from pyfici.ops._backend import choose_backend
 from pyfici.ops._register import extra_arg, op_like
@@ -197,8 +198,8 @@ def distance_tile_raw(x: torch.Tensor, y: torch.Tensor, y_norms: torch.Tensor | 
     x = x.to(y.dtype)
     if metric == "cosine":
         x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        return torch.mm(x, y.T), EPILOGUES["cosine"], None
-    d = torch.addmm(y_norms[None, :], x, y.T, beta=1.0, alpha=-2.0)
+        return mm_nt(x, y), EPILOGUES["cosine"], None
+    d = mm_nt(x, y, alpha=-2.0, bias=y_norms)
     return d, EPILOGUES[metric], (x * x).sum(1)
 
 

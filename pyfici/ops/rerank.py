@@ -28,6 +28,7 @@ from typing import NamedTuple
 import torch
 
 from pyfici import _native
+from pyfici.backends.gemm import mm_nt
 from pyfici.ops import reference
 from pyfici.ops._backend import choose_backend
 from pyfici.ops._register import extra_arg, op_like
@@ -130,7 +131,7 @@ def _cpu_rerank_features(query, gallery, k1, k2, lambda_value, metric, tile):
         r1 = min(N, r0 + rows)
         w = N - r0
         t = buf[: (r1 - r0) * w].view(r1 - r0, w)
-        torch.mm(x[r0:r1], x[r0:].T, out=t)
+        mm_nt(x[r0:r1], x[r0:], out=t)
         C.rerank_scan(t.data_ptr(), dcode, mode, w, r0, r1 - r0, r0, w, nptr, Q, G,
                       topv.data_ptr(), topi.data_ptr(), cnt.data_ptr(), rowmax.data_ptr(), K,
                       out.data_ptr(), G, True, nt)
