@@ -190,16 +190,19 @@ def prepare_gallery(y: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.T
 EPILOGUES = {"none": 0, "sqeuclidean": 1, "euclidean": 2, "cosine": 3}
 
 
-def distance_tile_raw(x: torch.Tensor, y: torch.Tensor, y_norms: torch.Tensor | None, metric: str):
+def distance_tile_raw(x: torch.Tensor, y: torch.Tensor, y_norms: torch.Tensor | None, metric: str,
+                      out: torch.Tensor | None = None):
     """The GEMM part of :func:`distance_tile` only: returns ``(raw, epilogue, q_norms)``
     where ``apply_epilogue(raw, epilogue, q_norms)`` is ``distance_tile(...)``.
     The CPU rank kernel applies the same epilogue (bit for bit) while it reads
-    the tile, saving three passes over memory."""
+    the tile, saving three passes over memory. ``out``: an optional contiguous
+    [x rows, y rows] tensor of y's dtype to write ``raw`` into (a tile loop
+    reuses one buffer instead of faulting in fresh memory for every tile)."""
     x = x.to(y.dtype)
     if metric == "cosine":
         x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        return mm_nt(x, y), EPILOGUES["cosine"], None
-    d = mm_nt(x, y, alpha=-2.0, bias=y_norms)
+        return mm_nt(x, y, out), EPILOGUES["cosine"], None
+    d = mm_nt(x, y, out, alpha=-2.0, bias=y_norms)
     return d, EPILOGUES[metric], (x * x).sum(1)
 
 

@@ -268,8 +268,17 @@ def _scorer(gallery: torch.Tensor, metric: str, backend: str | None):
         return lambda q: (_pairwise_distance_op(q, gallery, metric, False, be), 0, None)
     yp, yn = prepare_gallery(gallery, metric)
     if gallery.device.type == "cpu" and be in (None, "cpu"):
-        # the CPU rank kernel applies the distance epilogue as it reads the tile
-        return lambda q: distance_tile_raw(q, yp, yn, metric)
+        # the CPU rank kernel applies the distance epilogue as it reads the tile;
+        # the tiles share one buffer (each is reduced before the next is computed)
+        buf = []
+
+        def raw_tile(q):
+            n = q.shape[0] * yp.shape[0]
+            if not buf or buf[0].numel() < n:
+                buf[:] = [torch.empty(n, dtype=yp.dtype)]
+            return distance_tile_raw(q, yp, yn, metric, buf[0][:n].view(q.shape[0], yp.shape[0]))
+
+        return raw_tile
     return lambda q: (distance_tile(q, yp, yn, metric), 0, None)
 
 
