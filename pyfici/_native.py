@@ -266,15 +266,19 @@ def auto_tile_gemm(vendor: str, torch_has_mkl: bool, openblas_error: str) -> tup
         ": OpenBLAS's GEMM is the faster one"
 
 
-def tile_gemm_provider() -> str:
-    """"torch" or "openblas" for whole tiles (mm_nt): PYFICI_GEMM when forced (a forced
+def tile_gemm_choice() -> tuple[str, str]:
+    """(provider, why) for whole tiles (mm_nt): PYFICI_GEMM when forced (a forced
     choice that cannot be used raises, as for :func:`gemm_choice`), else
     :func:`auto_tile_gemm`."""
-    name, _ = gemm_choice()  # validates and applies a forced choice
-    requested = _GEMM_FORCED or os.environ.get("PYFICI_GEMM") or "auto"
-    if requested != "auto":
-        return name
-    return auto_tile_gemm(cpu_vendor(), torch.backends.mkl.is_available(), openblas_error())[0]
+    choice = gemm_choice()  # validates and applies a forced choice
+    if (_GEMM_FORCED or os.environ.get("PYFICI_GEMM") or "auto") != "auto":
+        return choice
+    return auto_tile_gemm(cpu_vendor(), torch.backends.mkl.is_available(), openblas_error())
+
+
+def tile_gemm_provider() -> str:
+    """"torch" or "openblas": see tile_gemm_choice()."""
+    return tile_gemm_choice()[0]
 
 
 @contextlib.contextmanager
@@ -307,12 +311,9 @@ def gemm_info() -> str:
 def tile_gemm_info() -> str:
     """One line for ``pyfici info``: the provider of whole distance tiles (mm_nt) and why."""
     try:
-        name = tile_gemm_provider()
+        name, why = tile_gemm_choice()
     except (ValueError, RuntimeError) as e:
         return f"unusable: {e}"
-    requested = _GEMM_FORCED or os.environ.get("PYFICI_GEMM") or "auto"
-    why = f"forced (PYFICI_GEMM={requested})" if requested != "auto" else auto_tile_gemm(
-        cpu_vendor(), torch.backends.mkl.is_available(), openblas_error())[1]
     return f"{'openblas' if name == 'openblas' else 'torch.mm'} ({why})"
 
 
