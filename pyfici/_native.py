@@ -224,13 +224,18 @@ def auto_gemm(vendor: str, torch_has_mkl: bool, openblas_error: str) -> tuple[st
     return "torch", f"OpenBLAS unavailable: {openblas_error}"
 
 
+def _requested_gemm() -> str:
+    """The GEMM provider asked for: use_gemm(), else PYFICI_GEMM, else "auto"."""
+    return _GEMM_FORCED or os.environ.get("PYFICI_GEMM") or "auto"
+
+
 def gemm_choice() -> tuple[str, str]:
     """(provider, why) of the CPU GEMM under the kNN tiles: "torch" (torch.mm, i.e. the BLAS
     torch links, driven tile by tile from Python) or "openblas" (the C++ worker with
     scipy-openblas32's OpenBLAS). ``PYFICI_GEMM=auto|torch|openblas`` (or use_gemm()) chooses;
     a forced choice that cannot be used raises (ValueError for an unknown name,
     RuntimeError when OpenBLAS cannot be loaded)."""
-    requested = _GEMM_FORCED or os.environ.get("PYFICI_GEMM") or "auto"
+    requested = _requested_gemm()
     if requested not in GEMM_CHOICES:
         raise ValueError(f"PYFICI_GEMM={requested!r} is not one of {GEMM_CHOICES}")
     if requested == "torch":
@@ -271,7 +276,7 @@ def tile_gemm_choice() -> tuple[str, str]:
     choice that cannot be used raises, as for :func:`gemm_choice`), else
     :func:`auto_tile_gemm`."""
     choice = gemm_choice()  # validates and applies a forced choice
-    if (_GEMM_FORCED or os.environ.get("PYFICI_GEMM") or "auto") != "auto":
+    if _requested_gemm() != "auto":
         return choice
     return auto_tile_gemm(cpu_vendor(), torch.backends.mkl.is_available(), openblas_error())
 

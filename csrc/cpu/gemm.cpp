@@ -85,6 +85,16 @@ void require_loaded() {
   if (!g_blas.handle) throw std::runtime_error("the BLAS GEMM is not loaded (call gemm_load first)");
 }
 
+// The Python bindings' checks: a loaded BLAS, a float dtype, sizes the BLAS's
+// 32-bit integers hold.
+void check_gemm_args(const char* name, int dtype, int64_t m, int64_t n, int64_t k) {
+  require_loaded();
+  if (dtype != kFloat32 && dtype != kFloat64)
+    throw std::invalid_argument(std::string(name) + ": dtype must be float32 or float64");
+  if (m < 0 || n < 0 || k < 0 || std::max({m, n, k}) > std::numeric_limits<int>::max())
+    throw std::invalid_argument(std::string(name) + ": m, n, k must be in [0, 2^31)");
+}
+
 }  // namespace
 
 bool gemm_loaded() { return g_blas.handle != nullptr; }
@@ -100,6 +110,20 @@ void gemm_nt(int64_t m, int64_t n, int64_t k, const double* A, int64_t lda, cons
   g_blas.dgemm(kRowMajor, kNoTrans, kTrans, static_cast<blasint>(m), static_cast<blasint>(n), static_cast<blasint>(k),
                alpha, A, static_cast<blasint>(lda), B, static_cast<blasint>(ldb), beta, C, static_cast<blasint>(ldc));
 }
+
+namespace {
+// Rows [r0, r1) of C[m, n] = alpha * A @ B^T + beta * C (contiguous; dtype code) on the calling thread's BLAS.
+void gemm_nt_rows(int dtype, int64_t r0, int64_t r1, int64_t n, int64_t k, std::uintptr_t A, std::uintptr_t B,
+                  std::uintptr_t C, double alpha, double beta) {
+  if (r1 <= r0) return;
+  if (dtype == kFloat32)
+    gemm_nt(r1 - r0, n, k, as_ptr<const float>(A) + r0 * k, k, as_ptr<const float>(B), k, as_ptr<float>(C) + r0 * n,
+            n, static_cast<float>(alpha), static_cast<float>(beta));
+  else
+    gemm_nt(r1 - r0, n, k, as_ptr<const double>(A) + r0 * k, k, as_ptr<const double>(B), k,
+            as_ptr<double>(C) + r0 * n, n, alpha, beta);
+}
+}  // namespace
 
 BlasThreads::BlasThreads(int n) : saved_(g_blas.get_threads()) {
   if (n != saved_) g_blas.set_threads(n);
@@ -119,17 +143,10 @@ PYFICI_REGISTER(m) {
       "gemm_nt",
       [](int dtype, int64_t m, int64_t n, int64_t k, std::uintptr_t A, std::uintptr_t B, std::uintptr_t C,
          int nthreads, double alpha, double beta) {
-        require_loaded();
-        if (dtype != kFloat32 && dtype != kFloat64) throw std::invalid_argument("gemm_nt: dtype must be float32 or float64");
-        if (m < 0 || n < 0 || k < 0 || std::max({m, n, k}) > std::numeric_limits<int>::max())
-          throw std::invalid_argument("gemm_nt: m, n, k must be in [0, 2^31)");
+        check_gemm_args("gemm_nt", dtype, m, n, k);
         py::gil_scoped_release nogil;
         BlasThreads threads(std::max(1, nthreads));
-        if (dtype == kFloat32)
-          gemm_nt(m, n, k, as_ptr<const float>(A), k, as_ptr<const float>(B), k, as_ptr<float>(C), n,
-                  static_cast<float>(alpha), static_cast<float>(beta));
-        else
-          gemm_nt(m, n, k, as_ptr<const double>(A), k, as_ptr<const double>(B), k, as_ptr<double>(C), n, alpha, beta);
+        gemm_nt_rows(dtype, 0, m, n, k, A, B, C, alpha, beta);
       },
       py::arg("dtype"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("A"), py::arg("B"), py::arg("C"),
       py::arg("nthreads"), py::arg("alpha") = 1.0, py::arg("beta") = 0.0,
@@ -143,26 +160,14 @@ PYFICI_REGISTER(m) {
       "gemm_nt_omp",
       [](int dtype, int64_t m, int64_t n, int64_t k, std::uintptr_t A, std::uintptr_t B, std::uintptr_t C,
          int nthreads, double alpha, double beta) {
-        require_loaded();
-        if (dtype != kFloat32 && dtype != kFloat64)
-          throw std::invalid_argument("gemm_nt_omp: dtype must be float32 or float64");
-        if (m < 0 || n < 0 || k < 0 || std::max({m, n, k}) > std::numeric_limits<int>::max())
-          throw std::invalid_argument("gemm_nt_omp: m, n, k must be in [0, 2^31)");
+        check_gemm_args("gemm_nt_omp", dtype, m, n, k);
         py::gil_scoped_release nogil;
         BlasThreads threads(1);
         const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads, (m + 63) / 64)));
 #pragma omp parallel num_threads(nt)
         {
           const int t = omp_get_thread_num(), T = omp_get_num_threads();
-          const int64_t r0 = m * t / T, r1 = m * (t + 1) / T;
-          if (r1 > r0) {
-            if (dtype == kFloat32)
-              gemm_nt(r1 - r0, n, k, as_ptr<const float>(A) + r0 * k, k, as_ptr<const float>(B), k,
-                      as_ptr<float>(C) + r0 * n, n, static_cast<float>(alpha), static_cast<float>(beta));
-            else
-              gemm_nt(r1 - r0, n, k, as_ptr<const double>(A) + r0 * k, k, as_ptr<const double>(B), k,
-                      as_ptr<double>(C) + r0 * n, n, alpha, beta);
-          }
+          gemm_nt_rows(dtype, m * t / T, m * (t + 1) / T, n, k, A, B, C, alpha, beta);
         }
       },
       py::arg("dtype"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("A"), py::arg("B"), py::arg("C"),

@@ -404,12 +404,6 @@ void rank_stats_impl(const T* dist, const T* qnorm, int64_t Q, int64_t G, int64_
   if (junk_minus1)
     for (int64_t j = 0; j < G; ++j)
       if (gkey[j] == gi.key_minus1) jbase[j] = junk_key;
-  // gallery items of query q's pid, for the next query's prefetch
-  auto members_of = [&](int64_t q, int64_t& b, int64_t& e) {
-    const int32_t k = GalleryIndex::code(gi.upid, qpid[q]);
-    b = k >= 0 ? gi.offsets[k] : 0;
-    e = k >= 0 ? gi.offsets[k + 1] : 0;
-  };
 #pragma omp parallel num_threads(nthreads) reduction(+ : nonfinite)
   {
     std::vector<K> chunk(static_cast<size_t>(kChunk)), row, tkeys;
@@ -424,9 +418,9 @@ void rank_stats_impl(const T* dist, const T* qnorm, int64_t Q, int64_t G, int64_
       if (q + 1 < Q) {
         // the next query's match distances are read first and scattered over
         // its row: start fetching them now (usually this thread's next row)
-        int64_t b, e;
-        members_of(q + 1, b, e);
-        for (int64_t t = b; t < e; ++t) __builtin_prefetch(d + ld + gi.members[t], 0, 3);
+        const int32_t nk = GalleryIndex::code(gi.upid, qpid[q + 1]);
+        if (nk >= 0)
+          for (int64_t t = gi.offsets[nk]; t < gi.offsets[nk + 1]; ++t) __builtin_prefetch(d + ld + gi.members[t], 0, 3);
       }
       const int32_t qk = GalleryIndex::code(gi.upid, qpid[q]);
       const int32_t qc = GalleryIndex::code(gi.ucam, qcam[q]);
