@@ -32,6 +32,10 @@ pybind11::dict cpu_features() {
   d["avx512cd"] = bool(__builtin_cpu_supports("avx512cd"));
   d["avx512dq"] = bool(__builtin_cpu_supports("avx512dq"));
   d["avx512vl"] = bool(__builtin_cpu_supports("avx512vl"));
+  // bfloat16 matrix hardware: where torch's bfloat16 GEMM (oneDNN) is several times its float32 one,
+  // the kNN selection pass runs in bfloat16 (pyfici/backends/knn.py)
+  d["avx512bf16"] = bool(__builtin_cpu_supports("avx512bf16"));
+  d["amx_bf16"] = bool(__builtin_cpu_supports("amx-bf16"));
   // the vendor decides which BLAS is fastest (pyfici/_native.py: the GEMM provider)
   d["intel"] = bool(__builtin_cpu_is("intel"));
   d["amd"] = bool(__builtin_cpu_is("amd"));

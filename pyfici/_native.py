@@ -322,6 +322,105 @@ def tile_gemm_info() -> str:
     return f"{'openblas' if name == 'openblas' else 'torch.mm'} ({why})"
 
 
+# ---------------------------------------------------------------------------
+# the kNN selection pass in bfloat16 (docs/ops_knn.md, "The bfloat16 selection")
+# ---------------------------------------------------------------------------
+
+KNN_BF16_CHOICES = ("auto", "on", "off")
+_KNN_BF16_FORCED: str | None = None  # set by use_knn_bf16()
+
+
+@functools.cache
+def knn_bf16_probe() -> str:
+    """"" when torch's CPU bfloat16 GEMM (torch.mm of bfloat16 matrices) follows the error
+    model the bf16 certificate assumes (float32 accumulation of the exact bf16 products,
+    one rounding to bfloat16 at the end: ``|s - x.y| <= u_b |x.y| + (1 + u_b) g_D sum |x_d y_d|``
+    with ``u_b = 2^-8``, ``g_D = D 2^-24 / (1 - D 2^-24)``), else what was seen. Checked once
+    per process on positive data (partial sums only grow, so any intermediate rounding of a
+    partial sum to bfloat16 would show) at a depth with several K blocks."""
+    g = torch.Generator().manual_seed(0)
+    D = 1500
+    a = (torch.rand(64, D, generator=g) + 0.25).bfloat16()
+    b = (torch.rand(160, D, generator=g) + 0.25).bfloat16()
+    try:
+        s = torch.mm(a, b.T)
+    except RuntimeError as e:
+        return f"torch.mm of bfloat16 matrices failed on the CPU ({e})"
+    if s.dtype != torch.bfloat16:
+        return f"torch.mm of bfloat16 matrices returned {s.dtype}"
+    ad, bd = a.double(), b.double()
+    exact = ad @ bd.T
+    gam = D * 2.0**-24 / (1 - D * 2.0**-24)
+    bound = 2.0**-8 * exact.abs() + (1 + 2.0**-8) * gam * (ad.abs() @ bd.abs().T)
+    worst = float(((s.double() - exact).abs() / bound).max())
+    if not worst <= 1.0:
+        return f"torch's bfloat16 GEMM rounds more than once (error {worst:.2f}x the one-rounding bound)"
+    return ""
+
+
+def auto_knn_bf16(features: dict, mkldnn: bool, probe_error: str) -> tuple[bool, str]:
+    """The PYFICI_KNN_BF16=auto rule -> (on, why): the bfloat16 selection pass on a CPU with
+    bfloat16 matrix instructions (AMX-BF16 or AVX512-BF16) where torch has oneDNN and its
+    bfloat16 GEMM passes :func:`knn_bf16_probe`. Measured on an Intel Xeon with AMX
+    (``pyfici bench --family knn``): torch's bf16 GEMM runs 2 TFLOP/s on 2 cores against
+    0.24 for float32. Elsewhere bfloat16 is emulated and slower than float32."""
+    hw = "AMX-BF16" if features.get("amx_bf16") else "AVX512-BF16" if features.get("avx512bf16") else ""
+    if not hw:
+        return False, "no bfloat16 matrix instructions (AMX-BF16 / AVX512-BF16) on this CPU"
+    if not mkldnn:
+        return False, "torch has no oneDNN (mkldnn), so no fast bfloat16 GEMM"
+    if probe_error:
+        return False, probe_error
+    return True, f"{hw}: torch's bfloat16 GEMM (oneDNN) selects the candidates"
+
+
+def knn_bf16_choice() -> tuple[bool, str, bool]:
+    """(on, why, forced) for the CPU kNN selection pass: PYFICI_KNN_BF16=auto|on|off (or
+    use_knn_bf16()); "on" runs it on any CPU (exact results everywhere; fast only with
+    bfloat16 hardware) and raises RuntimeError if torch's bf16 GEMM fails the probe (the
+    certificate would not hold); auto: :func:`auto_knn_bf16`, and only for products big
+    enough to repay the conversions (pyfici.backends.knn.BF16_MIN_WORK)."""
+    requested = _KNN_BF16_FORCED or os.environ.get("PYFICI_KNN_BF16") or "auto"
+    if requested not in KNN_BF16_CHOICES:
+        raise ValueError(f"PYFICI_KNN_BF16={requested!r} is not one of {KNN_BF16_CHOICES}")
+    if requested == "off":
+        return False, "forced (PYFICI_KNN_BF16=off)", True
+    if requested == "on":
+        err = knn_bf16_probe()
+        if err:
+            raise RuntimeError(f"PYFICI_KNN_BF16=on: the bfloat16 selection cannot be certified here ({err})")
+        return True, "forced (PYFICI_KNN_BF16=on)", True
+    generic, _ = _load("_C_generic")
+    features = dict(generic.cpu_features()) if generic is not None else {}
+    on, why = auto_knn_bf16(features, torch.backends.mkldnn.is_available(), "")
+    if on:  # the probe only where the rule would use it
+        on, why = auto_knn_bf16(features, True, knn_bf16_probe())
+    return on, why, False
+
+
+@contextlib.contextmanager
+def use_knn_bf16(mode: str):
+    """Run the CPU kNN ops with PYFICI_KNN_BF16=``mode`` (auto, on, off) inside the block;
+    a choice that cannot be used raises on entry."""
+    global _KNN_BF16_FORCED
+    saved = _KNN_BF16_FORCED
+    _KNN_BF16_FORCED = mode
+    try:
+        knn_bf16_choice()
+        yield mode
+    finally:
+        _KNN_BF16_FORCED = saved
+
+
+def knn_bf16_info() -> str:
+    """One line for ``pyfici info``: whether the kNN selection runs in bfloat16, and why."""
+    try:
+        on, why, _ = knn_bf16_choice()
+    except (ValueError, RuntimeError) as e:
+        return f"unusable: {e}"
+    return f"{'bf16' if on else 'float32'} ({why})"
+
+
 def cuda_module():
     """The CUDA module, or a RuntimeError that says how to rebuild."""
     if _cuda is None:
@@ -387,6 +486,7 @@ def info() -> dict:
     d["cpu_isas_supported"] = ", ".join(CPU_ISAS_SUPPORTED) or "none"
     d["cpu_gemm"] = gemm_info() if _C is not None else "none (no CPU module)"
     d["cpu_tile_gemm"] = tile_gemm_info() if _C is not None else "none (no CPU module)"
+    d["cpu_knn_select"] = knn_bf16_info() if _C is not None else "none (no CPU module)"
     if _cuda is not None:
         d["backend_cuda"] = f"built (archs {_cuda.__archs__}, cudart {_cuda.runtime_version()})"
     else:

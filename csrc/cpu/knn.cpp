@@ -88,13 +88,26 @@ constexpr int64_t kEmpty = std::numeric_limits<int64_t>::max();  // index of an 
 // root = worst kept). Column j has global index col_base + j; column self_col (local,
 // -1: none) is skipped. Columns must arrive in increasing global index order over the
 // calls for one row: an equal score then never displaces a kept (lower) index.
-template <typename T, bool HasA, bool HasB>
-inline void scan_row(const T* __restrict s, int64_t cols, int64_t col_base, const T* __restrict a,
+//
+// Scores are stored as T, or (S = uint16_t, T = float) as bfloat16: the upper 16 bits of a
+// float32, widened exactly by a shift (the bf16 selection pass, pyfici/backends/knn.py).
+template <typename T, typename S>
+inline T load_score(const S* __restrict s, int64_t j) {
+  if constexpr (std::is_same_v<S, uint16_t>) {
+    static_assert(std::is_same_v<T, float>, "bfloat16 scores widen to float");
+    return __builtin_bit_cast(float, static_cast<uint32_t>(s[j]) << 16);
+  } else {
+    return s[j];
+  }
+}
+
+template <typename T, bool HasA, bool HasB, typename S = T>
+inline void scan_row(const S* __restrict s, int64_t cols, int64_t col_base, const T* __restrict a,
                      const T* __restrict b, int64_t k, T* __restrict hv, int64_t* __restrict hi, int64_t self_col) {
   T thresh = hv[0];
   auto scalar_range = [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {
-      T v = s[j];
+      T v = load_score<T>(s, j);
       if constexpr (HasA) v *= a[j];
       if constexpr (HasB) v += b[j];
       if (v > thresh && j != self_col) {
@@ -112,7 +125,7 @@ inline void scan_row(const T* __restrict s, int64_t cols, int64_t col_base, cons
     T m = thresh;
 #pragma omp simd reduction(max : m)
     for (int64_t t = 0; t < kOuter; ++t) {
-      T v = s[j + t];
+      T v = load_score<T>(s, j + t);
       if constexpr (HasA) v *= a[j + t];
       if constexpr (HasB) v += b[j + t];
       m = v > m ? v : m;
@@ -122,7 +135,7 @@ inline void scan_row(const T* __restrict s, int64_t cols, int64_t col_base, cons
       uint32_t hit = 0;
 #pragma omp simd reduction(| : hit)
       for (int64_t t = 0; t < kBlock; ++t) {
-        T v = s[j16 + t];
+        T v = load_score<T>(s, j16 + t);
         if constexpr (HasA) v *= a[j16 + t];
         if constexpr (HasB) v += b[j16 + t];
         hit |= static_cast<uint32_t>(v > thresh) << t;
@@ -160,40 +173,59 @@ inline void heap_to_state(const T* hv, const int64_t* hi, int64_t k, std::vector
   }
 }
 
-template <typename T, bool HasA, bool HasB>
-void select_tile_impl(const T* S, int64_t rows, int64_t cols, int64_t ld, int64_t col_offset, const T* a,
+// Heap = false: the state is the sorted list (best first, index -1 = unused), turned into a
+// heap and back on every call. Heap = true: the state is kept as the heaps themselves (root =
+// worst kept, index kEmpty = unused) across calls, and knn_heap_sort sorts it once at the end.
+template <typename T, bool HasA, bool HasB, bool Heap, typename S>
+void select_tile_impl(const S* Sc, int64_t rows, int64_t cols, int64_t ld, int64_t col_offset, const T* a,
                       const T* b, int64_t k, T* state_vals, int64_t* state_idx, int64_t self_offset,
                       int nthreads) {
   nthreads = threads_for(nthreads, rows * cols, rows);
 #pragma omp parallel num_threads(nthreads)
   {
-    std::vector<T> hv(static_cast<size_t>(k));
-    std::vector<int64_t> hi(static_cast<size_t>(k));
-    std::vector<std::pair<T, int64_t>> sorted(static_cast<size_t>(k));
+    std::vector<T> hv(Heap ? 0 : static_cast<size_t>(k));
+    std::vector<int64_t> hi(Heap ? 0 : static_cast<size_t>(k));
+    std::vector<std::pair<T, int64_t>> sorted(Heap ? 0 : static_cast<size_t>(k));
     // dynamic: on a busy machine a descheduled thread does not hold the others up
 #pragma omp for schedule(dynamic, 16)
     for (int64_t r = 0; r < rows; ++r) {
       T* vals = state_vals + r * k;
       int64_t* idx = state_idx + r * k;
       const int64_t self_col = self_offset >= 0 ? self_offset + r - col_offset : -1;
-      state_to_heap(vals, idx, k, hv.data(), hi.data());
-      scan_row<T, HasA, HasB>(S + r * ld, cols, col_offset, a, b, k, hv.data(), hi.data(), self_col);
-      heap_to_state(hv.data(), hi.data(), k, sorted, vals, idx);
+      if constexpr (Heap) {
+        scan_row<T, HasA, HasB, S>(Sc + r * ld, cols, col_offset, a, b, k, vals, idx, self_col);
+      } else {
+        state_to_heap(vals, idx, k, hv.data(), hi.data());
+        scan_row<T, HasA, HasB, S>(Sc + r * ld, cols, col_offset, a, b, k, hv.data(), hi.data(), self_col);
+        heap_to_state(hv.data(), hi.data(), k, sorted, vals, idx);
+      }
     }
   }
 }
 
-template <typename T>
-void select_tile(const T* S, int64_t rows, int64_t cols, int64_t ld, int64_t col_offset, const T* a, const T* b,
+template <typename T, bool Heap = false, typename S = T>
+void select_tile(const S* Sc, int64_t rows, int64_t cols, int64_t ld, int64_t col_offset, const T* a, const T* b,
                  int64_t k, T* vals, int64_t* idx, int64_t self_offset, int nthreads) {
   if (a && b)
-    select_tile_impl<T, true, true>(S, rows, cols, ld, col_offset, a, b, k, vals, idx, self_offset, nthreads);
+    select_tile_impl<T, true, true, Heap>(Sc, rows, cols, ld, col_offset, a, b, k, vals, idx, self_offset, nthreads);
   else if (a)
-    select_tile_impl<T, true, false>(S, rows, cols, ld, col_offset, a, b, k, vals, idx, self_offset, nthreads);
+    select_tile_impl<T, true, false, Heap>(Sc, rows, cols, ld, col_offset, a, b, k, vals, idx, self_offset, nthreads);
   else if (b)
-    select_tile_impl<T, false, true>(S, rows, cols, ld, col_offset, a, b, k, vals, idx, self_offset, nthreads);
+    select_tile_impl<T, false, true, Heap>(Sc, rows, cols, ld, col_offset, a, b, k, vals, idx, self_offset, nthreads);
   else
-    select_tile_impl<T, false, false>(S, rows, cols, ld, col_offset, a, b, k, vals, idx, self_offset, nthreads);
+    select_tile_impl<T, false, false, Heap>(Sc, rows, cols, ld, col_offset, a, b, k, vals, idx, self_offset,
+                                            nthreads);
+}
+
+// Heaps kept by select_tile<T, true> -> sorted lists (best first, index -1 = unused), in place.
+template <typename T>
+void heap_sort_rows(T* vals, int64_t* idx, int64_t rows, int64_t k, int nthreads) {
+#pragma omp parallel num_threads(threads_for(nthreads, rows * k * 16, rows))
+  {
+    std::vector<std::pair<T, int64_t>> sorted(static_cast<size_t>(k));
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) heap_to_state(vals + r * k, idx + r * k, k, sorted, vals + r * k, idx + r * k);
+  }
 }
 
 // The whole selection pass in one call, with the GEMM from the run-time BLAS (gemm.h):
@@ -499,6 +531,38 @@ double row_stats_impl(const T* X, int64_t N, int64_t D, const double* mu, double
   return amax;
 }
 
+// float32 rows -> bfloat16 for the bf16 selection pass: x' = (x - mu) * c (mu optional; the
+// same float arithmetic as the float32 tiles), rounded to nearest even (NaN stays NaN), with
+// the squared norms (double) of the rounding residual x' - bf16(x') (exact in float) and of
+// the bf16 row: the terms of the pass's error bound (pyfici/backends/knn.py).
+inline uint16_t to_bf16_bits(float v) {
+  const uint32_t u = __builtin_bit_cast(uint32_t, v);
+  const uint32_t r = (u & 0x7fffffffu) > 0x7f800000u ? (u | 0x00400000u) : u + 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(r >> 16);
+}
+
+void rows_to_bf16(const float* X, int64_t N, int64_t D, const float* mu, float c, uint16_t* out, double* res_n2,
+                  double* out_n2, int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(threads_for(nthreads, N * D, N))
+  for (int64_t r = 0; r < N; ++r) {
+    const float* __restrict x = X + r * D;
+    uint16_t* __restrict o = out + r * D;
+    double er = 0.0, on = 0.0;
+#pragma omp simd reduction(+ : er, on)
+    for (int64_t d = 0; d < D; ++d) {
+      const float v = mu ? (x[d] - mu[d]) * c : x[d] * c;
+      const uint16_t h = to_bf16_bits(v);
+      o[d] = h;
+      const float back = __builtin_bit_cast(float, static_cast<uint32_t>(h) << 16);
+      const double e = static_cast<double>(v - back);
+      er += e * e;
+      on += static_cast<double>(back) * static_cast<double>(back);
+    }
+    res_n2[r] = er;
+    out_n2[r] = on;
+  }
+}
+
 // out[q] = sum_t w[q, t] * u(Y[idx[q, t]]),  u = y / ||y|| if normalize_rows else y;
 // then out[q] /= ||out[q]|| if spherical else out[q] /= sum_t w[q, t].
 // idx may hold indices into a shard: rows with idx < 0 or not in [lo, hi) are skipped
@@ -681,6 +745,47 @@ PYFICI_REGISTER(m) {
       "running top-k state ([rows, k] values best-first, int64 indices). Column j has global index "
       "col_offset + j; self_offset >= 0 excludes global index self_offset + row.");
   m.def(
+      "knn_select_tile_heap",
+      [](std::uintptr_t scores, int score_dtype, int dtype, int64_t rows, int64_t cols, int64_t ld, int64_t col_offset,
+         std::uintptr_t a, std::uintptr_t b, int64_t k, std::uintptr_t vals, std::uintptr_t idx,
+         int64_t self_offset, int nthreads) {
+        py::gil_scoped_release nogil;
+        dispatch_float(dtype, "knn_select_tile_heap", [&](auto* tag) {
+          using T = std::remove_pointer_t<decltype(tag)>;
+          auto run = [&](auto* stag) {
+            using S = std::remove_pointer_t<decltype(stag)>;
+            select_tile<T, true, S>(as_ptr<const S>(scores), rows, cols, ld, col_offset, as_ptr<const T>(a),
+                                    as_ptr<const T>(b), k, as_ptr<T>(vals), as_ptr<int64_t>(idx), self_offset,
+                                    nthreads);
+          };
+          if (score_dtype == dtype) {
+            run(static_cast<T*>(nullptr));
+            return;
+          }
+          if constexpr (std::is_same_v<T, float>) {
+            if (score_dtype == kBFloat16) {
+              run(static_cast<uint16_t*>(nullptr));
+              return;
+            }
+          }
+          throw std::invalid_argument("knn_select_tile_heap: scores must have the state's dtype, or be bfloat16 "
+                                        "with a float32 state");
+        });
+      },
+      "knn_select_tile with the state kept as heaps ([rows, k] values and int64 indices, root = worst kept, "
+      "index INT64_MAX = unused; start from (-inf, INT64_MAX)) and sorted once by knn_heap_sort. The scores "
+      "have the state's dtype, or are bfloat16 (score_dtype) with a float32 state.");
+  m.def(
+      "knn_heap_sort",
+      [](std::uintptr_t vals, std::uintptr_t idx, int dtype, int64_t rows, int64_t k, int nthreads) {
+        py::gil_scoped_release nogil;
+        dispatch_float(dtype, "knn_heap_sort", [&](auto* tag) {
+          using T = std::remove_pointer_t<decltype(tag)>;
+          heap_sort_rows<T>(as_ptr<T>(vals), as_ptr<int64_t>(idx), rows, k, nthreads);
+        });
+      },
+      "The heaps of knn_select_tile_heap -> sorted lists (best first, index -1 = unused), in place.");
+  m.def(
       "knn_select_gemm",
       [](std::uintptr_t X, std::uintptr_t Y, int dtype, int64_t Q, int64_t G, int64_t D, std::uintptr_t mu, double c,
          std::uintptr_t a, std::uintptr_t b, int64_t L, std::uintptr_t out_s, std::uintptr_t out_i, int64_t col_offset,
@@ -754,6 +859,17 @@ PYFICI_REGISTER(m) {
       },
       "One pass over the rows: squared norms of (x - mu) * c (double), column sums (double, optional "
       "colsum != 0, accumulated into it) and the largest |x| (returned).");
+  m.def(
+      "knn_rows_bf16",
+      [](std::uintptr_t X, int dtype, int64_t N, int64_t D, std::uintptr_t mu, double c, std::uintptr_t out,
+         std::uintptr_t res_n2, std::uintptr_t out_n2, int nthreads) {
+        if (dtype != kFloat32) throw std::invalid_argument("knn_rows_bf16: dtype must be float32");
+        py::gil_scoped_release nogil;
+        rows_to_bf16(as_ptr<const float>(X), N, D, as_ptr<const float>(mu), static_cast<float>(c),
+                     as_ptr<uint16_t>(out), as_ptr<double>(res_n2), as_ptr<double>(out_n2), nthreads);
+      },
+      "float32 rows [N, D] -> bfloat16 out [N, D] of (x - mu) * c (mu optional), round to nearest even, with "
+      "the squared norms (double [N]) of the rounding residual and of the bfloat16 rows.");
   m.def(
       "knn_average_rows",
       [](std::uintptr_t Y, int dtype, int64_t D, std::uintptr_t idx, std::uintptr_t w, int64_t Q, int64_t k,

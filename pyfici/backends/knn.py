@@ -48,6 +48,14 @@ from pyfici import _native
 DEFAULT_TILE = 1 << 23  # score-tile elements (32 MB in float32)
 MAX_TILE_ROWS = 1024
 MARGIN = 8  # candidates kept beyond k, so near-ties at the k-th place rarely need the fallback
+# the bf16 selection pass (CPU, float32 inputs): its scores carry ~2^-8 relative error, so it
+# keeps more candidates (measured at D = 512, cosine, k = 10, 100k gallery: with the bound
+# below 32 extra certify every one of 2000 rows); and it runs only where the product is big
+# enough to repay converting the inputs to bfloat16 (auto mode)
+MARGIN_BF16 = 32
+BF16_MIN_WORK = 1 << 32  # Q * G * D below which auto mode keeps the float32 pass
+_U_BF16 = 2.0**-8
+_KEMPTY = torch.iinfo(torch.int64).max  # index of an unused heap entry (knn_select_tile_heap)
 MAX_LIST = {"cuda": 2048}  # largest candidate list a selection kernel keeps
 _ROW_CHUNK_ELEMS = 1 << 22  # elements of the gathered [rows, L, D] block in the torch refinement
 
@@ -264,6 +272,80 @@ def select_tiles(
     return out_s, out_i
 
 
+class Bf16Terms(NamedTuple):
+    """The measured terms of the bf16 pass's error bound (see certified): per query row the
+    norms of the bfloat16 rounding residual ``|x' - bf16(x')|`` and of ``bf16(x')``; over the
+    gallery the largest residual norm and the largest bf16 row norm (both times a_j = 1/|y'_j|
+    for cosine), and max a_j (1 for the other metrics)."""
+
+    ex: torch.Tensor  # [Q] float64
+    xt: torch.Tensor  # [Q] float64
+    ey: float
+    yt: float
+    amax: float
+
+
+def use_bf16(x: torch.Tensor, y: torch.Tensor, backend: str) -> bool:
+    """Whether knn_local runs its selection pass in bfloat16 (CPU, float32 inputs; see
+    pyfici._native.knn_bf16_choice)."""
+    if backend != "cpu" or x.dtype != torch.float32 or x.shape[0] == 0 or y.shape[0] == 0:
+        return False
+    on, _, forced = _native.knn_bf16_choice()
+    return on and (forced or x.shape[0] * y.shape[0] * x.shape[1] >= BF16_MIN_WORK)
+
+
+def select_bf16(x, y, L: int, space: Space, exclude_self: bool, tile: int, col_offset: int = 0):
+    """select_tiles with bfloat16 score tiles: the transformed inputs are rounded to bfloat16
+    (C++ knn_rows_bf16: queries once per block of up to 2^24 elements, each gallery tile once
+    per such block), ``torch.mm`` of the bf16 tiles (oneDNN; AMX where the CPU has it) gives
+    bf16 scores, and the C++ scan merges them into heaps kept across tiles (sorted once at the
+    end). Returns (scores float32 [Q, L], global indices [Q, L], Bf16Terms)."""
+    Q, D = x.shape
+    G = y.shape[0]
+    mod = _native.cpu_module()
+    nt = _native.num_threads()
+    f32, bf16 = _native.DTYPE_CODES[torch.float32], _native.DTYPE_CODES[torch.bfloat16]
+    mu = space.mu.contiguous() if space.mu is not None else None
+    mu_ptr = mu.data_ptr() if mu is not None else 0
+    tq, tg = tile_shape(Q, G, tile)
+    qs = max(tq, min(Q, ((1 << 24) // D) // tq * tq))  # queries converted at a time
+    hv = torch.full((Q, L), float("-inf"), dtype=torch.float32)
+    hi = torch.full((Q, L), _KEMPTY, dtype=torch.int64)
+    ex2, xt2 = torch.empty(Q, dtype=torch.float64), torch.empty(Q, dtype=torch.float64)
+    xb = torch.empty((min(Q, qs), D), dtype=torch.bfloat16)
+    yb = torch.empty((tg, D), dtype=torch.bfloat16)
+    ey2, yt2 = torch.empty(tg, dtype=torch.float64), torch.empty(tg, dtype=torch.float64)
+    S = torch.empty(tq * tg, dtype=torch.bfloat16)
+    a, b = space.a, space.b
+    ey = yt = 0.0
+    for s0 in range(0, Q, qs):
+        s1 = min(Q, s0 + qs)
+        mod.knn_rows_bf16(x[s0].data_ptr(), f32, s1 - s0, D, mu_ptr, space.c, xb.data_ptr(), ex2[s0].data_ptr(),
+                          xt2[s0].data_ptr(), nt)
+        for g0 in range(0, G, tg):
+            g1 = min(G, g0 + tg)
+            cols = g1 - g0
+            mod.knn_rows_bf16(y[g0].data_ptr(), f32, cols, D, mu_ptr, space.c, yb.data_ptr(), ey2.data_ptr(),
+                              yt2.data_ptr(), nt)
+            if s0 == 0:
+                e, t = ey2[:cols].sqrt(), yt2[:cols].sqrt()
+                if a is not None:  # relative to |y'_j| (a_j is 1/|y'_j| to float32 rounding)
+                    e, t = e * a[g0:g1] * (1 + 2.0**-20), t * a[g0:g1] * (1 + 2.0**-20)
+                ey, yt = max(ey, float(e.max())), max(yt, float(t.max()))
+            a_ptr = a[g0:g1].data_ptr() if a is not None else 0
+            b_ptr = b[g0:g1].data_ptr() if b is not None else 0
+            for q0 in range(s0, s1, tq):
+                q1 = min(s1, q0 + tq)
+                rows = q1 - q0
+                St = S[: rows * cols].view(rows, cols)
+                torch.mm(xb[q0 - s0 : q1 - s0], yb[:cols].T, out=St)
+                mod.knn_select_tile_heap(St.data_ptr(), bf16, f32, rows, cols, cols, col_offset + g0, a_ptr, b_ptr,
+                                         L, hv[q0].data_ptr(), hi[q0].data_ptr(), q0 if exclude_self else -1, nt)
+    mod.knn_heap_sort(hv.data_ptr(), hi.data_ptr(), f32, Q, L, nt)
+    amax = float(a.max()) if a is not None else 1.0
+    return hv, hi, Bf16Terms(ex2.sqrt(), xt2.sqrt(), ey, yt, amax)
+
+
 def worker_tile_shape(Q: int, G: int, tile: int, itemsize: int = 4) -> tuple[int, int]:
     """Score tile of the C++ worker: at most WORKER_TILE_BYTES (one tile per thread, sized
     to stay in a core's L2 between the GEMM and the scan) and at most ``tile`` elements."""
@@ -412,8 +494,35 @@ def exact_rows(x, y, rows: torch.Tensor, k: int, metric: str, backend: str, self
 # ---------------------------------------------------------------------------
 
 
-def certified(x, space: Space, scores, cand, kth, metric: str, complete: bool, backend: str) -> torch.Tensor:
-    """bool [Q]: no gallery item outside a row's list can reach the row's k-th exact value."""
+def _bf16_upper(last, E32, terms: Bf16Terms, metric: str, D: int, ym: float) -> torch.Tensor:
+    """The largest ranking score a gallery item outside a row's list can have after the bf16
+    pass (transformed space). With x~ = bf16(x'), e_x = x' - x~ (likewise for y), f the
+    float32-accumulated x~.y~ and s = bf16(f) the tile score:
+      x'.y' = x~.y~ + e_x.y' + x~.e_y,  so |x'.y' - f| <= |e_x||y'| + |x~||e_y| + g_D |x~||y~|
+    (Cauchy-Schwarz; g_D = D 2^-24 / (1 - D 2^-24), the float32 sum of exact bf16 products), and
+    |s - f| <= u_b |f| (u_b = 2^-8; sign preserved), so f <= phi(s) with phi(t) = t / (1 - u_b)
+    for t >= 0 and t / (1 + u_b) below. Outside items have scanned scores <= last, and the
+    float32 side of the scan (a_j, b_j, the products) is within E32, the float32 pass's bound.
+    cosine (score s a_j, |y'_j| a_j = 1): phi(last + E32) + |e_x| + |x~| ey + g_D |x~| yt;
+    ip: phi(last + E32) + |e_x| ym + |x~| ey + g_D |x~| yt; (sq)euclidean (score s + b_j):
+    last + E32 + u_b (1 + g_D) |x~| yt + the same input terms. A last term covers flushed
+    subnormals (AMX treats them as zero): 2^-125 (sqrt(D) (|x~| + yt) + D + 1) max a_j."""
+    ub = _U_BF16
+    gam = D * 2.0**-24 / (1.0 - D * 2.0**-24)
+    ex, xt = terms.ex, terms.xt
+    tiny = 2.0**-125 * (math.sqrt(D) * (xt + terms.yt) + D + 1) * terms.amax
+    scale = 1.0 if metric == "cosine" else ym
+    e_in = ex * scale + xt * terms.ey + gam * xt * terms.yt + tiny
+    t = last + E32
+    if metric in ("sqeuclidean", "euclidean"):
+        return t + ub * (1.0 + gam) * xt * terms.yt + e_in
+    return torch.where(t >= 0, t / (1.0 - ub), t / (1.0 + ub)) + e_in
+
+
+def certified(x, space: Space, scores, cand, kth, metric: str, complete: bool, backend: str,
+              bf16: Bf16Terms | None = None) -> torch.Tensor:
+    """bool [Q]: no gallery item outside a row's list can reach the row's k-th exact value
+    (``bf16``: the scores came from select_bf16, whose bound is _bf16_upper)."""
     Q, L = cand.shape
     if complete:
         return torch.ones(Q, dtype=torch.bool, device=x.device)
@@ -430,17 +539,22 @@ def certified(x, space: Space, scores, cand, kth, metric: str, complete: bool, b
     c2 = space.c * space.c
     if metric in ("sqeuclidean", "euclidean"):
         E = g * (xn * ym + ym * ym)
-        kd = kth.square() if metric == "euclidean" else kth
-        bound = xn2 - 2.0 * (last + E)  # smallest possible squared distance outside the list
-        ok = bound * (1.0 - gd) > kd * c2
     elif metric == "cosine":
         E = g * xn
-        safe = torch.where(xn > 0, xn, torch.ones_like(xn))
-        bound = 1.0 - (last + E) / safe  # smallest possible 1 - cos outside the list
-        ok = (bound - gd > kth) | (xn == 0)
     else:
         E = g * xn * ym
-        ok = last + E + gd * xn * ym < kth * c2
+    # the largest ranking score any gallery item outside the list can have
+    upper = last + E if bf16 is None else _bf16_upper(last, E, bf16, metric, D, ym)
+    if metric in ("sqeuclidean", "euclidean"):
+        kd = kth.square() if metric == "euclidean" else kth
+        bound = xn2 - 2.0 * upper  # smallest possible squared distance outside the list
+        ok = bound * (1.0 - gd) > kd * c2
+    elif metric == "cosine":
+        safe = torch.where(xn > 0, xn, torch.ones_like(xn))
+        bound = 1.0 - upper / safe  # smallest possible 1 - cos outside the list
+        ok = (bound - gd > kth) | (xn == 0)
+    else:
+        ok = upper + gd * xn * ym < kth * c2
     return ok | short
 
 
@@ -449,34 +563,60 @@ def certified(x, space: Space, scores, cand, kth, metric: str, complete: bool, b
 # ---------------------------------------------------------------------------
 
 
-def list_length(k: int, available: int, backend: str) -> int:
-    return max(k, min(available, k + MARGIN, MAX_LIST.get(backend, k + MARGIN)))
+def list_length(k: int, available: int, backend: str, margin: int = MARGIN) -> int:
+    return max(k, min(available, k + margin, MAX_LIST.get(backend, k + margin)))
 
 
 def knn_local(x, y, k: int, metric: str, exclude_self: bool, tile: int, backend: str,
-              col_offset: int = 0, available: int | None = None):
+              col_offset: int = 0, available: int | None = None, bf16: bool | None = None):
     """Exact top-k (values in x's dtype, global int64 indices) of x [Q, D] over the
     gallery y [G, D] (x, y contiguous, same float dtype). Column j has global index
     col_offset + j; with exclude_self, query i excludes global index i. ``available``:
-    candidates per query (default G, or G - 1 with exclude_self); k <= available."""
+    candidates per query (default G, or G - 1 with exclude_self); k <= available.
+    ``bf16``: run the selection pass in bfloat16 (default: use_bf16); the rows it cannot
+    certify run the float32 pass, and the rows that one cannot certify the direct formula."""
     G = y.shape[0]
     if available is None:
         available = G - 1 if exclude_self else G
-    L = list_length(k, available, backend)
+    if bf16 is None:
+        bf16 = use_bf16(x, y, backend)
+    L = list_length(k, available, backend, MARGIN_BF16 if bf16 else MARGIN)
     space = make_space(x, y, metric, backend)
-    if backend == "triton":  # (called with col_offset = 0 only)
+    terms = None
+    if bf16:
+        scores, cand, terms = select_bf16(x, y, L, space, exclude_self, tile, col_offset)
+    elif backend == "triton":  # (called with col_offset = 0 only)
         scores, cand = _select_triton(x, y, L, space, exclude_self)
     else:
         scores, cand = select_tiles(x, y, L, space, exclude_self, tile, backend, col_offset=col_offset)
     vals, idx, kth = refine(x, y, cand, k, metric, backend, col_offset)
-    ok = certified(x, space, scores, cand, kth, metric, complete=L >= available, backend=backend)
+    ok = certified(x, space, scores, cand, kth, metric, complete=L >= available, backend=backend, bf16=terms)
     bad = torch.nonzero(~ok, as_tuple=False).squeeze(1)
-    if bad.numel():
+    if bad.numel() and bf16:
+        v, i = _float32_rows(x, y, bad, k, metric, exclude_self, tile, backend, col_offset, available)
+        vals[bad] = v
+        idx[bad] = i
+    elif bad.numel():
         self_off = col_offset if exclude_self else -1
         v, i = exact_rows(x, y, bad, k, metric, backend, self_off)
         vals[bad] = v
         idx[bad] = torch.where(i < 0, i, i + col_offset)
     return vals, idx
+
+
+def _float32_rows(x, y, rows: torch.Tensor, k: int, metric: str, exclude_self: bool, tile: int, backend: str,
+                  col_offset: int, available: int):
+    """knn_local's float32 pass for the query rows ``rows`` (global indices, int64): with
+    exclude_self the k + 1 best without exclusion, less the row's own index (a value-sorted
+    list minus one entry keeps its order)."""
+    xs = x.index_select(0, rows).contiguous()
+    extra = 1 if exclude_self else 0
+    v, i = knn_local(xs, y, k + extra, metric, False, tile, backend, col_offset, available + extra, bf16=False)
+    if exclude_self:
+        own = (i == rows[:, None]).to(torch.int8)
+        o = torch.argsort(own, dim=1, stable=True)[:, :k]
+        v, i = v.gather(1, o), i.gather(1, o)
+    return v, i
 
 
 def check_output(vals: torch.Tensor | None, idx: torch.Tensor, metric: str) -> None:
