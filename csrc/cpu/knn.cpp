@@ -354,40 +354,46 @@ void select_gemm_impl(const T* X, const T* Y, int64_t Q, int64_t G, int64_t D, c
   }
 }
 
-// Exact value of one (query, gallery row) pair: double accumulation over d = 0..D-1 in
-// order, so identical gallery rows always get identical values, whatever tile they were in.
-// Four partial sums over d = 0, 4, 8, ... / 1, 5, 9, ... combined in a fixed order: the
-// same arithmetic for every pair (so identical rows get identical values), without one
-// long dependency chain.
+// Exact value of one (query, gallery row) pair by the direct formula in double: eight
+// partial sums (lane l takes d = l, l + 8, l + 16, ... in increasing order, the D % 8 last
+// terms going to lanes 0, 1, ...), combined in one fixed tree. The same arithmetic for every
+// pair, so identical gallery rows always get identical values, whatever tile they were in;
+// the eight lanes are one vector register (AVX-512) or two (AVX2), without one long
+// dependency chain. Cosine takes x.y and y.y in the same pass.
+constexpr int64_t kLanes = 8;
+
+inline double tree8(const double* a) { return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])); }
+
 template <typename T, typename F>
-inline double sum4(const T* __restrict x, const T* __restrict y, int64_t D, F term) {
-  double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0;
+inline void sum8(const T* __restrict x, const T* __restrict y, int64_t D, F term, double* __restrict acc) {
+  for (int64_t l = 0; l < kLanes; ++l) acc[l] = 0.0;
   int64_t d = 0;
-  for (; d + 4 <= D; d += 4) {
-    a0 += term(x[d], y[d]);
-    a1 += term(x[d + 1], y[d + 1]);
-    a2 += term(x[d + 2], y[d + 2]);
-    a3 += term(x[d + 3], y[d + 3]);
+  for (; d + kLanes <= D; d += kLanes) {
+#pragma omp simd
+    for (int64_t l = 0; l < kLanes; ++l) term(acc, l, static_cast<double>(x[d + l]), static_cast<double>(y[d + l]));
   }
-  for (; d < D; ++d) a0 += term(x[d], y[d]);
-  return (a0 + a1) + (a2 + a3);
+  for (int64_t l = 0; d + l < D; ++l) term(acc, l, static_cast<double>(x[d + l]), static_cast<double>(y[d + l]));
 }
 
-// Exact value of one (query, gallery row) pair by the direct formula in double, in a
-// fixed order per pair, so identical gallery rows always get identical values, whatever
-// tile they were in.
 template <typename T>
 inline double exact_value(const T* __restrict x, const T* __restrict y, int64_t D, int metric, double xnorm) {
+  double a[kLanes];
   if (metric == kSqEuclidean || metric == kEuclidean) {
-    const double acc = sum4(x, y, D, [](T a, T b) {
-      const double e = static_cast<double>(a) - static_cast<double>(b);
-      return e * e;
-    });
+    sum8(x, y, D, [](double* acc, int64_t l, double u, double v) { acc[l] += (u - v) * (u - v); }, a);
+    const double acc = tree8(a);
     return metric == kEuclidean ? std::sqrt(acc) : acc;
   }
-  const double xy = sum4(x, y, D, [](T a, T b) { return static_cast<double>(a) * static_cast<double>(b); });
-  if (metric == kIP) return xy;
-  const double yy = sum4(y, y, D, [](T a, T b) { return static_cast<double>(a) * static_cast<double>(b); });
+  if (metric == kIP) {
+    sum8(x, y, D, [](double* acc, int64_t l, double u, double v) { acc[l] += u * v; }, a);
+    return tree8(a);
+  }
+  double b[kLanes];
+  for (int64_t l = 0; l < kLanes; ++l) b[l] = 0.0;
+  sum8(x, y, D, [&b](double* acc, int64_t l, double u, double v) {
+    acc[l] += u * v;
+    b[l] += v * v;
+  }, a);
+  const double xy = tree8(a), yy = tree8(b);
   // scale-invariant: only a zero vector is special (cosine 0 with everything)
   const double den = (xnorm > 0.0 ? xnorm : 1.0) * (yy > 0.0 ? std::sqrt(yy) : 1.0);
   return std::min(2.0, std::max(0.0, 1.0 - xy / den));
@@ -426,6 +432,15 @@ void refine_impl(const T* X, const T* Y, int64_t Q, int64_t D, int64_t L, int me
       const int64_t* __restrict id = cand + q * L;
       for (int64_t t = 0; t < L; ++t) {
         const int64_t j = id[t];
+        // the candidates are scattered over the gallery: start loading the next row (its
+        // first 2 KB; the hardware prefetcher follows beyond) while this one is summed
+        // (measured: refine of 20000 x 42 candidates at D = 512 0.24 -> 0.18 s on 2 cores)
+        if (t + 1 < L && id[t + 1] >= 0) {
+          const char* nxt = reinterpret_cast<const char*>(Y + id[t + 1] * D);
+          const int64_t bytes = std::min<int64_t>(D * static_cast<int64_t>(sizeof(T)), 2048);
+          for (int64_t o = 0; o < bytes; o += 64)
+            __builtin_prefetch(nxt + o);
+        }
         row[t] = j >= 0 ? std::make_pair(exact_value(x, Y + j * D, D, metric, xn), j) : std::make_pair(worst, kNone);
       }
       std::sort(row.begin(), row.end(), [ascending](const auto& p, const auto& r) {

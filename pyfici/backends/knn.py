@@ -13,6 +13,10 @@ certification.
    when the data sit far from the origin (distances do not change, the
    cancellation in ``||x||^2 + ||y||^2 - 2 x.y`` does), and scaled by one power of
    two (exact) when the magnitudes would overflow or underflow the dtype's squares.
+   On CPUs with bfloat16 matrix instructions (AMX-BF16 / AVX512-BF16) float32 inputs are
+   selected from bfloat16 tiles instead (select_bf16: torch.mm of bf16 copies, oneDNN), with
+   more candidates and a certificate of its own (_bf16_upper); its uncertified rows run the
+   float32 pass. ``PYFICI_KNN_BF16=auto|on|off``; docs/ops_knn.md, "The bfloat16 selection".
 2. Refinement. The L candidates of every query get exact values from the direct
    formula (``sum (x_d - y_d)^2``, ``x.y``, ``1 - x.y / (|x| |y|)``, accumulated in
    double in a fixed order per pair) and are sorted by (value, index). A value never

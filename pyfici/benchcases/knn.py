@@ -3,7 +3,8 @@ users run today: the bare GEMM alone with each CPU BLAS (chunked ``torch.mm``, i
 MKL where torch links it, and OpenBLAS from scipy-openblas32 through pyfici's loader,
 same chunks; the floor), chunked ``torch.mm`` + ``topk`` + gather + mean, and
 faiss-cpu ``IndexFlatIP.search`` + mean; pyfici itself with each GEMM provider
-(``PYFICI_GEMM``). Unit-norm embeddings (as FICGAN's identity codes), cosine / inner
+(``PYFICI_GEMM``), and, where the default runs the bfloat16 selection pass
+(``PYFICI_KNN_BF16``), the float32 pass on each provider and the bare bfloat16 GEMM. Unit-norm embeddings (as FICGAN's identity codes), cosine / inner
 product, k = 10. The peak memory knn_average adds beyond its inputs and output is
 measured in a fresh process per provider and printed (and kept in the case note)."""
 
@@ -68,12 +69,37 @@ def openblas_alone(x: torch.Tensor, y: torch.Tensor, chunk: int = CHUNK):
     return run
 
 
-def with_gemm(name: str, fn):
+def with_gemm(name: str, fn, knn_bf16: str | None = None):
+    """fn run with the GEMM provider ``name`` (and PYFICI_KNN_BF16=knn_bf16 when given)."""
     def run():
-        with _native.use_gemm(name):
+        with _native.use_gemm(name), _native.use_knn_bf16(knn_bf16 or "auto"):
             return fn()
 
     return run
+
+
+def bf16_selection(Q: int, G: int, D: int) -> bool:
+    """Whether pyfici's default CPU kNN runs the bfloat16 selection pass at this size."""
+    from pyfici.backends import knn as kb
+
+    return kb.use_bf16(torch.empty(Q, D), torch.empty(G, D), "cpu") if Q and G else False
+
+
+def variants(Q: int, G: int, D: int) -> tuple[str, list[tuple[str, str, str | None]]]:
+    """(label of the default CPU path, [(label, gemm, PYFICI_KNN_BF16 or None)] of the other
+    paths worth timing): with the bf16 selection the default, the float32 selection on each
+    GEMM provider; else the providers other than the default."""
+    if bf16_selection(Q, G, D):
+        return "bf16 selection", [(f"float32 selection, gemm {g}", g, "off") for g in gemm_providers()]
+    return f"gemm {_native.gemm_provider()}", [
+        (f"gemm {g}", g, None) for g in gemm_providers() if g != _native.gemm_provider()]
+
+
+def mm_alone_bf16(x: torch.Tensor, y: torch.Tensor, chunk: int = CHUNK):
+    """mm_alone on bfloat16 copies of the inputs (made once, outside the timing): the floor of
+    the bf16 selection pass."""
+    xb, yb = x.bfloat16(), y.bfloat16()
+    return mm_alone(xb, yb, chunk)
 
 
 def gemm_providers() -> list[str]:
@@ -106,12 +132,15 @@ def measure_peak_extra(Q: int, G: int, D: int, k: int) -> None:
     print(f"{extra_kb / 1024:.1f}")
 
 
-def peak_extra_mb(Q: int, G: int, D: int, k: int, gemm: str) -> str:
-    """measure_peak_extra in a fresh process with PYFICI_GEMM=gemm: '<MB> MB' or why not."""
+def peak_extra_mb(Q: int, G: int, D: int, k: int, gemm: str, knn_bf16: str | None = None) -> str:
+    """measure_peak_extra in a fresh process with PYFICI_GEMM=gemm (and PYFICI_KNN_BF16 when
+    given): '<MB> MB' or why not."""
     if not os.path.exists("/proc/self/clear_refs"):
         return "n/a (needs Linux /proc)"
     code = f"from pyfici.benchcases.knn import measure_peak_extra as m; m({Q}, {G}, {D}, {k})"
     env = dict(os.environ, PYFICI_GEMM=gemm)
+    if knn_bf16:
+        env["PYFICI_KNN_BF16"] = knn_bf16
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     if r.returncode != 0:
         return f"n/a ({r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode})"
@@ -158,8 +187,9 @@ def cases(size: str, device: str) -> list[Case]:
     out: list[Case] = []
 
     ours = "pyfici knn_average"
+    default, others = variants(Q, G, D) if device == "cpu" else ("", [])
     if device == "cpu":
-        ours += f" (gemm {_native.gemm_provider()})"
+        ours += f" ({default})"
     avg_case = Case("knn", f"knn_average Q={Q} G={G} D={D} k={k}", lambda: setup_avg(), ours=ours,
                     note="cosine, unit-norm rows", repeats=2 if full else 3)
 
@@ -169,14 +199,15 @@ def cases(size: str, device: str) -> list[Case]:
         fns = {ours: lambda: knn_average(x, y, k, metric="cosine", check_values=False)}
         if device == "cpu":
             mem = []
-            for name in gemm_providers():
+            runs = [(default, _native.gemm_provider(), None)] + others
+            for label, gemm, bf16 in runs:
                 if MEASURE_MEMORY:
-                    mb = peak_extra_mb(Q, G, D, k, name)
-                    mem.append(f"gemm {name}: {mb}")
-                    print(f"[bench]   knn_average peak extra memory, gemm {name}: {mb}", file=sys.stderr, flush=True)
-                if name != _native.gemm_provider():
-                    fns[f"pyfici knn_average (gemm {name})"] = with_gemm(
-                        name, lambda: knn_average(x, y, k, metric="cosine", check_values=False))
+                    mb = peak_extra_mb(Q, G, D, k, gemm, bf16)
+                    mem.append(f"{label}: {mb}")
+                    print(f"[bench]   knn_average peak extra memory, {label}: {mb}", file=sys.stderr, flush=True)
+            for label, gemm, bf16 in others:
+                fns[f"pyfici knn_average ({label})"] = with_gemm(
+                    gemm, lambda: knn_average(x, y, k, metric="cosine", check_values=False), bf16)
             if mem:
                 avg_case.note = f"cosine, unit-norm rows; peak extra memory {', '.join(mem)}"
         fns["chunked torch.mm alone"] = mm_alone(x, y)
@@ -184,6 +215,8 @@ def cases(size: str, device: str) -> list[Case]:
             f = openblas_alone(x, y)
             if f is not None:
                 fns["chunked OpenBLAS sgemm alone"] = f
+            if default == "bf16 selection":
+                fns["chunked torch.mm alone, bfloat16 inputs"] = mm_alone_bf16(x, y)
         fns["torch.mm + topk + gather + mean"] = mm_topk_mean(x, y, k)
         if device == "cpu":
             f = faiss_search_mean(x, y, k)
@@ -208,16 +241,14 @@ def cases(size: str, device: str) -> list[Case]:
             return torch.cat(vals), torch.cat(idx)
 
         fns = {"pyfici knn (ip)": lambda: knn(x, y, k, metric="ip", check_values=False)}
-        if device == "cpu":
-            for name in gemm_providers():
-                if name != _native.gemm_provider():
-                    fns[f"pyfici knn (ip, gemm {name})"] = with_gemm(
-                        name, lambda: knn(x, y, k, metric="ip", check_values=False))
+        for label, gemm, bf16 in others:
+            fns[f"pyfici knn (ip, {label})"] = with_gemm(gemm, lambda: knn(x, y, k, metric="ip", check_values=False),
+                                                       bf16)
         fns["torch.mm + topk"] = topk_only
         return fns
 
     out.append(Case("knn", f"knn ip Q={Q} G={G} D={D} k={k}", setup_knn, ours="pyfici knn (ip)",
-                    note=f"gemm {_native.gemm_provider()}" if device == "cpu" else "", repeats=2 if full else 3))
+                    note=default, repeats=2 if full else 3))
 
     N = SIZES[key]["ksame"]
     if N and device == "cpu":
