@@ -170,13 +170,16 @@ def test_bf16_choice_rule_and_modes(monkeypatch):
     assert _native.knn_bf16_info().startswith("float32")
     monkeypatch.delenv("PYFICI_KNN_BF16")
     assert "cpu_knn_select" in _native.info()
-    # torch's bf16 GEMM here follows the one-rounding model (else "on" must raise)
-    if _native.knn_bf16_probe():
-        with pytest.raises(RuntimeError, match="cannot be certified"), _native.use_knn_bf16("on"):
-            pass
-    else:
-        with _native.use_knn_bf16("on"):
-            assert _native.knn_bf16_choice()[:1] == (True,)
+    # forced on: allowed only where torch's bf16 GEMM follows the one-rounding model
+    monkeypatch.setenv("PYFICI_KNN_BF16", "on")
+    if not _native.knn_bf16_probe():
+        assert _native.knn_bf16_choice()[:1] == (True,)
+    monkeypatch.setattr(_native, "knn_bf16_probe", lambda: "rounds more than once (simulated)")
+    with pytest.raises(RuntimeError, match="cannot be certified here .*simulated"):
+        _native.knn_bf16_choice()
+    monkeypatch.setenv("PYFICI_KNN_BF16", "auto")
+    on, why, forced = _native.knn_bf16_choice()
+    assert not forced and (not on) and ("simulated" in why or "no bfloat16" in why or "oneDNN" in why)
 
 
 def test_auto_mode_keeps_small_products_in_float32(monkeypatch):
