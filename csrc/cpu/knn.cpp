@@ -425,7 +425,7 @@ void refine_impl(const T* X, const T* Y, int64_t Q, int64_t D, int64_t L, int me
 #pragma omp parallel num_threads(nthreads)
   {
     std::vector<std::pair<double, int64_t>> row(static_cast<size_t>(L));
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 64)  // a descheduled thread does not hold the others up
     for (int64_t q = 0; q < Q; ++q) {
       const T* __restrict x = X + q * D;
       const double xn = query_norm(x, D, metric);
