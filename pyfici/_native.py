@@ -142,7 +142,7 @@ def use_isa(isa: str):
     generic, err = _load("_C_generic")
     if generic is None:
         raise RuntimeError(f"{cpu_error()}; {REBUILD_HINT}")
-    select_isa(isa, dict(generic.cpu_features()), CPU_ISAS_BUILT)
+    select_isa(isa, cpu_feature_flags(), CPU_ISAS_BUILT)
     mod, err = _load(f"_C_{isa}")
     if mod is None:
         raise RuntimeError(f"pyfici._C_{isa} failed to load ({err})")
@@ -194,10 +194,17 @@ def openblas_module():
 
 
 @functools.cache
+def cpu_feature_flags() -> dict:
+    """The running CPU's features (the generic module's cpu_features(), read once; {} when
+    it is not built)."""
+    generic, _ = _load("_C_generic")
+    return dict(generic.cpu_features()) if generic is not None else {}
+
+
+@functools.cache
 def cpu_vendor() -> str:
     """"intel", "amd" or "other" (from CPUID)."""
-    generic, _ = _load("_C_generic")
-    f = dict(generic.cpu_features()) if generic is not None else {}
+    f = cpu_feature_flags()
     return "intel" if f.get("intel") else "amd" if f.get("amd") else "other"
 
 
@@ -390,8 +397,7 @@ def knn_bf16_choice() -> tuple[bool, str, bool]:
         if err:
             raise RuntimeError(f"PYFICI_KNN_BF16=on: the bfloat16 selection cannot be certified here ({err})")
         return True, "forced (PYFICI_KNN_BF16=on)", True
-    generic, _ = _load("_C_generic")
-    features = dict(generic.cpu_features()) if generic is not None else {}
+    features = cpu_feature_flags()
     on, why = auto_knn_bf16(features, torch.backends.mkldnn.is_available(), "")
     if on:  # the probe only where the rule would use it
         on, why = auto_knn_bf16(features, True, knn_bf16_probe())

@@ -140,13 +140,11 @@ def test_bf16_bound_holds_for_every_gallery_item(metric, D):
     elif metric in ("sqeuclidean", "euclidean"):
         exact = exact - 0.5 * yp.square().sum(1)
     exact_of_cand = exact.gather(1, cand)
-    D_ = x.shape[1]
-    g = 4.0 * (D_ + 4) * 2.0**-24
     xn = xp.norm(dim=1, keepdim=True)
     ym = space.ymax
-    E = {"cosine": g * xn, "ip": g * xn * ym}.get(metric, g * (xn * ym + ym * ym))
+    E = kb.tile_error(xn, ym, metric, D, torch.float32)
     sub = kb.Bf16Terms(terms.ex[:, None], terms.xt[:, None], terms.ey, terms.yt, terms.amax)
-    upper = kb._bf16_upper(scores.double(), E, sub, metric, D_, ym)
+    upper = kb._bf16_upper(scores.double(), E, sub, metric, D, ym)
     assert bool((upper >= exact_of_cand).all()), float((exact_of_cand - upper).max())
     # and it is not vacuous: within a few bf16 roundings of the scores' scale
     scale = (xn * (1.0 if metric == "cosine" else ym)).expand_as(upper)
@@ -183,11 +181,11 @@ def test_bf16_choice_rule_and_modes(monkeypatch):
 
 
 def test_auto_mode_keeps_small_products_in_float32(monkeypatch):
-    x, y = torch.randn(10, 8), torch.randn(50, 8)
     with _native.use_knn_bf16("auto"):
-        assert not kb.use_bf16(x, y, "cpu")  # far below BF16_MIN_WORK
-        assert not kb.use_bf16(x.double(), y.double(), "cpu")
+        assert not kb.use_bf16(torch.float32, 10, 50, 8, "cpu")  # far below BF16_MIN_WORK
+        assert not kb.use_bf16(torch.float64, 10, 50, 8, "cpu")
     with _native.use_knn_bf16("on"):
-        assert kb.use_bf16(x, y, "cpu")
-        assert not kb.use_bf16(x.double(), y.double(), "cpu")  # float64 keeps its own pass
+        assert kb.use_bf16(torch.float32, 10, 50, 8, "cpu")
+        assert not kb.use_bf16(torch.float64, 10, 50, 8, "cpu")  # float64 keeps its own pass
+        assert not kb.use_bf16(torch.float32, 10, 50, 8, "cuda")
     assert kb.BF16_MIN_WORK >= 1 << 30 and math.log2(kb.BF16_MIN_WORK) % 1 == 0

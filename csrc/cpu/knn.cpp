@@ -366,7 +366,6 @@ inline double tree8(const double* a) { return ((a[0] + a[1]) + (a[2] + a[3])) + 
 
 template <typename T, typename F>
 inline void sum8(const T* __restrict x, const T* __restrict y, int64_t D, F term, double* __restrict acc) {
-  for (int64_t l = 0; l < kLanes; ++l) acc[l] = 0.0;
   int64_t d = 0;
   for (; d + kLanes <= D; d += kLanes) {
 #pragma omp simd
@@ -377,7 +376,7 @@ inline void sum8(const T* __restrict x, const T* __restrict y, int64_t D, F term
 
 template <typename T>
 inline double exact_value(const T* __restrict x, const T* __restrict y, int64_t D, int metric, double xnorm) {
-  double a[kLanes];
+  double a[kLanes] = {};  // the lanes sum8 accumulates into (term adds to acc[l])
   if (metric == kSqEuclidean || metric == kEuclidean) {
     sum8(x, y, D, [](double* acc, int64_t l, double u, double v) { acc[l] += (u - v) * (u - v); }, a);
     const double acc = tree8(a);
@@ -387,8 +386,7 @@ inline double exact_value(const T* __restrict x, const T* __restrict y, int64_t 
     sum8(x, y, D, [](double* acc, int64_t l, double u, double v) { acc[l] += u * v; }, a);
     return tree8(a);
   }
-  double b[kLanes];
-  for (int64_t l = 0; l < kLanes; ++l) b[l] = 0.0;
+  double b[kLanes] = {};
   sum8(x, y, D, [&b](double* acc, int64_t l, double u, double v) {
     acc[l] += u * v;
     b[l] += v * v;

@@ -289,13 +289,13 @@ class Bf16Terms(NamedTuple):
     amax: float
 
 
-def use_bf16(x: torch.Tensor, y: torch.Tensor, backend: str) -> bool:
-    """Whether knn_local runs its selection pass in bfloat16 (CPU, float32 inputs; see
-    pyfici._native.knn_bf16_choice)."""
-    if backend != "cpu" or x.dtype != torch.float32 or x.shape[0] == 0 or y.shape[0] == 0:
+def use_bf16(dtype: torch.dtype, Q: int, G: int, D: int, backend: str) -> bool:
+    """Whether knn_local runs its selection pass in bfloat16 for Q queries against G gallery
+    rows of D dims (CPU, float32 inputs; see pyfici._native.knn_bf16_choice)."""
+    if backend != "cpu" or dtype != torch.float32 or Q == 0 or G == 0:
         return False
     on, _, forced = _native.knn_bf16_choice()
-    return on and (forced or x.shape[0] * y.shape[0] * x.shape[1] >= BF16_MIN_WORK)
+    return on and (forced or Q * G * D >= BF16_MIN_WORK)
 
 
 def select_bf16(x, y, L: int, space: Space, exclude_self: bool, tile: int, col_offset: int = 0):
@@ -523,6 +523,16 @@ def _bf16_upper(last, E32, terms: Bf16Terms, metric: str, D: int, ym: float) -> 
     return torch.where(t >= 0, t / (1.0 - ub), t / (1.0 + ub)) + e_in
 
 
+def tile_error(xn, ym: float, metric: str, D: int, dt: torch.dtype):
+    """The bound E on a float32/64 tile's ranking-score error for queries of norm xn (in the
+    transformed space; ym = max ||y'||): ``4 (D + 4) u`` (a factor 4 of slack) times
+    ``|x'| Y'max + Y'max^2`` ((sq)euclidean), ``|x'|`` (cosine) or ``|x'| Y'max`` (ip)."""
+    g = 4.0 * (D + 4) * _unit(dt)
+    if metric in ("sqeuclidean", "euclidean"):
+        return g * (xn * ym + ym * ym)
+    return g * xn if metric == "cosine" else g * xn * ym
+
+
 def certified(x, space: Space, scores, cand, kth, metric: str, complete: bool, backend: str,
               bf16: Bf16Terms | None = None) -> torch.Tensor:
     """bool [Q]: no gallery item outside a row's list can reach the row's k-th exact value
@@ -531,9 +541,6 @@ def certified(x, space: Space, scores, cand, kth, metric: str, complete: bool, b
     if complete:
         return torch.ones(Q, dtype=torch.bool, device=x.device)
     D = x.shape[1]
-    dt = x.dtype
-    u = _unit(dt)
-    g = 4.0 * (D + 4) * u  # relative error bound of a tile score (factor 4 of slack)
     gd = 8.0 * (D + 4) * 2.0**-53  # rounding of the double-precision exact values
     last = scores[:, -1].double()
     short = cand[:, -1] < 0  # fewer candidates than L: every column was seen
@@ -541,12 +548,7 @@ def certified(x, space: Space, scores, cand, kth, metric: str, complete: bool, b
     xn = xn2.sqrt()
     ym = space.ymax
     c2 = space.c * space.c
-    if metric in ("sqeuclidean", "euclidean"):
-        E = g * (xn * ym + ym * ym)
-    elif metric == "cosine":
-        E = g * xn
-    else:
-        E = g * xn * ym
+    E = tile_error(xn, ym, metric, D, x.dtype)
     # the largest ranking score any gallery item outside the list can have
     upper = last + E if bf16 is None else _bf16_upper(last, E, bf16, metric, D, ym)
     if metric in ("sqeuclidean", "euclidean"):
@@ -583,7 +585,7 @@ def knn_local(x, y, k: int, metric: str, exclude_self: bool, tile: int, backend:
     if available is None:
         available = G - 1 if exclude_self else G
     if bf16 is None:
-        bf16 = use_bf16(x, y, backend)
+        bf16 = use_bf16(x.dtype, x.shape[0], G, x.shape[1], backend)
     L = list_length(k, available, backend, MARGIN_BF16 if bf16 else MARGIN)
     space = make_space(x, y, metric, backend)
     terms = None

@@ -82,7 +82,7 @@ def bf16_selection(Q: int, G: int, D: int) -> bool:
     """Whether pyfici's default CPU kNN runs the bfloat16 selection pass at this size."""
     from pyfici.backends import knn as kb
 
-    return kb.use_bf16(torch.empty(Q, D), torch.empty(G, D), "cpu") if Q and G else False
+    return kb.use_bf16(torch.float32, Q, G, D, "cpu")
 
 
 def variants(Q: int, G: int, D: int) -> tuple[str, list[tuple[str, str, str | None]]]:
