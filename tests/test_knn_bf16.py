@@ -117,7 +117,7 @@ def test_bf16_pass_at_the_numerical_edges(metric):
         if metric in ("sqeuclidean", "ip") and float(x.abs().max()) > 1e10:
             continue  # values beyond float32: refused on both passes (test_knn_numerics)
         ri = top(x, y, 4, metric)[1]
-        (v1, i1), (v2, i2) = _both(lambda: knn(x, y, 4, metric=metric))
+        (v1, i1), (v2, i2) = _both(lambda x=x, y=y: knn(x, y, 4, metric=metric))
         assert torch.equal(i1, ri), (metric, float(x.abs().max()))
         assert torch.equal(i1, i2) and torch.equal(v1, v2)
 

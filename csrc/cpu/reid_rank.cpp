@@ -301,9 +301,10 @@ inline RowResult stats_from_ranks(std::vector<int64_t>& ranks, bool trapezoid) {
 }
 
 // Optional fused distance epilogue applied while the row is read (the GEMM
-// tile holds ||g||^2 - 2 q.g, or q.g for cosine), bit-identical to torch's
-// elementwise ops: 0 none, 1 sqeuclidean max(x + ||q||^2, 0), 2 euclidean
-// sqrt of that, 3 cosine clamp(1 - x, 0, 2).
+// tile holds ||g||^2 - 2 q.g, or q.g for cosine), bit-identical to
+// pyfici.ops.distance.apply_epilogue (whose sqrt is the IEEE one, as here):
+// 0 none, 1 sqeuclidean max(x + ||q||^2, 0), 2 euclidean sqrt of that,
+// 3 cosine clamp(1 - x, 0, 2).
 template <typename T, int Epi>
 inline T epilogue(T x, T qn) {
   if constexpr (Epi == 1) {

