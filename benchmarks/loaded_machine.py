@@ -29,7 +29,7 @@ import time
 import torch
 
 from pyfici import _native
-from pyfici.bench import load_cases, time_call, timing_plan
+from pyfici.bench import load_cases, time_interleaved
 
 
 def _spin(stop) -> None:
@@ -70,9 +70,8 @@ def measure(cases, repeats: int | None, busy: int) -> dict[tuple[str, str], floa
         for case in cases:
             print(f"[loaded] busy={busy} {case.family}/{case.name} ...", file=sys.stderr, flush=True)
             fns = case.setup()
-            for impl, fn in fns.items():
-                fn, reps, warm = timing_plan(case, fn, repeats)
-                out[(case.name, impl)] = statistics.median(time_call(fn, reps, warm, "cpu"))
+            for impl, runs in time_interleaved(case, fns, "cpu", repeats).items():
+                out[(case.name, impl)] = statistics.median(runs)
             del fns
     return out
 

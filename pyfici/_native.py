@@ -202,6 +202,22 @@ def cpu_feature_flags() -> dict:
 
 
 @functools.cache
+def cpu_model() -> str:
+    """The CPU's model name ("AMD EPYC", "Intel(R) Xeon(R) Processor", ...): /proc/cpuinfo's
+    first "model name" on Linux, else platform.processor() or the machine type."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+@functools.cache
 def cpu_vendor() -> str:
     """"intel", "amd" or "other" (from CPUID)."""
     f = cpu_feature_flags()
@@ -476,6 +492,7 @@ def info() -> dict:
         "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         if torch.cuda.is_available()
         else [],
+        "cpu_model": cpu_model(),
         "cpu_threads": torch.get_num_threads(),
     }
     try:

@@ -6,6 +6,10 @@ once and returns zero-argument callables: ours first ("pyfici"), then the
 anchors. Every callable is warmed up, then timed ``repeats`` times (with
 ``torch.cuda.synchronize`` on the GPU); the table shows medians and the
 ratio anchor / ours measured in the same run (> 1 means pyfici is faster).
+The timed runs of a case are interleaved (one run of each implementation per
+round): on a shared cloud machine the memory bandwidth drifts by tens of per
+cent within a minute, and timing all runs of one implementation before the
+next would fold that drift into the ratio.
 The pytest-benchmark suite in benchmarks/ runs the same cases.
 """
 
@@ -89,6 +93,22 @@ def timing_plan(case: Case, fn, repeats: int | None = None) -> tuple[Callable[[]
     return fn, reps, warm
 
 
+def time_interleaved(case: Case, fns: dict, device: str, repeats: int | None = None) -> dict[str, list[float]]:
+    """{implementation: timed runs}: each implementation warmed up, then timed in rounds,
+    one run of every implementation (that has runs left, see :func:`timing_plan`) per round."""
+    plans = {impl: timing_plan(case, fn, repeats) for impl, fn in fns.items()}
+    for fn, _, warm in plans.values():
+        for _ in range(warm):
+            fn()
+    _sync(device)
+    runs: dict[str, list[float]] = {impl: [] for impl in plans}
+    for r in range(max((reps for _, reps, _ in plans.values()), default=0)):
+        for impl, (fn, reps, _) in plans.items():
+            if r < reps:
+                runs[impl] += time_call(fn, 1, 0, device)
+    return runs
+
+
 def run_cases(cases: list[Case], device: str, repeats: int | None = None, progress: bool = True) -> list[Row]:
     rows: list[Row] = []
     for case in cases:
@@ -96,9 +116,7 @@ def run_cases(cases: list[Case], device: str, repeats: int | None = None, progre
             print(f"[bench] {case.family}/{case.name} ...", file=sys.stderr, flush=True)
         fns = case.setup()
         ours_t = None
-        for impl, fn in fns.items():
-            fn, reps, warm = timing_plan(case, fn, repeats)
-            runs = time_call(fn, reps, warm, device)
+        for impl, runs in time_interleaved(case, fns, device, repeats).items():
             med = statistics.median(runs)
             row = Row(case.family, case.name, impl, med, runs, note=case.note if impl == case.ours else "")
             if impl == case.ours:
@@ -125,7 +143,10 @@ def machine_line(device: str) -> str:
     if device == "cuda" and torch.cuda.is_available():
         what = torch.cuda.get_device_name()
     else:
-        what = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+        from pyfici import _native
+
+        what = (f"{_native.cpu_model()} ({platform.machine()}), pyfici CPU variant {_native.CPU_ISA or 'none'}, "
+                f"{torch.get_num_threads()} threads")
     return f"{what}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}"
 
 

@@ -35,6 +35,24 @@ def test_bench_small_prints_table(capsys):
     assert main(["bench", "--family", "reid", "--size", "small", "--device", "cpu", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "anchor/pyfici" in out and "pyfici evaluate_distmat" in out
+    from pyfici import _native
+
+    assert f"pyfici CPU variant {_native.CPU_ISA}" in out and _native.cpu_model() in out
+
+
+def test_bench_interleaves_the_timed_runs():
+    """One run of every implementation per round (drift on a shared machine hits all of them
+    alike); a slow anchor given as (fn, n) gets no warm-up and at most n runs."""
+    from pyfici.bench import Case, time_interleaved
+
+    calls = []
+    fns = {"pyfici": lambda: calls.append("a"), "anchor": lambda: calls.append("b"),
+           "slow": (lambda: calls.append("s"), 2)}
+    case = Case("optim", "t", lambda: fns, repeats=4, warmup=1)
+    runs = time_interleaved(case, fns, "cpu")
+    assert [len(runs[k]) for k in ("pyfici", "anchor", "slow")] == [4, 4, 2]
+    assert calls == ["a", "b"] + ["a", "b", "s"] * 2 + ["a", "b"] * 2
+    assert all(t >= 0 for r in runs.values() for t in r)
 
 
 # ----------------------------------------------------------------------------- the CLI convention
