@@ -10,6 +10,7 @@ measured in a fresh process per provider and printed (and kept in the case note)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -70,9 +71,11 @@ def openblas_alone(x: torch.Tensor, y: torch.Tensor, chunk: int = CHUNK):
 
 
 def with_gemm(name: str, fn, knn_bf16: str | None = None):
-    """fn run with the GEMM provider ``name`` (and PYFICI_KNN_BF16=knn_bf16 when given)."""
+    """fn run with the GEMM provider ``name`` (and PYFICI_KNN_BF16=knn_bf16 when given; else
+    the process's own choice, so that a PYFICI_KNN_BF16 set by the user holds for every row)."""
     def run():
-        with _native.use_gemm(name), _native.use_knn_bf16(knn_bf16 or "auto"):
+        bf16 = _native.use_knn_bf16(knn_bf16) if knn_bf16 else contextlib.nullcontext()
+        with _native.use_gemm(name), bf16:
             return fn()
 
     return run
