@@ -281,7 +281,7 @@ def auto_tile_gemm(vendor: str, torch_has_mkl: bool, openblas_error: str) -> tup
     on an Intel Xeon with AVX-512 (idle, 1054 x 15913 x 2048 and 1024 x 19281 x 2048
     products): MKL's GEMM as fast as OpenBLAS's own threads and 2-5% faster than
     OpenBLAS on OpenMP row blocks, and evaluate / rerank were slower with OpenBLAS
-    under their scan. On an AMD EPYC (Zen 4, idle): OpenBLAS's GEMM 1.55x faster than
+    under their scan. On an AMD EPYC (Zen 4, idle): OpenBLAS's GEMM 1.45-1.55x faster than
     MKL's (20,000 x 100,000 x 512), and evaluate / rerank faster on OpenBLAS tiles
     (1.28 s vs MKL tiles' GEMM alone 2.00 s; 5.11 s vs 6.46 s)."""
     if openblas_error:
