@@ -19,6 +19,7 @@ import functools
 import importlib
 import importlib.util
 import os
+import warnings
 
 import torch
 
@@ -163,6 +164,7 @@ OPENBLAS_PREFIX = "scipy_"  # symbol prefix of the scipy-openblas32 build (scipy
 _GEMM_FORCED: str | None = None  # set by use_gemm()
 _OPENBLAS_CONFIG: dict[str, str] = {}  # module name -> the loaded OpenBLAS's configuration string
 _OPENBLAS_PATH: tuple[str, str] | None = None  # (path, "") or ("", why it is unavailable), looked up once
+_OPENBLAS_BAD: dict[str, str] = {}  # module name -> why its OpenBLAS is refused (failed gemm_probe)
 
 
 def openblas_library() -> str:
@@ -185,12 +187,65 @@ def openblas_library() -> str:
 
 def openblas_module():
     """The chosen CPU module with OpenBLAS loaded into it (dlopen from C++, once per module),
-    or a RuntimeError with the reason."""
+    or a RuntimeError with the reason. A library whose GEMM fails :func:`gemm_probe` (wrong
+    results on this CPU) is refused: that reason is raised, and warned once."""
     mod = cpu_module()
+    if mod.__name__ in _OPENBLAS_BAD:
+        raise RuntimeError(_OPENBLAS_BAD[mod.__name__])
     if mod.__name__ not in _OPENBLAS_CONFIG:
         path = openblas_library()
-        _OPENBLAS_CONFIG[mod.__name__] = mod.gemm_load(path, OPENBLAS_PREFIX)
+        config = mod.gemm_load(path, OPENBLAS_PREFIX)
+        seen = gemm_probe(functools.partial(_module_gemm, mod))
+        if seen:
+            why = (f"OpenBLAS ({config}) computed wrong products on this CPU in pyfici's GEMM check: {seen}; "
+                   "torch.mm is used instead. OPENBLAS_CORETYPE chooses another of OpenBLAS's kernels (e.g. "
+                   "NEOVERSEN1 or ARMV8 on aarch64, HASWELL on x86-64), PYFICI_GEMM=torch skips OpenBLAS")
+            _OPENBLAS_BAD[mod.__name__] = why
+            warnings.warn(why, RuntimeWarning, stacklevel=2)
+            raise RuntimeError(why)
+        _OPENBLAS_CONFIG[mod.__name__] = config
     return mod
+
+
+def _module_gemm(mod, a: torch.Tensor, b: torch.Tensor, threads: int) -> torch.Tensor:
+    """a @ b.T with the BLAS loaded into ``mod``, through the entry points the kernels use
+    (gemm_nt with the BLAS's own threads, gemm_nt_omp with OpenMP row blocks)."""
+    c = torch.full((a.shape[0], b.shape[0]), float("nan"), dtype=a.dtype)
+    fn = mod.gemm_nt if threads == 1 else mod.gemm_nt_omp
+    fn(DTYPE_CODES[a.dtype], a.shape[0], b.shape[0], a.shape[1], a.data_ptr(), b.data_ptr(), c.data_ptr(), threads)
+    return c
+
+
+# (M, N, K) of the check: odd sizes that leave partial register blocks in every direction,
+# and one of several cache blocks deep enough for multi-block accumulation
+GEMM_PROBE_SHAPES = ((1, 1, 1), (5, 7, 3), (37, 53, 29), (67, 131, 70), (130, 70, 300))
+
+
+def gemm_probe(gemm) -> str:
+    """"" when ``gemm(a, b, threads) -> a @ b.T`` is right to rounding on this CPU, else the
+    first wrong case. Checked on the float32 and float64 products of
+    :data:`GEMM_PROBE_SHAPES` (1 and 2 threads) against the elementwise float64 sum (no
+    BLAS), with the standard bound ``|c - a.b| <= 2 K u sum |a_k b_k|`` (u the unit
+    roundoff; a factor 2 of slack). Why: a BLAS kernel that is wrong on some CPU (e.g.
+    OpenBLAS 0.3.34's ARMV9SME kernels, which returned NaN and wrong sums under qemu's
+    aarch64 ``max`` CPU: docs/cpu_dispatch.md) would otherwise give wrong neighbours that no
+    certificate can catch, since the certificates assume a GEMM that only rounds."""
+    g = torch.Generator().manual_seed(0)
+    for dtype, u in ((torch.float32, 2.0**-24), (torch.float64, 2.0**-53)):
+        for M, N, K in GEMM_PROBE_SHAPES:
+            a = torch.randn(M, K, generator=g, dtype=torch.float64)
+            b = torch.randn(N, K, generator=g, dtype=torch.float64)
+            a, b = a.to(dtype), b.to(dtype)
+            prods = a.double()[:, None, :] * b.double()[None, :, :]
+            exact = prods.sum(-1)
+            bound = 2 * K * u * prods.abs().sum(-1)
+            for threads in (1, 2):
+                err = (gemm(a, b, threads).double() - exact).abs()
+                if not bool((err <= bound).all()):  # NaN fails too
+                    worst = "NaN" if bool(err.isnan().any()) else f"{float(err.max()):.3g}"
+                    return (f"{str(dtype).replace('torch.', '')} {M}x{N}x{K} on {threads} thread(s): error "
+                            f"{worst}, bound {float(bound.max()):.3g}")
+    return ""
 
 
 @functools.cache

@@ -4,6 +4,7 @@ run time (dlopen) and the C++ tile worker, against torch.mm and the reference.""
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -16,11 +17,11 @@ from pyfici.ops import knn, knn_average, reference
 METRICS = ["sqeuclidean", "euclidean", "cosine", "ip"]
 # (Q, G, D, k): one query (the gallery split over threads), primes, k near G, Q over a block
 SHAPES = [(1, 1, 1, 1), (1, 4099, 7, 5), (7, 13, 5, 13), (67, 1031, 33, 10), (261, 2003, 17, 23)]
-try:
-    _native.openblas_library()
-    HAS_OPENBLAS = True
-except RuntimeError:  # pragma: no cover - the dependency is installed with pyfici
-    HAS_OPENBLAS = False
+# usable: installed, loaded, and its GEMM passed pyfici's check on this CPU (_native.gemm_probe)
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)
+    OPENBLAS_ERROR = _native.openblas_error()
+HAS_OPENBLAS = not OPENBLAS_ERROR
 
 
 def _openblas_or_skip():
@@ -55,6 +56,56 @@ def test_bare_gemm_matches_torch_mm(cpu_isa, dtype):
             mod.gemm_nt(_native.DTYPE_CODES[dtype], m, n, k, a.data_ptr(), b.data_ptr(), c.data_ptr(), threads)
             tol = 1e-4 if dtype == torch.float32 else 1e-12
             assert torch.allclose(c, a @ b.T, rtol=tol, atol=tol * k), (cpu_isa, m, n, k, threads)
+
+
+def test_gemm_probe_passes_a_right_gemm_and_names_a_wrong_one():
+    assert _native.gemm_probe(lambda a, b, threads: a @ b.T) == ""
+    # off by more than rounding, in float32 only
+    off = _native.gemm_probe(lambda a, b, threads: (a @ b.T) * (1 + 1e-3) if a.dtype == torch.float32 else a @ b.T)
+    assert off.startswith("float32 1x1x1 on 1 thread(s): error "), off
+
+    def nan_column(a, b, threads):
+        c = a @ b.T
+        if c.shape[1] > 50:
+            c[:, 50] = float("nan")
+        return c
+
+    assert _native.gemm_probe(nan_column).startswith("float32 37x53x29 on 1 thread(s): error NaN"), \
+        _native.gemm_probe(nan_column)
+    # float64 computed in float32: right for float32, wrong for float64
+    f64 = _native.gemm_probe(lambda a, b, threads: (a.float() @ b.float().T).to(a.dtype))
+    assert f64.startswith("float64 "), f64
+    # only the threaded path wrong
+    thr = _native.gemm_probe(lambda a, b, threads: a @ b.T if threads == 1 else (a @ b.T).flip(0))
+    assert "on 2 thread(s)" in thr, thr
+
+
+def test_the_loaded_openblas_passes_the_probe(cpu_isa):
+    mod = _openblas_or_skip()
+    assert _native.gemm_probe(lambda a, b, t: _native._module_gemm(mod, a, b, t)) == ""
+
+
+def test_an_openblas_that_fails_the_probe_is_refused_with_a_warning(monkeypatch):
+    _openblas_or_skip()
+    monkeypatch.setattr(_native, "_OPENBLAS_CONFIG", {})
+    monkeypatch.setattr(_native, "_OPENBLAS_BAD", {})
+    monkeypatch.setattr(_native, "gemm_probe", lambda gemm: "float32 5x7x3 on 1 thread(s): error NaN, bound 1e-06")
+    with pytest.warns(RuntimeWarning, match="computed wrong products on this CPU"):
+        err = _native.openblas_error()
+    assert "float32 5x7x3" in err and "OPENBLAS_CORETYPE" in err
+    # refused from then on, without a second warning; auto takes torch.mm and says why
+    assert _native.openblas_error() == err
+    assert _native.gemm_choice() == ("torch", f"OpenBLAS unavailable: {err}")
+    assert _native.tile_gemm_choice()[0] == "torch"
+    assert "computed wrong products" in _native.gemm_info()
+    with pytest.raises(RuntimeError, match="PYFICI_GEMM=openblas: OpenBLAS cannot be used .*wrong products"), \
+            _native.use_gemm("openblas"):
+        _native.gemm_choice()
+    # the ops still give the reference's answer (on torch.mm tiles)
+    x, y = _data(9, 300, 7, torch.float64, 3)
+    _, i = knn(x, y, 5, metric="euclidean")
+    _, ri = reference.knn(x, y, 5, "euclidean")
+    assert torch.equal(i, ri)
 
 
 def test_bad_gemm_calls_raise():
@@ -271,7 +322,7 @@ def test_mm_nt_on_each_provider(gemm):
                 assert torch.equal(mm_nt(xt, y, alpha=0.5), 0.5 * want)
 
 
-@pytest.mark.skipif(not HAS_OPENBLAS, reason="needs scipy-openblas32")
+@pytest.mark.skipif(not HAS_OPENBLAS, reason=f"needs a usable OpenBLAS ({OPENBLAS_ERROR})")
 @pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean", "cosine"])
 def test_evaluate_and_rerank_tiles_on_each_provider(metric, monkeypatch):
     """evaluate's distance tiles and rerank's panels run on the chosen GEMM provider
