@@ -294,9 +294,12 @@ def auto_gemm(vendor: str, torch_has_mkl: bool, openblas_error: str) -> tuple[st
     AMD EPYC OpenBLAS's GEMM itself is faster than MKL's. ``vendor`` and ``torch_has_mkl``
     only word the reason."""
     if not openblas_error:
-        cpu = {"intel": "Intel", "amd": "AMD"}.get(vendor, "this")
-        return "openblas", f"{cpu} CPU: the OpenBLAS tile worker measured faster than torch.mm tiles" + (
-            "" if torch_has_mkl else " (torch has no MKL)")
+        mkl = "" if torch_has_mkl else " (torch has no MKL)"
+        if vendor not in ("intel", "amd"):  # aarch64, ...: the x86 rule, not measured there
+            return "openblas", ("OpenBLAS loads: the tile worker measured faster than torch.mm tiles on Intel and "
+                                f"AMD x86-64 CPUs (not measured on this one){mkl}")
+        cpu = {"intel": "Intel", "amd": "AMD"}[vendor]
+        return "openblas", f"{cpu} CPU: the OpenBLAS tile worker measured faster than torch.mm tiles{mkl}"
     return "torch", f"OpenBLAS unavailable: {openblas_error}"
 
 
@@ -343,9 +346,10 @@ def auto_tile_gemm(vendor: str, torch_has_mkl: bool, openblas_error: str) -> tup
         return "torch", f"OpenBLAS unavailable: {openblas_error}"
     if vendor == "intel" and torch_has_mkl:
         return "torch", "Intel CPU with MKL: MKL's GEMM measured at least as fast for whole tiles"
-    cpu = {"amd": "AMD CPU"}.get(vendor, "this CPU")
-    return "openblas", f"{cpu}" + (" (torch has no MKL)" if not torch_has_mkl else "") + \
-        ": OpenBLAS's GEMM is the faster one"
+    mkl = " (torch has no MKL)" if not torch_has_mkl else ""
+    if vendor != "amd":  # aarch64, ...: not measured there
+        return "openblas", f"OpenBLAS loads{mkl}: its GEMM measured faster on AMD x86-64 (not measured on this CPU)"
+    return "openblas", f"AMD CPU{mkl}: OpenBLAS's GEMM is the faster one"
 
 
 def tile_gemm_choice() -> tuple[str, str]:
