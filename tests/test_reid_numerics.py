@@ -330,3 +330,15 @@ def test_property_evaluate_vs_float64_direct(seed, q, gsize, d, log_scale, offse
     assert got.mINP == pytest.approx(exp.mINP, abs=1e-12)
     assert torch.allclose(got.cmc, exp.cmc, atol=1e-12)
     assert 0 <= got.mAP <= 1 and not math.isnan(got.mAP)
+
+
+def test_cosine_of_rows_just_above_the_rescaling_threshold():
+    # found by the property test above: a float32 row of magnitude 1e-12 (just above the old
+    # 2**-40 rescaling threshold) met the 1e-12 norm clamp and its cosine to itself was 1.5e-6
+    for dtype, v in ((torch.float32, -1e-12), (torch.float32, 9.5e-13), (torch.float64, 1e-15)):
+        x = torch.tensor([[v]], dtype=dtype)
+        assert float(pairwise_distance(x, x, "cosine", backend="cpu")) <= 4 * torch.finfo(dtype).eps, (dtype, v)
+        y = torch.tensor([[v, 2 * v]], dtype=dtype)
+        z = torch.tensor([[2 * v, v]], dtype=dtype)
+        want = 1 - 4 / 5  # cos = (2 + 2) / 5
+        assert abs(float(pairwise_distance(y, z, "cosine", backend="cpu")) - want) <= 8 * torch.finfo(dtype).eps

@@ -97,7 +97,7 @@ def _row_abs_max(x: torch.Tensor) -> torch.Tensor:
 
 def _row_scaled(x: torch.Tensor, name: str | None = None) -> torch.Tensor:
     """Rows ready for their norms: a row whose largest magnitude m is outside
-    2**-s .. 2**s (s = ``_SAFE_EXP``: 40 for float32, so the squares of a row of
+    2**-s .. 2**s (below 2**-39 at the latest; s = ``_SAFE_EXP``: 40 for float32, so the squares of a row of
     up to 2**20 values neither overflow nor underflow) is divided by m; the
     other rows (all of them, for features of ordinary magnitude) are returned
     as they are, without a pass over them (``x`` itself when no row needs it:
@@ -108,7 +108,10 @@ def _row_scaled(x: torch.Tensor, name: str | None = None) -> torch.Tensor:
         check_finite(name, x)
         raise ValueError(f"{name}: contains non-finite values")
     s = _SAFE_EXP[x.dtype] if x.dtype in _SAFE_EXP else _SAFE_EXP[torch.float32]
-    unsafe = (m > 0) & ((m < 2.0**-s) | (m > 2.0**s))
+    # the low end is at least 2**-39 in every dtype: the normalisation after this clamps
+    # norms at 1e-12 (the torch.nn.functional.normalize convention), so a nonzero row must
+    # reach it with a norm above that (2**-39 = 1.8e-12), or its cosines would be off
+    unsafe = (m > 0) & ((m < max(2.0**-s, 2.0**-39)) | (m > 2.0**s))
     if not torch.compiler.is_compiling() and not bool(unsafe.any()):
         return x
     return x / torch.where(unsafe, m, torch.ones_like(m))  # a division by 1 leaves a row exact
