@@ -295,10 +295,10 @@ def auto_gemm(vendor: str, torch_has_mkl: bool, openblas_error: str) -> tuple[st
     only word the reason."""
     if not openblas_error:
         mkl = "" if torch_has_mkl else " (torch has no MKL)"
-        if vendor not in ("intel", "amd"):  # aarch64, ...: the x86 rule, not measured there
+        cpu = {"intel": "Intel", "amd": "AMD"}.get(vendor)
+        if cpu is None:  # aarch64, ...: the x86 rule, not measured there
             return "openblas", ("OpenBLAS loads: the tile worker measured faster than torch.mm tiles on Intel and "
                                 f"AMD x86-64 CPUs (not measured on this one){mkl}")
-        cpu = {"intel": "Intel", "amd": "AMD"}[vendor]
         return "openblas", f"{cpu} CPU: the OpenBLAS tile worker measured faster than torch.mm tiles{mkl}"
     return "torch", f"OpenBLAS unavailable: {openblas_error}"
 
