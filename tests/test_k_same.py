@@ -88,6 +88,36 @@ def test_k_same_surrogates_are_spherical_means():
         assert torch.allclose(res.surrogates[c], x[res.assignment == c].mean(0))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("scale", [1e-30, 1e-13, 1.5e-12, 1e30])
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_cosine_k_same_does_not_depend_on_the_scale(dtype, scale, backend):
+    # cosine k-Same clusters directions: scaling every embedding by the same factor
+    # must give the same partition and surrogates (a norm clamp at 1e-12 or squares
+    # that underflow / overflow in float32 changed both)
+    torch.manual_seed(0)
+    x = torch.randn(40, 7, dtype=dtype)
+    ref = k_same(x, 4, backend=backend)
+    got = k_same(x * scale, 4, backend=backend)
+    assert torch.equal(got.assignment, ref.assignment)
+    tol = 1e-6 if dtype == torch.float32 else 1e-14
+    assert torch.allclose(got.surrogates, ref.surrogates, rtol=0, atol=tol)
+    assert torch.allclose(got.surrogates.norm(dim=1), torch.ones(got.surrogates.shape[0], dtype=dtype), atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_reference_unit_rows_at_any_scale(dtype):
+    x = torch.randn(9, 5, dtype=dtype)
+    x[3] = 0
+    u = reference.unit_rows(x)
+    for s in (1e-30, 1e-13, 1e30):
+        assert torch.allclose(reference.unit_rows(x * s), u, rtol=0, atol=1e-6 if dtype == torch.float32 else 1e-14)
+    assert torch.equal(u[3], torch.zeros(5, dtype=dtype))
+    d = reference.pairwise_distance(x * 1e-13, x * 1e-13, "cosine")
+    keep = torch.arange(9) != 3
+    assert torch.allclose(d.diagonal()[keep], torch.zeros(8, dtype=dtype), atol=1e-6)
+
+
 def test_k_same_torch_backend():
     x = torch.randn(90, 4, dtype=torch.float64)
     assert torch.equal(k_same(x, 6, backend="torch").assignment, k_same(x, 6).assignment)

@@ -36,6 +36,7 @@ import torch
 
 from pyfici.ops import k_same_partition
 from pyfici.ops._validate import as_tensor, check_int_range, check_ndim
+from pyfici.ops.distance import unit_rows
 from pyfici.ops.knn import K_SAME_METHODS, K_SAME_METRICS
 
 METHODS = K_SAME_METHODS
@@ -76,10 +77,10 @@ def surrogates_of(x: torch.Tensor, assignment: torch.Tensor, n_clusters: int, sp
     acc_dt = torch.float64
     xs = x.to(acc_dt)
     if spherical:
-        xs = xs / xs.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        xs = unit_rows(xs)
     sums = torch.zeros((n_clusters, x.shape[1]), dtype=acc_dt, device=x.device).index_add_(0, assignment, xs)
     if spherical:
-        out = sums / sums.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        out = unit_rows(sums)
     else:
         sizes = torch.bincount(assignment, minlength=n_clusters).to(acc_dt)
         out = sums / sizes[:, None]

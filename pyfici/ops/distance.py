@@ -117,6 +117,17 @@ def _row_scaled(x: torch.Tensor, name: str | None = None) -> torch.Tensor:
     return x / torch.where(unsafe, m, torch.ones_like(m))  # a division by 1 leaves a row exact
 
 
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """The rows of ``x`` divided by their norms (zero rows stay zero), accurate at
+    any finite magnitude: rows outside the safe range are first divided by their
+    largest magnitude (:func:`_row_scaled`), so float32 rows of 1e-30 or 1e30
+    are neither lost to underflow / overflow in the squares nor met by a norm
+    clamp. Same dtype as ``x``; ``x`` is not modified."""
+    x = _row_scaled(x)
+    n = x.norm(dim=1, keepdim=True)
+    return x / torch.where(n > 0, n, torch.ones_like(n))
+
+
 def condition_features(x: torch.Tensor, y: torch.Tensor | None, metric: str, *, check: bool = True,
                        xname: str = "x", yname: str = "y"):
     """Features ready for the expansion -> ``(x', y', e)``.

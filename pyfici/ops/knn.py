@@ -55,6 +55,7 @@ from pyfici.ops._validate import (
     check_int_range,
     check_ndim,
 )
+from pyfici.ops.distance import unit_rows
 
 METRICS = ("sqeuclidean", "euclidean", "cosine", "ip")
 DEFAULT_TILE = kb.DEFAULT_TILE
@@ -326,8 +327,7 @@ def _k_same_op(
     dt = torch.float64 if x.dtype == torch.float64 else torch.float32
     xc = x.to(dt).contiguous()
     if metric == "cosine":
-        n = xc.norm(dim=1, keepdim=True)
-        xc = (xc / torch.where(n > 0, n, torch.ones_like(n))).contiguous()
+        xc = unit_rows(xc).contiguous()
     return ks.partition(xc, k, seed, method, W, tile, refresh_batch).to(dev)
 
 

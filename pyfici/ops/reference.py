@@ -31,6 +31,16 @@ def sqrt_(t: torch.Tensor) -> torch.Tensor:
         return t
     return t.sqrt_()
 
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """Rows divided by their norms (zero rows stay zero). Each row is first divided by
+    its largest magnitude, so no row's squares underflow or overflow whatever its
+    scale (a row of float32 1e-30s has the same unit row as a row of 1s)."""
+    m = x.abs().amax(dim=1, keepdim=True)
+    x = x / torch.where(m > 0, m, torch.ones_like(m))
+    n = x.norm(dim=1, keepdim=True)
+    return x / torch.where(n > 0, n, torch.ones_like(n))
+
+
 # ---------------------------------------------------------------------------
 # family 1: embedding distance, ranking and ReID evaluation
 # ---------------------------------------------------------------------------
@@ -46,8 +56,8 @@ def pairwise_distance(x: torch.Tensor, y: torch.Tensor, metric: str, self_distan
     x = x.to(out_dtype)
     y = y.to(out_dtype)
     if metric == "cosine":
-        xn = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        yn = y / y.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        xn = unit_rows(x)
+        yn = unit_rows(y)
         d = (1.0 - xn @ yn.T).clamp_(0.0, 2.0)
     elif metric in ("euclidean", "sqeuclidean"):
         d = (x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2.0 * (x @ y.T)
@@ -346,7 +356,7 @@ def k_same(embeddings: torch.Tensor, k: int, metric: str = "cosine", seed: int =
     """
     x = embeddings.double()
     if metric == "cosine":
-        x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        x = unit_rows(x)
     N = x.shape[0]
     d = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
     alive = torch.ones(N, dtype=torch.bool)
