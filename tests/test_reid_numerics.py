@@ -121,6 +121,55 @@ def test_rerank_overflowing_features_no_nan_and_scale_invariant():
         assert diff < 1e-4, s
 
 
+def test_rerank_features_of_any_scale_in_every_dtype_and_metric():
+    # the reference squares the distances in float32: float32 sqeuclidean features of
+    # 2**30 overflowed there (NaN rows; from 2**35 the CPU kernel read unset candidate
+    # entries and crashed), float64 features of 2**-60 squared to 0 (all NaN). Powers
+    # of two scale every distance exactly, so the result must not change at all.
+    out = run_case("""
+        from pyfici.reid import rerank
+        g = torch.Generator().manual_seed(5)
+        res = {}
+        for dt in (torch.float32, torch.float64):
+            q = torch.randn(12, 6, generator=g, dtype=dt)
+            gal = torch.randn(40, 6, generator=g, dtype=dt)
+            for metric in ("euclidean", "sqeuclidean", "cosine"):
+                for be in ("cpu", "torch"):
+                    base = rerank(q, gal, k1=6, k2=3, metric=metric, backend=be)
+                    exps = (-100, -60, -30, 30, 35, 39, 60, 100) + ((-300, 300) if dt == torch.float64 else ())
+                    for e in exps:
+                        r = rerank(q * 2.0**e, gal * 2.0**e, k1=6, k2=3, metric=metric, backend=be)
+                        res[f"{dt} {metric} {be} 2**{e}"] = [int(torch.isnan(r).sum()), float((r - base).abs().max())]
+        print(json.dumps(res))
+    """)
+    assert len(out) == 2 * 3 * 2 * 8 + 3 * 2 * 2
+    for case, (nan, diff) in out.items():
+        assert nan == 0, case
+        assert diff <= (2e-7 if "cosine" in case else 0.0), case
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-200, 1e30, 1e200])
+def test_rerank_distmat_float64_distances_outside_the_float32_range(scale):
+    g = torch.Generator().manual_seed(6)
+    q, gal = torch.randn(8, 5, generator=g, dtype=torch.float64), torch.randn(20, 5, generator=g, dtype=torch.float64)
+    d = [torch.cdist(a, b) for a, b in ((q, gal), (q, q), (gal, gal))]
+    for be in ("cpu", "torch"):
+        base = rerank_distmat(*d, k1=5, k2=2, backend=be)
+        r = rerank_distmat(*[t * scale for t in d], k1=5, k2=2, backend=be)
+        assert not torch.isnan(r).any(), be
+        assert (r - base).abs().max() < 1e-6, be
+
+
+def test_rerank_scan_guard_raises_instead_of_reading_unset_candidates():
+    from pyfici.ops.rerank import _check_scan
+
+    _check_scan(torch.full((4,), 3, dtype=torch.int32), torch.ones(4), 3)
+    with pytest.raises(ValueError, match="not finite in float32"):
+        _check_scan(torch.tensor([3, 2, 3], dtype=torch.int32), torch.ones(3), 3)
+    with pytest.raises(ValueError, match="not finite in float32"):
+        _check_scan(torch.full((3,), 3, dtype=torch.int32), torch.tensor([1.0, float("inf"), 1.0]), 3)
+
+
 def test_rerank_distmat_large_distances_no_nan():
     g = torch.Generator().manual_seed(4)
     q, gal = torch.randn(8, 5, generator=g), torch.randn(20, 5, generator=g)

@@ -114,6 +114,16 @@ def _cpu_state(N: int, Q: int, G: int, K: int):
     )
 
 
+def _check_scan(cnt: torch.Tensor, rowmax: torch.Tensor, K: int) -> None:
+    """The finishing pass indexes the candidate lists: every row must hold K
+    candidates and a finite row maximum. Finite inputs conditioned as above
+    always give that; this turns a broken invariant into an exception
+    instead of reads through unset list entries."""
+    if bool((cnt < K).any()) or not bool(torch.isfinite(rowmax).all()):
+        raise ValueError("rerank: the squared distances of these inputs are not finite in float32 "
+                         "(the re-ranking squares the distances in float32, as the reference does)")
+
+
 def _cpu_rerank_features(query, gallery, k1, k2, lambda_value, metric, tile):
     C = _native.cpu_module()
     nt = _native.num_threads()
@@ -136,6 +146,7 @@ def _cpu_rerank_features(query, gallery, k1, k2, lambda_value, metric, tile):
                       topv.data_ptr(), topi.data_ptr(), cnt.data_ptr(), rowmax.data_ptr(), K,
                       out.data_ptr(), G, True, nt)
     del buf
+    _check_scan(cnt, rowmax, K)
     C.rerank_finish(dcode, mode, x.data_ptr(), nptr, x.shape[1], x.shape[1], 0, 0, 0, 0, 0, 0, Q, G,
                     topv.data_ptr(), topi.data_ptr(), rowmax.data_ptr(), K, k1, k2, float(lambda_value),
                     out.data_ptr(), G, nt)
@@ -158,6 +169,7 @@ def _cpu_rerank_distmat(q_g, q_q, g_g, k1, k2, lambda_value, tile):
                       topv.data_ptr(), topi.data_ptr(), cnt.data_ptr(), rowmax.data_ptr(), K,
                       out.data_ptr(), G, False, nt)
     del buf
+    _check_scan(cnt, rowmax, K)
     C.rerank_finish(dcode, 0, 0, 0, 0, 0, q_q.data_ptr(), q_q.stride(0), q_g.data_ptr(), q_g.stride(0),
                     g_g.data_ptr(), g_g.stride(0), Q, G, topv.data_ptr(), topi.data_ptr(), rowmax.data_ptr(), K,
                     k1, k2, float(lambda_value), out.data_ptr(), G, nt)
@@ -469,17 +481,32 @@ def rerank_features(
         # neither overflows (features ~1e20) nor cancels (features far from 0).
         dt = torch.float64 if torch.float64 in (query.dtype, gallery.dtype) else torch.float32
         query, gallery, _ = condition_features(query.to(dt), gallery.to(dt), metric, xname="query", yname="gallery")
+        if metric != "cosine" and not torch.compiler.is_compiling():
+            # the reference squares the distances in float32 (see _scaled_distances):
+            # squared sqeuclidean distances are 4th powers of the features, which
+            # overflow float32 from features of 2**30 (float32 inputs are only
+            # conditioned for their own range, float64 ones for float64's).
+            # Inside torch.compile graphs condition_features already scales every
+            # input to a largest magnitude near 1.
+            query, gallery = _scaled_distances(query, gallery, limit=_FEATURE_EXP)
     return _rerank_op(query, gallery, int(k1), int(k2), float(lambda_value), metric, be, int(tile or 0))
 
 
-def _scaled_distances(*mats: torch.Tensor) -> tuple[torch.Tensor, ...]:
+_FEATURE_EXP = 8  # features are scaled to a largest magnitude in 2**-8 .. 2**8 before re-ranking
+
+
+def _scaled_distances(*mats: torch.Tensor, limit: int = _SAFE_EXP[torch.float32]) -> tuple[torch.Tensor, ...]:
     """The matrices times one power of two that keeps their squares in range
-    (the re-ranked result is invariant to a common scale of the distances)."""
+    (the re-ranked result is invariant to a common scale of the distances).
+    The range is float32's in every dtype: like the reference, the squared
+    distances are cast to float32, so float64 distances of 1e-30 (or features
+    of 2**-60, whose squared-euclidean distances are 2**-120) would square to
+    0 there and re-rank to NaN (0 / 0) without it."""
     m = max(float(t.abs().amax()) if t.numel() else 0.0 for t in mats)
     if m == 0.0:
         return mats
     e = math.frexp(m)[1]
-    if abs(e) <= _SAFE_EXP[mats[0].dtype]:
+    if abs(e) <= limit:
         return mats
     return tuple(_mul_pow2(t, -e) for t in mats)
 
