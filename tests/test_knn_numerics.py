@@ -55,6 +55,35 @@ def test_knn_far_from_the_origin_is_exact(metric):
         assert torch.equal(i, ri), metric
 
 
+@pytest.mark.parametrize("e", [-1000, -600, 600, 1000])
+def test_knn_float64_beyond_the_double_squares(e):
+    # the refinement evaluates the direct formula in double: float64 inputs of 2**+-1000
+    # squared to inf / 0 there (every value 1.0 or inf, neighbours 0, 1, 2, ...). One
+    # power of two changes no ranking, and scales the values exactly.
+    from pyfici.ops import k_same_partition
+
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(20, 6, generator=gen, dtype=torch.float64)
+    y = torch.randn(150, 6, generator=gen, dtype=torch.float64)
+    s = 2.0**e
+    for metric in METRICS:
+        ref = knn(x, y, 4, metric=metric)
+        f = {"cosine": 1.0, "euclidean": s, "sqeuclidean": s * s, "ip": s * s}[metric]
+        if f == float("inf"):
+            with pytest.raises(ValueError, match=f"the {metric} values .* exceed the torch.float64 range"):
+                knn(x * s, y * s, 4, metric=metric)
+            continue
+        got = knn(x * s, y * s, 4, metric=metric)
+        assert torch.equal(got.indices, ref.indices), metric
+        if f > 0:  # (the squared values of 2**-1000 inputs are below float64's range)
+            assert torch.allclose(got.values, ref.values * f, rtol=1e-15, atol=0), metric
+        avg = knn_average(x * s, y * s, 4, metric=metric)
+        assert torch.allclose(avg, knn_average(x, y, 4, metric=metric), rtol=0, atol=1e-15), metric
+    for metric in ("sqeuclidean", "cosine"):
+        assert torch.equal(k_same_partition(y * s, 5, metric=metric), k_same_partition(y, 5, metric=metric))
+    knn(x * 2.0**-1070, y * 2.0**-1070, 4)  # subnormal inputs: an answer, not an OverflowError
+
+
 @pytest.mark.parametrize("scale", [1e20, 1e-20])
 def test_knn_huge_and_tiny_scales(scale):
     gen = torch.Generator().manual_seed(1)

@@ -576,6 +576,29 @@ void rows_to_bf16(const float* X, int64_t N, int64_t D, const float* mu, float c
   }
 }
 
+// Euclidean norm of a row of n values, accurate at any finite magnitude: the
+// sum of squares in double, and only when that sum leaves double's safe range
+// (float64 rows beyond about 2**+-480; never for float32 rows) a second pass
+// over the row divided by its largest magnitude. In the common case the
+// result is the plain sqrt of the plain sum, bit for bit.
+template <typename T, typename A>
+inline double row_norm(const A& at, int64_t n) {
+  double ss = 0.0;
+  for (int64_t d = 0; d < n; ++d) ss += static_cast<double>(at(d)) * static_cast<double>(at(d));
+  constexpr double lo = 0x1p-960, hi = 0x1p960;
+  if (ss >= lo && ss <= hi) return std::sqrt(ss);
+  // a zero row, squares that underflowed, or a sum that overflowed
+  double m = 0.0;
+  for (int64_t d = 0; d < n; ++d) m = std::max(m, std::fabs(static_cast<double>(at(d))));
+  if (m == 0.0) return 0.0;
+  double sr = 0.0;
+  for (int64_t d = 0; d < n; ++d) {
+    const double v = static_cast<double>(at(d)) / m;
+    sr += v * v;
+  }
+  return m * std::sqrt(sr);
+}
+
 // out[q] = sum_t w[q, t] * u(Y[idx[q, t]]),  u = y / ||y|| if normalize_rows else y;
 // then out[q] /= ||out[q]|| if spherical else out[q] /= sum_t w[q, t].
 // idx may hold indices into a shard: rows with idx < 0 or not in [lo, hi) are skipped
@@ -601,18 +624,16 @@ void average_impl(const T* Y, int64_t D, const int64_t* idx, const T* w, int64_t
         const T* __restrict y = Y + (j - lo) * D;
         double scale = wt;
         if (normalize_rows) {
-          double yy = 0.0;
-          for (int64_t d = 0; d < D; ++d) yy += static_cast<double>(y[d]) * y[d];
-          if (yy > 0.0) scale /= std::sqrt(yy);  // a zero row stays zero
+          const double yn = row_norm<T>([y](int64_t d) { return y[d]; }, D);
+          if (yn > 0.0) scale /= yn;  // a zero row stays zero
         }
         for (int64_t d = 0; d < D; ++d) ac[d] += scale * static_cast<double>(y[d]);
       }
       double div = 1.0;
       if (finalize) {
         if (spherical) {
-          double nn = 0.0;
-          for (int64_t d = 0; d < D; ++d) nn += ac[d] * ac[d];
-          div = nn > 0.0 ? std::sqrt(nn) : 1.0;
+          const double nn = row_norm<double>([ac](int64_t d) { return ac[d]; }, D);
+          div = nn > 0.0 ? nn : 1.0;
         } else {
           div = wsum != 0.0 ? wsum : 1.0;
         }

@@ -574,6 +574,35 @@ def list_length(k: int, available: int, backend: str, margin: int = MARGIN) -> i
     return max(k, min(available, k + margin, MAX_LIST.get(backend, k + margin)))
 
 
+_F64_SAFE_EXP = 400  # float64 inputs beyond 2**+-400 are scaled before the double-precision formula
+
+
+def _pow2_scaled(t: torch.Tensor, k: int) -> torch.Tensor:
+    """t * 2**k (exact, in steps whose factors are normal float64 numbers)."""
+    while k != 0:
+        step = max(-1000, min(1000, k))
+        t = t * (2.0**step)
+        k -= step
+    return t
+
+
+def _float64_exponent(x: torch.Tensor, y: torch.Tensor) -> int:
+    """e for float64 inputs whose largest magnitude is outside 2**-400 .. 2**400, else 0.
+    The refinement and the certificate evaluate the direct formula in double, whose
+    squares overflow beyond 2**511 and underflow below 2**-511; every metric's ranking
+    is unchanged by one power of two applied to x and y, and the values are scaled
+    back exactly (a squared distance or an inner product beyond float64's range is
+    then inf, which check_output refuses). float32 / bfloat16 / float16 inputs never
+    need it: their squares are taken in double."""
+    if x.dtype != torch.float64 or torch.compiler.is_compiling():
+        return 0
+    m = max((float(t.abs().max()) for t in (x, y) if t.numel()), default=0.0)
+    if m == 0.0 or not math.isfinite(m):
+        return 0
+    e = math.frexp(m)[1]
+    return e if abs(e) > _F64_SAFE_EXP else 0
+
+
 def knn_local(x, y, k: int, metric: str, exclude_self: bool, tile: int, backend: str,
               col_offset: int = 0, available: int | None = None, bf16: bool | None = None):
     """Exact top-k (values in x's dtype, global int64 indices) of x [Q, D] over the
@@ -582,6 +611,14 @@ def knn_local(x, y, k: int, metric: str, exclude_self: bool, tile: int, backend:
     candidates per query (default G, or G - 1 with exclude_self); k <= available.
     ``bf16``: run the selection pass in bfloat16 (default: use_bf16); the rows it cannot
     certify run the float32 pass, and the rows that one cannot certify the direct formula."""
+    e = _float64_exponent(x, y)
+    if e:
+        xs = _pow2_scaled(x, -e)
+        ys = xs if y is x else _pow2_scaled(y, -e)
+        vals, idx = knn_local(xs, ys, k, metric, exclude_self, tile, backend, col_offset, available, bf16)
+        if metric != "cosine":
+            vals = _pow2_scaled(vals, e if metric == "euclidean" else 2 * e)
+        return vals, idx
     G = y.shape[0]
     if available is None:
         available = G - 1 if exclude_self else G
@@ -635,12 +672,13 @@ def check_output(vals: torch.Tensor | None, idx: torch.Tensor, metric: str) -> N
             "queries / gallery: some rows have no finite ranking values: the inputs hold NaN or Inf "
             "(check_values=False skipped the check that names them)"
         )
-    if vals is not None and metric in ("sqeuclidean", "ip") and vals.dtype != torch.float64:
+    if vals is not None and metric in ("sqeuclidean", "ip"):
         if bool(torch.isinf(vals).any()):
-            hint = " or metric='euclidean'" if metric == "sqeuclidean" else ""
+            hint = [] if vals.dtype == torch.float64 else ["float64 inputs"]
+            hint += ["metric='euclidean'"] if metric == "sqeuclidean" else []
             raise ValueError(
                 f"metric: the {metric} values of these inputs exceed the {vals.dtype} range "
-                f"(|v| > {torch.finfo(vals.dtype).max:.3g}); pass float64 inputs{hint}"
+                f"(|v| > {torch.finfo(vals.dtype).max:.3g})" + (f"; pass {' or '.join(hint)}" if hint else "")
             )
 
 

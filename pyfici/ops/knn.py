@@ -328,6 +328,11 @@ def _k_same_op(
     xc = x.to(dt).contiguous()
     if metric == "cosine":
         xc = unit_rows(xc).contiguous()
+    else:
+        # the partition is unchanged by one power of two; the C++ loop's direct
+        # formula in double needs float64 rows within 2**+-400 (see kb._float64_exponent)
+        e = kb._float64_exponent(xc, xc)
+        xc = kb._pow2_scaled(xc, -e).contiguous() if e else xc
     return ks.partition(xc, k, seed, method, W, tile, refresh_batch).to(dev)
 
 

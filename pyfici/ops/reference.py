@@ -32,12 +32,13 @@ def sqrt_(t: torch.Tensor) -> torch.Tensor:
     return t.sqrt_()
 
 def unit_rows(x: torch.Tensor) -> torch.Tensor:
-    """Rows divided by their norms (zero rows stay zero). Each row is first divided by
-    its largest magnitude, so no row's squares underflow or overflow whatever its
-    scale (a row of float32 1e-30s has the same unit row as a row of 1s)."""
-    m = x.abs().amax(dim=1, keepdim=True)
+    """x / ||x|| along the last dim; zero rows stay zero (no epsilon). Each row is
+    first divided by its largest magnitude, so no row's squares underflow or
+    overflow whatever its scale (a row of float32 1e-30s, or of float64 2**-1000s,
+    has the same unit row as a row of 1s)."""
+    m = x.abs().amax(dim=-1, keepdim=True)
     x = x / torch.where(m > 0, m, torch.ones_like(m))
-    n = x.norm(dim=1, keepdim=True)
+    n = x.norm(dim=-1, keepdim=True)
     return x / torch.where(n > 0, n, torch.ones_like(n))
 
 
@@ -270,12 +271,6 @@ def weight_variation(params: list[torch.Tensor], snapshots: list[torch.Tensor]) 
 # ---------------------------------------------------------------------------
 
 
-def _unit_rows(t: torch.Tensor) -> torch.Tensor:
-    """t / ||t|| along the last dim; zero rows stay zero (scale-invariant: no epsilon)."""
-    n = t.norm(dim=-1, keepdim=True)
-    return t / torch.where(n > 0, n, torch.ones_like(n))
-
-
 def knn(
     queries: torch.Tensor, gallery: torch.Tensor, k: int, metric: str = "sqeuclidean", exclude_self: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -294,7 +289,7 @@ def knn(
     if metric == "ip":
         key = -(x[:, None, :] * y[None, :, :]).sum(-1)
     elif metric == "cosine":
-        xn, yn = _unit_rows(x), _unit_rows(y)  # a zero row has cosine 0 with everything
+        xn, yn = unit_rows(x), unit_rows(y)  # a zero row has cosine 0 with everything
         key = (1.0 - (xn[:, None, :] * yn[None, :, :]).sum(-1)).clamp(0.0, 2.0)
     elif metric in ("sqeuclidean", "euclidean"):
         key = ((x[:, None, :] - y[None, :, :]) ** 2).sum(-1)
@@ -332,11 +327,11 @@ def knn_average(
     _, idx = knn(queries, gallery, k, metric, exclude_self)
     nb = gallery.double()[idx]  # [Q, k, D]
     if metric == "cosine":
-        nb = _unit_rows(nb)
+        nb = unit_rows(nb)
     w = torch.ones(idx.shape, dtype=torch.float64) if weights is None else weights.double().expand(idx.shape)
     s = (w[..., None] * nb).sum(1)
     if spherical:
-        s = _unit_rows(s)
+        s = unit_rows(s)
     else:
         wsum = w.sum(1, keepdim=True)
         s = s / torch.where(wsum == 0, torch.ones_like(wsum), wsum)
