@@ -163,11 +163,11 @@ def test_rerank_distmat_float64_distances_outside_the_float32_range(scale):
 def test_rerank_scan_guard_raises_instead_of_reading_unset_candidates():
     from pyfici.ops.rerank import _check_scan
 
-    _check_scan(torch.full((4,), 3, dtype=torch.int32), torch.ones(4), 3)
+    _check_scan(torch.full((4,), 3, dtype=torch.int32), torch.ones(4), 3, "features")
     with pytest.raises(ValueError, match="not finite in float32"):
-        _check_scan(torch.tensor([3, 2, 3], dtype=torch.int32), torch.ones(3), 3)
+        _check_scan(torch.tensor([3, 2, 3], dtype=torch.int32), torch.ones(3), 3, "features")
     with pytest.raises(ValueError, match="not finite in float32"):
-        _check_scan(torch.full((3,), 3, dtype=torch.int32), torch.tensor([1.0, float("inf"), 1.0]), 3)
+        _check_scan(torch.full((3,), 3, dtype=torch.int32), torch.tensor([1.0, float("inf"), 1.0]), 3, "distmat")
 
 
 def test_rerank_distmat_large_distances_no_nan():
@@ -391,3 +391,21 @@ def test_cosine_of_rows_just_above_the_rescaling_threshold():
         z = torch.tensor([[2 * v, v]], dtype=dtype)
         want = 1 - 4 / 5  # cos = (2 + 2) / 5
         assert abs(float(pairwise_distance(y, z, "cosine", backend="cpu")) - want) <= 8 * torch.finfo(dtype).eps
+
+
+def test_rerank_of_identical_features_raises_instead_of_nan():
+    # every distance 0: each graph column is divided by its maximum (0 / 0)
+    same = torch.ones(3, 4), torch.ones(5, 4)
+    for metric in ("euclidean", "cosine"):
+        with pytest.raises(ValueError, match="query / gallery: every feature is at distance 0"):
+            rerank(*same, metric=metric, backend="cpu")
+    with pytest.raises(ValueError, match="query / gallery: every feature is at distance 0"):
+        rerank(torch.ones(3, 4) * torch.arange(1.0, 4.0)[:, None], torch.ones(5, 4), metric="cosine", backend="cpu")
+    with pytest.raises(ValueError, match="q_g / q_q / g_g: an item is at distance 0 from every item"):
+        rerank_distmat(torch.zeros(3, 5), torch.zeros(3, 3), torch.zeros(5, 5), backend="cpu")
+    # the reference (numpy's code, the torch backend) gives NaN there
+    assert torch.isnan(rerank(*same, backend="torch")).all()
+    # one duplicate pair is fine
+    q, g = torch.randn(3, 4), torch.randn(5, 4)
+    g[2] = q[0]
+    assert not torch.isnan(rerank(q, g, backend="cpu")).any()

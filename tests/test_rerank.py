@@ -148,8 +148,11 @@ def test_empty_and_defaults():
     x = torch.randn(1, 3)
     out = rerank(x, x + 1)
     assert out.shape == (1, 1) and torch.isfinite(out).all()
-    # all distances 0: the reference divides 0 by a zero row max (NaN); so do we
-    assert torch.isnan(rerank(x, x)).all()
+    # all distances 0: the reference divides 0 by a zero row max (NaN); the native
+    # backends refuse (tests/test_reid_numerics.py)
+    assert torch.isnan(rerank(x, x, backend="torch")).all()
+    with pytest.raises(ValueError, match="query / gallery: every feature is at distance 0"):
+        rerank(x, x)
 
 
 def test_evaluate_with_rerank():

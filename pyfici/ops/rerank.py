@@ -114,7 +114,23 @@ def _cpu_state(N: int, Q: int, G: int, K: int):
     )
 
 
-def _check_scan(cnt: torch.Tensor, rowmax: torch.Tensor, K: int) -> None:
+_ZERO_COLUMN = {
+    "features": "query / gallery: every feature is at distance 0 from every other (all equal, or all of one "
+                "direction for cosine)",
+    "distmat": "q_g / q_q / g_g: an item is at distance 0 from every item (a zero column of the assembled matrix)",
+}
+
+
+def _check_rowmax(rowmax: torch.Tensor, inputs: str) -> None:
+    """Each column of the distance graph is divided by its maximum: a column of zeros
+    (an item at distance 0 from every item: all features equal, or all of one direction
+    for cosine) has no re-ranked distances (0 / 0; the reference numpy code, like the
+    ``torch`` backend, returns NaN everywhere then)."""
+    if bool((rowmax == 0).any()):
+        raise ValueError(f"{_ZERO_COLUMN[inputs]}: the re-ranked distances are undefined (0 / 0)")
+
+
+def _check_scan(cnt: torch.Tensor, rowmax: torch.Tensor, K: int, inputs: str) -> None:
     """The finishing pass indexes the candidate lists: every row must hold K
     candidates and a finite row maximum. Finite inputs conditioned as above
     always give that; this turns a broken invariant into an exception
@@ -122,6 +138,7 @@ def _check_scan(cnt: torch.Tensor, rowmax: torch.Tensor, K: int) -> None:
     if bool((cnt < K).any()) or not bool(torch.isfinite(rowmax).all()):
         raise ValueError("rerank: the squared distances of these inputs are not finite in float32 "
                          "(the re-ranking squares the distances in float32, as the reference does)")
+    _check_rowmax(rowmax, inputs)
 
 
 def _cpu_rerank_features(query, gallery, k1, k2, lambda_value, metric, tile):
@@ -146,7 +163,7 @@ def _cpu_rerank_features(query, gallery, k1, k2, lambda_value, metric, tile):
                       topv.data_ptr(), topi.data_ptr(), cnt.data_ptr(), rowmax.data_ptr(), K,
                       out.data_ptr(), G, True, nt)
     del buf
-    _check_scan(cnt, rowmax, K)
+    _check_scan(cnt, rowmax, K, "features")
     C.rerank_finish(dcode, mode, x.data_ptr(), nptr, x.shape[1], x.shape[1], 0, 0, 0, 0, 0, 0, Q, G,
                     topv.data_ptr(), topi.data_ptr(), rowmax.data_ptr(), K, k1, k2, float(lambda_value),
                     out.data_ptr(), G, nt)
@@ -169,7 +186,7 @@ def _cpu_rerank_distmat(q_g, q_q, g_g, k1, k2, lambda_value, tile):
                       topv.data_ptr(), topi.data_ptr(), cnt.data_ptr(), rowmax.data_ptr(), K,
                       out.data_ptr(), G, False, nt)
     del buf
-    _check_scan(cnt, rowmax, K)
+    _check_scan(cnt, rowmax, K, "distmat")
     C.rerank_finish(dcode, 0, 0, 0, 0, 0, q_q.data_ptr(), q_q.stride(0), q_g.data_ptr(), q_g.stride(0),
                     g_g.data_ptr(), g_g.stride(0), Q, G, topv.data_ptr(), topi.data_ptr(), rowmax.data_ptr(), K,
                     k1, k2, float(lambda_value), out.data_ptr(), G, nt)
@@ -348,11 +365,12 @@ class _DistmatPairs:
         return (v * v).float()
 
 
-def _device_rerank(panels, pairs, N, Q, G, k1, k2, lambda_value, mode, device):
+def _device_rerank(panels, pairs, N, Q, G, k1, k2, lambda_value, mode, device, inputs):
     from pyfici.kernels import rerank as tk
 
     K = list_length(N, k1, k2)
     nn, rowmax, out = _device_pass1(panels, N, Q, G, K, mode, device)
+    _check_rowmax(rowmax, inputs)
     vidx, vval = _device_sparse_v(nn, rowmax, pairs, N, k1)
     vidx, vval = _device_query_expansion(nn, vidx, vval, N, k2)
     return tk.jaccard_blend_(out, rowmax[:Q].contiguous(), vidx[:Q], vval[:Q], vidx[Q:], vval[Q:], N, lambda_value)
@@ -371,7 +389,8 @@ def _device_rerank_features(query, gallery, k1, k2, lambda_value, metric, tile):
             p = x[r0:r1] @ x.T
             yield r0, r1, _raw_from_panel(p, mode, norms[r0:r1] if norms is not None else None, norms)
 
-    return _device_rerank(panels(), _FeaturePairs(x, norms, mode), N, Q, G, k1, k2, lambda_value, mode, x.device)
+    return _device_rerank(panels(), _FeaturePairs(x, norms, mode), N, Q, G, k1, k2, lambda_value, mode, x.device,
+                          "features")
 
 
 def _device_rerank_distmat(q_g, q_q, g_g, k1, k2, lambda_value, tile):
@@ -384,7 +403,8 @@ def _device_rerank_distmat(q_g, q_q, g_g, k1, k2, lambda_value, tile):
             p = distmat_panel(q_g, q_q, g_g, r0, r1, q_g.new_empty((r1 - r0, N)))
             yield r0, r1, _raw_from_panel(p, 0, None, None)
 
-    return _device_rerank(panels(), _DistmatPairs(q_g, q_q, g_g), N, Q, G, k1, k2, lambda_value, 0, q_g.device)
+    return _device_rerank(panels(), _DistmatPairs(q_g, q_q, g_g), N, Q, G, k1, k2, lambda_value, 0, q_g.device,
+                          "distmat")
 
 
 # ---------------------------------------------------------------------------
