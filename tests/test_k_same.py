@@ -150,3 +150,19 @@ def test_k_same_bad_input():
         k_same(torch.randn(10, 3), 2, method="kmeans")
     with pytest.raises(ValueError, match="metric"):
         k_same(torch.randn(10, 3), 2, metric="ip")
+
+
+@pytest.mark.parametrize("kind", ["random", "identical"])
+def test_k_same_candidate_lists_narrower_than_a_cluster(kind):
+    # candidates < k - 1: a list can never hold a cluster's other members, so every
+    # refresh came back short and the partition looped forever; now refused, and
+    # k - 1 itself works (identical embeddings: every distance a tie)
+    x = torch.randn(40, 3) if kind == "random" else torch.ones(40, 3)
+    for W in (1, 3):
+        with pytest.raises(ValueError, match="candidates: must be >= 4"):
+            k_same(x, 5, candidates=W)
+    for method in ("greedy", "mdav"):
+        for metric in ("cosine", "sqeuclidean"):
+            a = k_same(x, 5, candidates=4, method=method, metric=metric, refresh_batch=1).assignment
+            assert torch.equal(a, k_same(x, 5, method=method, metric=metric, backend="torch").assignment)
+    assert k_same(x, 1, candidates=1).sizes.eq(1).all()

@@ -98,7 +98,7 @@ def k_same(embeddings: torch.Tensor, k: int, *, metric: str = "cosine", **option
     of the remaining points; costs one pass over the remaining points per
     cluster, so it is O(N^2 D / k) and much slower than greedy on large N).
     Deterministic for a given seed. candidates: candidate-list width (default
-    2k + 8). backend: "cpu" (default for CPU tensors) or "torch" (the plain
+    2k + 8; at least k - 1). backend: "cpu" (default for CPU tensors) or "torch" (the plain
     algorithm on the full float64 distance matrix; O(N^2) memory).
     ``options`` (seed=0, method="greedy", candidates=None, tile, refresh_batch=256,
     backend=None) are those of :func:`pyfici.ops.k_same_partition`.

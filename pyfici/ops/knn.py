@@ -309,7 +309,10 @@ def k_same_partition(
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
     W = candidates if candidates is not None else 2 * k + 8
-    check_int_range("candidates", W, 1)
+    # a list must be able to hold a cluster's k - 1 other members: with fewer, every
+    # refresh comes back short and the loop would never end
+    check_int_range("candidates", W, max(1, k - 1), hint="(a candidate list must hold the k - 1 other members of a "
+                    "cluster)")
     check_int_range("refresh_batch", refresh_batch, 1)
     check_int_range("tile", tile, 1)
     be = choose_backend("k_same", torch.device("cpu"), backend, supported=("cpu", "torch"))
