@@ -168,8 +168,15 @@ def plot_rows(rows: list[Row], path: str) -> None:
     ax.set_xlabel("speed-up of pyfici (anchor time / pyfici time)")
     ax.invert_yaxis()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    from pyfici.engine import UserError
+    from pyfici.engine.files import save_figure
+
+    try:
+        save_figure(fig, path, dpi=110)
+    except OSError as e:
+        raise UserError(f"--plot {path}: cannot write it ({e.strerror})") from None
+    finally:
+        plt.close(fig)
 
 
 def run(families=FAMILIES, size: str = "small", device: str = "cpu", repeats: int | None = None, progress: bool = True) -> list[Row]:
@@ -194,7 +201,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from pyfici.engine.config import emit_json
+    from pyfici.engine.rundir import check_output_file
 
+    # before the (long) run, not after it
+    if args.json not in (None, "-"):
+        check_output_file(args.json, "--json")
+    if args.plot:
+        check_output_file(args.plot, "--plot")
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -166,8 +166,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    from pyfici.engine.rundir import make_output_folder
+
+    out = make_output_folder(args.out)
     torch.manual_seed(0)
     sections, failed = [], []
     for name in args.only or STEPS:

@@ -235,3 +235,25 @@ def test_ficgan_flags_come_from_its_config_dataclass(capsys):
         main(["train", "ficgan", "--data", "builtin", "--out", "x", "--attr-group-channels", "2,x"])
     assert e.value.code == 2
     _one_line_error(capsys, "--attr-group-channels")
+
+
+def test_unusable_output_paths_exit_2_with_one_line(tmp_path, capsys):
+    # a user error in an output path: one line and status 2, before any long work
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    a_dir = tmp_path / "a_dir"
+    a_dir.mkdir()
+    cases = [
+        (["demo", "--out", str(a_file)], "exists and is not a folder"),
+        (["bench", "--size", "small", "--family", "optim", "--json", str(a_dir)], "is a folder; give a file name"),
+        (["bench", "--size", "small", "--family", "optim", "--plot", str(a_file / "x.png")], "is not a folder"),
+        (["info", "--json", str(a_dir)], "is a folder; give a file name"),
+    ]
+    for argv, msg in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "[bench]" not in err, argv  # refused before the benchmark ran
+        assert err.strip().splitlines() == [err.strip()] and err.startswith("pyfici: error: "), err
+        assert msg in err and "Traceback" not in err, (msg, err)
+    assert a_file.read_text() == "x"
+    assert not any(a_dir.iterdir())

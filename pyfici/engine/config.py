@@ -222,4 +222,9 @@ def emit_json(result: Any, target: str | None) -> None:
     if target == "-":
         print(to_json(result))
     else:
-        atomic_write_text(to_json(result) + "\n", target)
+        try:
+            atomic_write_text(to_json(result) + "\n", target)
+        except IsADirectoryError:
+            raise UserError(f"--json {target}: is a folder; give a file name") from None
+        except OSError as e:
+            raise UserError(f"--json {target}: cannot write it ({e.strerror})") from None

@@ -43,6 +43,35 @@ _OUTPUT_NAMES = (CHECKPOINT, FINAL, METRICS)
 _HELD: set[str] = set()  # lock files this process holds
 
 
+def make_output_folder(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """Create the output folder ``path`` (and its parents) -> Path; a path that is a
+    file, or a folder that cannot be created, is a :class:`UserError` naming ``flag``."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UserError(f"{flag} {path}: exists and is not a folder") from None
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot create the folder ({e.strerror})") from None
+    return path
+
+
+def check_output_file(path: str | os.PathLike, flag: str) -> None:
+    """Before a long run: ``path`` must be writable as a file, i.e. not a folder, and its
+    nearest existing parent a folder this process may write in (no file or folder is
+    created; the write itself can still fail, e.g. as root on a read-only mount)."""
+    p = Path(path).absolute()
+    if p.is_dir():
+        raise UserError(f"{flag} {path}: is a folder; give a file name")
+    q = p.parent
+    while not q.exists():
+        q = q.parent
+    if not q.is_dir():
+        raise UserError(f"{flag} {path}: {q} is not a folder")
+    if not os.access(q, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: cannot write in {q} (permission denied)")
+
+
 def check_output_path(out: str | os.PathLike, inputs: Iterable[tuple[str, str | os.PathLike | None]]) -> None:
     """Refuse ``out`` when it is, or lies inside, an input folder, or would replace an input file.
 
@@ -112,12 +141,7 @@ class RunDir:
         if self.resume and not self.checkpoint.is_file():
             raise UserError(f"--resume: nothing to resume in {self.path} (no {CHECKPOINT}); "
                             "run without --resume to start a new run")
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-        except FileExistsError:
-            raise UserError(f"--out {self.path}: exists and is not a folder") from None
-        except OSError as e:
-            raise UserError(f"--out {self.path}: cannot create the folder ({e.strerror})") from None
+        make_output_folder(self.path)
         self._take_lock()
         self._remove_stale_temp_files()
         return self

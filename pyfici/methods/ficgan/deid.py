@@ -35,6 +35,7 @@ from pyfici.deid import pipeline as P
 from pyfici.engine import UserError
 from pyfici.engine.config import count_type
 from pyfici.engine.files import atomic_write_text, write_json
+from pyfici.engine.rundir import make_output_folder
 from pyfici.engine.runtime import resolve_device
 from pyfici.methods.ficgan.model import FICGAN, GROUPS, slerp
 
@@ -324,7 +325,7 @@ def deidentify(model: FICGAN, input: str, k: int, out: str | os.PathLike, *, deg
                                              "box": a.det.box_dict(), "score": a.det.score, "action": a.action,
                                              "reason": a.reason} for a in fallbacks],
                     "conversions": {P.display_name(im.name): im.notes for im in inputs.images if im.notes}}
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_output_folder(out_dir)
     outputs, recon, hits, id_dist, part, k_anon = x.clone(), x.clone(), [], [], None, True
     if faces:
         z_face = _embed(model, x, dev)
@@ -535,7 +536,7 @@ def deidentify_video(model: FICGAN, input: str, k: int, out: str | os.PathLike, 
         z = slerp(c_face, part.surrogates[part.assignment[people]], degree)
         return _generate(model, x, {g: (z if g in lv else c_face) for g in GROUPS}, dev)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_output_folder(out_dir)
     with _deid_errors():
         hits = V.render_video(input, dst, info, fp, tracks, n_people, size, generate, quiet=quiet)
     all_hits = [h for v in hits.values() for h in v]
