@@ -257,3 +257,26 @@ def test_unusable_output_paths_exit_2_with_one_line(tmp_path, capsys):
         assert msg in err and "Traceback" not in err, (msg, err)
     assert a_file.read_text() == "x"
     assert not any(a_dir.iterdir())
+
+
+def test_unreadable_pretrained_weights_and_inverted_lr_range_exit_2(tmp_path, capsys):
+    import pickle
+
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    text = tmp_path / "text.pth"
+    text.write_text("not a checkpoint\n")
+    obj = tmp_path / "obj.pth"
+    torch.save({"w": torch.ones(2)}, obj)
+    trunc = tmp_path / "trunc.pth"
+    trunc.write_bytes(obj.read_bytes()[:60])
+    evil = tmp_path / "evil.pth"
+    with open(evil, "wb") as f:
+        pickle.dump(object(), f)
+    base = ["train", "autolr", "--dataset", "builtin", "--device", "cpu", "--epochs", "1"]
+    for path, msg in ((empty, "the file is empty"), (text, "refusing to load it"), (trunc, "truncated"),
+                      (evil, "refusing to load it")):
+        assert main([*base, "--out", str(tmp_path / f"run_{path.stem}"), "--pretrained", str(path)]) == 2, path
+        _one_line_error(capsys, "--pretrained", msg)
+    assert main([*base, "--out", str(tmp_path / "lr"), "--lr-min", "1", "--lr-max", "0.1"]) == 2
+    _one_line_error(capsys, "--lr-min 1 is above --lr-max 0.1")

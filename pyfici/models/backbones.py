@@ -303,7 +303,18 @@ def _load_state_dict_file(model: nn.Module, path: str) -> None:
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--pretrained: no such file: {path}")
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"--pretrained {path}: the file is empty (expected a state_dict saved with torch.save)")
+    import pickle
+
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # (torch's message advises weights_only=False: not for a file of unknown origin)
+        raise ValueError(f"--pretrained {path}: not a file of tensors written by torch.save, or it holds other "
+                         "objects; refusing to load it (expected a state_dict)") from None
+    except Exception as e:  # truncated, or not a file written by torch.save
+        raise ValueError(f"--pretrained {path}: cannot read a state_dict from it, the file is truncated or not "
+                         f"written by torch.save ({type(e).__name__})") from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict):

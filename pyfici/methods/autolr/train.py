@@ -120,6 +120,8 @@ class AutoLRConfig(RunConfig):
                             f"use --prune auto or none for {self.backbone}")
         if not (self.lr > 0 and self.head_lr > 0):
             raise UserError(f"--lr and --head-lr must be > 0, got {self.lr}, {self.head_lr}")
+        if self.lr_min > self.lr_max:
+            raise UserError(f"--lr-min {self.lr_min:g} is above --lr-max {self.lr_max:g}")
 
 
 # ----------------------------------------------------------------------------- pieces
