@@ -152,3 +152,12 @@ def test_evaluate_bad_input_messages():
         evaluate_distmat(np.random.rand(3, 4), [0, 0, 0], [1, 1, 1, 1], [0, 0, 0], [1, 1, 1, 1])
     with pytest.raises(ValueError, match="ks"):
         recall_at_k(gf, gp, ks=(0,))
+
+
+def test_string_or_ragged_ids_raise_naming_the_argument():
+    d = torch.rand(2, 3)
+    good = dict(q_pids=[0, 1], g_pids=[0, 1, 1], q_camids=[0, 0], g_camids=[1, 1, 1])
+    for name, bad in (("q_pids", ["a", "b"]), ("g_pids", np.array(["a", "b", "c"])), ("q_camids", [[0], [0, 1]])):
+        args = {**good, name: bad}
+        with pytest.raises(TypeError, match=f"^{name}: cannot make a tensor of .* mapped to integers first"):
+            evaluate_distmat(d, *args.values())

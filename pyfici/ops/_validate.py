@@ -15,10 +15,15 @@ def as_tensor(name: str, x, *, dtype: torch.dtype | None = None, device: torch.d
     """Accept a tensor, numpy array or sequence; return a tensor (no copy when possible)."""
     if isinstance(x, torch.Tensor):
         t = x
-    elif isinstance(x, np.ndarray):
-        t = torch.from_numpy(np.ascontiguousarray(x))
-    elif isinstance(x, Sequence):
-        t = torch.as_tensor(x)
+    elif isinstance(x, (np.ndarray, Sequence)) and not isinstance(x, (str, bytes)):
+        try:
+            t = torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else torch.as_tensor(x)
+        except (TypeError, ValueError, RuntimeError) as e:
+            kind = getattr(x, "dtype", None)
+            what = f"a numpy array of dtype {kind}" if kind is not None else "this sequence"
+            raise TypeError(f"{name}: cannot make a tensor of {what} (numbers of one shape are needed; "
+                            f"{' '.join(str(e).split())}); strings or other objects must be mapped to "
+                            "integers first") from None
     else:
         raise TypeError(f"{name}: expected a torch.Tensor, numpy array or sequence, got {type(x).__name__}")
     if dtype is not None and t.dtype != dtype:
