@@ -157,3 +157,20 @@ def test_aqe_bad_arguments():
         average_query_expansion(q, torch.randn(5, 3))
     with pytest.raises(ValueError, match="qe_k: must be >= 1"):
         average_query_expansion(q, g, qe_k=0)
+
+
+@pytest.mark.parametrize("dtype,exps", [(torch.float32, (-100, -60, 60, 100)), (torch.float64, (-1000, 1000))])
+def test_aqe_of_any_scale(dtype, exps):
+    # the expansion is linear in the features: F.normalize's 1e-12 clamp (features of
+    # 2**-60) and float32 squares (2**100) made every expanded feature 0
+    from pyfici.reid import average_query_expansion
+
+    g = torch.Generator().manual_seed(3)
+    q, gal = torch.randn(10, 6, generator=g, dtype=dtype), torch.randn(30, 6, generator=g, dtype=dtype)
+    bq, bg = average_query_expansion(q, gal)
+    for e in exps:
+        s = 2.0**e
+        rq, rg = average_query_expansion(q * s, gal * s)
+        for r, b in ((rq, bq), (rg, bg)):
+            rel = ((r.double() / s - b.double()).abs().max() / b.double().abs().max()).item()
+            assert rel < (1e-6 if dtype == torch.float32 else 1e-14), (e, rel)

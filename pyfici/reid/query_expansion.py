@@ -18,6 +18,7 @@ from pyfici.ops._validate import (
     check_int_range,
     check_not_meta,
 )
+from pyfici.ops.distance import unit_rows
 
 
 def average_query_expansion(
@@ -38,7 +39,8 @@ def average_query_expansion(
     it to float32 rounding (neighbours tied in similarity may be chosen in
     another order). A negative similarity with a non-integral ``alpha`` gives
     NaN there, as numpy's power does. Float16/bfloat16 are computed in float32;
-    inputs are detached.
+    inputs are detached. The rows are normalised at any scale (no 1e-12 clamp: the
+    expansion is linear in the features, so features of 1e-20 expand as those of 1).
     """
     q = as_tensor("query", query)
     g = as_tensor("gallery", gallery)
@@ -60,7 +62,7 @@ def average_query_expansion(
         raise ValueError(f"qe_k: must be <= the number of features Q + G = {N}, got {qe_k}")
     rows = tile or max(1, min(N, (64 << 20) // max(1, 4 * max(N, qe_k * D))))
     for _ in range(qe_times):
-        norm = torch.nn.functional.normalize(feats, p=2, dim=1)
+        norm = unit_rows(feats)  # (F.normalize's 1e-12 clamp zeroed features below it)
         new = torch.empty_like(feats)
         for r0 in range(0, N, rows):
             r1 = min(N, r0 + rows)
