@@ -581,7 +581,7 @@ void rows_to_bf16(const float* X, int64_t N, int64_t D, const float* mu, float c
 // (float64 rows beyond about 2**+-480; never for float32 rows) a second pass
 // over the row divided by its largest magnitude. In the common case the
 // result is the plain sqrt of the plain sum, bit for bit.
-template <typename T, typename A>
+template <typename A>
 inline double row_norm(const A& at, int64_t n) {
   double ss = 0.0;
   for (int64_t d = 0; d < n; ++d) ss += static_cast<double>(at(d)) * static_cast<double>(at(d));
@@ -624,7 +624,7 @@ void average_impl(const T* Y, int64_t D, const int64_t* idx, const T* w, int64_t
         const T* __restrict y = Y + (j - lo) * D;
         double scale = wt;
         if (normalize_rows) {
-          const double yn = row_norm<T>([y](int64_t d) { return y[d]; }, D);
+          const double yn = row_norm([y](int64_t d) { return y[d]; }, D);
           if (yn > 0.0) scale /= yn;  // a zero row stays zero
         }
         for (int64_t d = 0; d < D; ++d) ac[d] += scale * static_cast<double>(y[d]);
@@ -632,7 +632,7 @@ void average_impl(const T* Y, int64_t D, const int64_t* idx, const T* w, int64_t
       double div = 1.0;
       if (finalize) {
         if (spherical) {
-          const double nn = row_norm<double>([ac](int64_t d) { return ac[d]; }, D);
+          const double nn = row_norm([ac](int64_t d) { return ac[d]; }, D);
           div = nn > 0.0 ? nn : 1.0;
         } else {
           div = wsum != 0.0 ? wsum : 1.0;

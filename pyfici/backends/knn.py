@@ -577,15 +577,6 @@ def list_length(k: int, available: int, backend: str, margin: int = MARGIN) -> i
 _F64_SAFE_EXP = 400  # float64 inputs beyond 2**+-400 are scaled before the double-precision formula
 
 
-def _pow2_scaled(t: torch.Tensor, k: int) -> torch.Tensor:
-    """t * 2**k (exact, in steps whose factors are normal float64 numbers)."""
-    while k != 0:
-        step = max(-1000, min(1000, k))
-        t = t * (2.0**step)
-        k -= step
-    return t
-
-
 def _float64_exponent(x: torch.Tensor, y: torch.Tensor) -> int:
     """e for float64 inputs whose largest magnitude is outside 2**-400 .. 2**400, else 0.
     The refinement and the certificate evaluate the direct formula in double, whose
@@ -613,11 +604,13 @@ def knn_local(x, y, k: int, metric: str, exclude_self: bool, tile: int, backend:
     certify run the float32 pass, and the rows that one cannot certify the direct formula."""
     e = _float64_exponent(x, y)
     if e:
-        xs = _pow2_scaled(x, -e)
-        ys = xs if y is x else _pow2_scaled(y, -e)
+        from pyfici.ops.distance import _mul_pow2  # (pyfici.ops imports this module)
+
+        xs = _mul_pow2(x, -e)
+        ys = xs if y is x else _mul_pow2(y, -e)
         vals, idx = knn_local(xs, ys, k, metric, exclude_self, tile, backend, col_offset, available, bf16)
         if metric != "cosine":
-            vals = _pow2_scaled(vals, e if metric == "euclidean" else 2 * e)
+            vals = _mul_pow2(vals, e if metric == "euclidean" else 2 * e)
         return vals, idx
     G = y.shape[0]
     if available is None:

@@ -55,7 +55,7 @@ from pyfici.ops._validate import (
     check_int_range,
     check_ndim,
 )
-from pyfici.ops.distance import unit_rows
+from pyfici.ops.distance import _mul_pow2, unit_rows
 
 METRICS = ("sqeuclidean", "euclidean", "cosine", "ip")
 DEFAULT_TILE = kb.DEFAULT_TILE
@@ -335,7 +335,7 @@ def _k_same_op(
         # the partition is unchanged by one power of two; the C++ loop's direct
         # formula in double needs float64 rows within 2**+-400 (see kb._float64_exponent)
         e = kb._float64_exponent(xc, xc)
-        xc = kb._pow2_scaled(xc, -e).contiguous() if e else xc
+        xc = _mul_pow2(xc, -e).contiguous() if e else xc
     return ks.partition(xc, k, seed, method, W, tile, refresh_batch).to(dev)
 
 
