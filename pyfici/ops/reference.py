@@ -31,6 +31,7 @@ def sqrt_(t: torch.Tensor) -> torch.Tensor:
         return t
     return t.sqrt_()
 
+
 def unit_rows(x: torch.Tensor) -> torch.Tensor:
     """x / ||x|| along the last dim; zero rows stay zero (no epsilon). Each row is
     first divided by its largest magnitude, so no row's squares underflow or
