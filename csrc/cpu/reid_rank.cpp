@@ -544,6 +544,39 @@ void row_abs_max_impl(const T* x, int64_t rows, int64_t cols, int64_t ld, T* out
   }
 }
 
+// out[r] = a 64-bit hash of row r's values: equal rows (by value: -0.0 counts as
+// +0.0) hash equally, whatever their position or alignment. pyfici.ops.distance
+// uses it to find the repeated feature rows whose distances it ties exactly,
+// since a BLAS kernel can round the same dot product differently by where the
+// row falls in its register blocks. Four independent multiply-xor lanes keep the
+// pass memory-bound; the caller confirms candidate pairs by comparing the rows.
+template <typename T>
+void row_hash_impl(const T* x, int64_t rows, int64_t cols, int64_t ld, uint64_t* out, int nthreads) {
+  using U = std::conditional_t<std::is_same_v<T, float>, uint32_t, uint64_t>;
+  constexpr U sign = ~(std::numeric_limits<U>::max() >> 1);
+  constexpr uint64_t P = 0x9E3779B97F4A7C15ull;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const U* __restrict v = reinterpret_cast<const U*>(x + r * ld);
+    uint64_t h[4] = {1, 2, 3, 4};
+    int64_t j = 0;
+    for (; j + 4 <= cols; j += 4) {
+      for (int l = 0; l < 4; ++l) {
+        const U b = v[j + l] == sign ? U(0) : v[j + l];  // -0.0 -> +0.0
+        h[l] = (h[l] ^ uint64_t(b)) * P;
+      }
+    }
+    for (; j < cols; ++j) {
+      const U b = v[j] == sign ? U(0) : v[j];
+      h[0] = (h[0] ^ uint64_t(b)) * P;
+    }
+    uint64_t z = h[0] ^ (h[1] << 1 | h[1] >> 63) ^ (h[2] << 2 | h[2] >> 62) ^ (h[3] << 3 | h[3] >> 61) ^ uint64_t(cols);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;  // splitmix64 finaliser
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    out[r] = z ^ (z >> 31);
+  }
+}
+
 }  // namespace
 
 PYFICI_REGISTER(m) {
@@ -559,6 +592,19 @@ PYFICI_REGISTER(m) {
           throw std::invalid_argument("row_abs_max: x must be float32 or float64");
       },
       "out[r] = max |x[r, :]| of a [rows, cols] matrix with row stride ld (NaN where a row holds a NaN).");
+  m.def(
+      "row_hash",
+      [](std::uintptr_t x, int dtype, int64_t rows, int64_t cols, int64_t ld, std::uintptr_t out, int nthreads) {
+        py::gil_scoped_release nogil;
+        if (dtype == kFloat32)
+          row_hash_impl(as_ptr<const float>(x), rows, cols, ld, as_ptr<uint64_t>(out), nthreads);
+        else if (dtype == kFloat64)
+          row_hash_impl(as_ptr<const double>(x), rows, cols, ld, as_ptr<uint64_t>(out), nthreads);
+        else
+          throw std::invalid_argument("row_hash: x must be float32 or float64");
+      },
+      "out[r] (int64 bits) = a hash of the values of row r of a [rows, cols] matrix with row stride ld; "
+      "rows equal by value hash equally (-0.0 as +0.0).");
   m.def(
       "reid_rank_stats",
       [](std::uintptr_t dist, int dtype, int64_t Q, int64_t G, int64_t ld, std::uintptr_t qpid,

@@ -95,6 +95,56 @@ def _row_abs_max(x: torch.Tensor) -> torch.Tensor:
     return x.abs().amax(dim=1, keepdim=True)
 
 
+def duplicate_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The rows of the 2-D tensor ``x`` equal (by value) to an earlier row: ``(dup, rep)``,
+    int64 indices of those rows (ascending) and of the first row each one equals, or None when all rows
+    differ. Why: a BLAS kernel may round the same dot product differently depending on
+    where a row falls in its register blocks (OpenBLAS's Haswell sgemm kernel, which
+    AVX2-only CPUs and ``OPENBLAS_CORETYPE=Haswell`` run, does), so identical features
+    would get distances a few ulps apart and rank by rounding instead of by index. The
+    CPU distance paths copy the representative's distances to its duplicates, which makes
+    identical rows tie exactly on every BLAS.
+
+    CPU float32 / float64 rows are hashed by the native kernel (one read of ``x``); the
+    candidate pairs that share a hash are then compared value by value, so a hash
+    collision never ties two different rows (it can only leave a true duplicate untied,
+    about once in 2**64 pairs). Elsewhere ``torch.unique(dim=0)`` groups the rows."""
+    n = x.shape[0]
+    if n < 2 or x.numel() == 0:
+        return None
+    if (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.stride(1) == 1
+            and _native.has_cpu() and not torch.compiler.is_compiling()):
+        h = torch.empty(n, dtype=torch.int64)
+        _native.cpu_module().row_hash(x.data_ptr(), _native.DTYPE_CODES[x.dtype], n, x.shape[1], x.stride(0),
+                                      h.data_ptr(), _native.num_threads())
+    else:
+        h = torch.unique(x, dim=0, return_inverse=True)[1]
+    hs, order = torch.sort(h, stable=True)
+    start = torch.ones(n, dtype=torch.bool, device=x.device)
+    start[1:] = hs[1:] != hs[:-1]
+    if bool(start.all()):
+        return None
+    rep = order[start][torch.cumsum(start, 0) - 1]  # the first (lowest) index of each hash group
+    keep = ~start
+    dup, rep = order[keep], rep[keep]
+    same = (x[dup] == x[rep]).all(1)
+    if not bool(same.all()):
+        dup, rep = dup[same], rep[same]
+    if not dup.numel():
+        return None
+    o = torch.argsort(dup)
+    return dup[o], rep[o]
+
+
+def tie_duplicate_columns_(d: torch.Tensor, dups: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """Columns ``dup`` of ``d`` set to columns ``rep`` (``dups`` from :func:`duplicate_rows`
+    of the rows behind the columns), in place."""
+    if dups is not None:
+        dup, rep = dups
+        d.index_copy_(1, dup.to(d.device), d.index_select(1, rep.to(d.device)))
+    return d
+
+
 def _row_scaled(x: torch.Tensor, name: str | None = None) -> torch.Tensor:
     """Rows ready for their norms: a row whose largest magnitude m is outside
     2**-s .. 2**s (below 2**-39 at the latest; s = ``_SAFE_EXP``: 40 for float32, so the squares of a row of
@@ -239,10 +289,20 @@ def distance_tile(x: torch.Tensor, y: torch.Tensor, y_norms: torch.Tensor | None
 
 
 def _distance_gemm(x: torch.Tensor, y: torch.Tensor, metric: str, self_distance: bool) -> torch.Tensor:
+    """The GEMM backends' distances; repeated rows of ``x`` (rows of the result) and of
+    ``y`` (columns) get their first copy's distances, so identical features tie exactly
+    whatever the BLAS's rounding (:func:`duplicate_rows`), and with ``self_distance`` two
+    copies of a point are exactly 0 apart."""
     yp, yn = prepare_gallery(y, metric)
     d = distance_tile(x, yp, yn, metric)
     if self_distance:
         d.fill_diagonal_(0.0)
+    y_dups = duplicate_rows(y)
+    x_dups = y_dups if self_distance else duplicate_rows(x)
+    tie_duplicate_columns_(d, y_dups)
+    if x_dups is not None:
+        dup, rep = x_dups
+        d.index_copy_(0, dup, d.index_select(0, rep))
     return d
 
 

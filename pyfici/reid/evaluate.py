@@ -50,8 +50,10 @@ from pyfici.ops.distance import (
     condition_features,
     distance_tile,
     distance_tile_raw,
+    duplicate_rows,
     prepare_gallery,
     rank_stats_checked_cpu,
+    tie_duplicate_columns_,
 )
 
 PROTOCOLS = ("torchreid", "market1501", "cuhk03")
@@ -270,13 +272,17 @@ def _scorer(gallery: torch.Tensor, metric: str, backend: str | None):
     if gallery.device.type == "cpu" and be in (None, "cpu"):
         # the CPU rank kernel applies the distance epilogue as it reads the tile;
         # the tiles share one buffer (each is reduced before the next is computed)
+        # identical gallery rows get their first copy's column: exact ties (ranked by index)
+        # whatever the BLAS kernel's rounding by position (see duplicate_rows)
         buf = []
+        dups = duplicate_rows(gallery)
 
         def raw_tile(q):
             n = q.shape[0] * yp.shape[0]
             if not buf or buf[0].numel() < n:
                 buf[:] = [torch.empty(n, dtype=yp.dtype)]
-            return distance_tile_raw(q, yp, yn, metric, buf[0][:n].view(q.shape[0], yp.shape[0]))
+            raw, epi, qn = distance_tile_raw(q, yp, yn, metric, buf[0][:n].view(q.shape[0], yp.shape[0]))
+            return tie_duplicate_columns_(raw, dups), epi, qn
 
         return raw_tile
     return lambda q: (distance_tile(q, yp, yn, metric), 0, None)
