@@ -136,12 +136,12 @@ def duplicate_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     return dup[o], rep[o]
 
 
-def tie_duplicate_columns_(d: torch.Tensor, dups: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-    """Columns ``dup`` of ``d`` set to columns ``rep`` (``dups`` from :func:`duplicate_rows`
-    of the rows behind the columns), in place."""
+def tie_duplicates_(d: torch.Tensor, dups: tuple[torch.Tensor, torch.Tensor] | None, dim: int = 1) -> torch.Tensor:
+    """Slices ``dup`` of ``d`` along ``dim`` (1: columns, 0: rows) set to slices ``rep``
+    (``dups`` from :func:`duplicate_rows` of the features behind them), in place."""
     if dups is not None:
         dup, rep = dups
-        d.index_copy_(1, dup.to(d.device), d.index_select(1, rep.to(d.device)))
+        d.index_copy_(dim, dup, d.index_select(dim, rep))
     return d
 
 
@@ -299,11 +299,8 @@ def _distance_gemm(x: torch.Tensor, y: torch.Tensor, metric: str, self_distance:
         d.fill_diagonal_(0.0)
     y_dups = duplicate_rows(y)
     x_dups = y_dups if self_distance else duplicate_rows(x)
-    tie_duplicate_columns_(d, y_dups)
-    if x_dups is not None:
-        dup, rep = x_dups
-        d.index_copy_(0, dup, d.index_select(0, rep))
-    return d
+    tie_duplicates_(d, y_dups, dim=1)
+    return tie_duplicates_(d, x_dups, dim=0)
 
 
 @torch.library.custom_op("pyfici::pairwise_distance", mutates_args=())

@@ -53,7 +53,7 @@ from pyfici.ops.distance import (
     duplicate_rows,
     prepare_gallery,
     rank_stats_checked_cpu,
-    tie_duplicate_columns_,
+    tie_duplicates_,
 )
 
 PROTOCOLS = ("torchreid", "market1501", "cuhk03")
@@ -282,7 +282,7 @@ def _scorer(gallery: torch.Tensor, metric: str, backend: str | None):
             if not buf or buf[0].numel() < n:
                 buf[:] = [torch.empty(n, dtype=yp.dtype)]
             raw, epi, qn = distance_tile_raw(q, yp, yn, metric, buf[0][:n].view(q.shape[0], yp.shape[0]))
-            return tie_duplicate_columns_(raw, dups), epi, qn
+            return tie_duplicates_(raw, dups), epi, qn
 
         return raw_tile
     return lambda q: (distance_tile(q, yp, yn, metric), 0, None)
