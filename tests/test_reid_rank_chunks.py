@@ -186,3 +186,38 @@ def test_sqrt_is_correctly_rounded(dtype):
     buf = x.clone()
     out = sqrt_(buf[::3])  # a strided view, written in place
     assert torch.equal(out, ref[::3]) and torch.equal(buf[1::3], x[1::3])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("epilogue", [1, 2, 3])
+def test_fused_epilogue_keys_match_the_applied_epilogue(cpu_isa, dtype, epilogue):
+    """The rank kernel's fused distance epilogue (the float rows have an AVX2 / AVX-512
+    loop of their own) gives the ranks of the epilogue applied first: raw values on both
+    sides of each clamp (below -||q||^2, above 1 for cosine, exactly at them), -0.0, +-Inf
+    and NaN, at row lengths around the vector widths and a chunk edge."""
+    from pyfici.ops.distance import apply_epilogue
+
+    for G in (1, 7, 8, 15, 16, 17, 33, 2049):
+        gen = torch.Generator().manual_seed(1000 * epilogue + G)
+        Q = 5
+        qn = (torch.rand(Q, generator=gen, dtype=torch.float64) * 2).to(dtype)
+        if epilogue == 3:
+            raw = torch.rand(Q, G, generator=gen, dtype=torch.float64) * 4 - 2  # 1 - raw in [-1, 3]
+            raw[:, ::5] = 1.0  # a distance of exactly 0 (1 - 1)
+            raw[:, 1::7] = -1.0  # exactly 2
+        else:
+            raw = torch.rand(Q, G, generator=gen, dtype=torch.float64) * 4 - 3  # raw + qn below and above 0
+            raw[:, ::5] = -qn[:, None].to(torch.float64)  # exactly 0
+        raw = raw.to(dtype)
+        raw[:, 2::6] = -0.0
+        raw[:, 3::11] = float("inf")
+        raw[:, 4::13] = float("-inf")
+        raw[1, ::3] = float("nan")
+        ids = _ids(Q, G, max(2, G // 4), 3, gen)
+        qn_arg = qn if epilogue != 3 else None
+        for protocol in ("torchreid", "market1501"):
+            kw = dict(protocol=protocol, check_finite_values=False)
+            ref = reid_rank_stats(apply_epilogue(raw, epilogue, qn_arg), *ids, backend="torch", **kw)
+            out = reid_rank_stats(raw, *ids, backend="cpu", epilogue=epilogue, q_norms=qn_arg, **kw)
+            for a, b in zip(out, ref):
+                assert torch.allclose(a, b, equal_nan=True, rtol=0, atol=1e-12), (cpu_isa, G, protocol)
