@@ -75,7 +75,19 @@ def list_length(n: int, k1: int, k2: int) -> int:
 def prepare_features(query: torch.Tensor, gallery: torch.Tensor, metric: str):
     """[N, D] stacked features in the compute dtype (normalised for cosine) and their squared norms."""
     dt = torch.float64 if torch.float64 in (query.dtype, gallery.dtype) else torch.float32
-    x = torch.cat([query.to(dt), gallery.to(dt)]).contiguous()
+    query, gallery = query.to(dt), gallery.to(dt)
+    if (metric != "cosine" and query.device.type == "cpu" and _native.has_cpu()
+            and not torch.compiler.is_compiling()):
+        # one pass: the stacked copy and its squared norms (csrc/cpu/rerank.cpp)
+        query, gallery = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, gallery))
+        Q, G, D = query.shape[0], gallery.shape[0], query.shape[1]
+        x = torch.empty((Q + G, D), dtype=dt)
+        norms = torch.empty(Q + G, dtype=dt)
+        _native.cpu_module().rerank_stack(_native.DTYPE_CODES[dt], query.data_ptr(), Q, query.stride(0),
+                                          gallery.data_ptr(), G, gallery.stride(0), D, x.data_ptr(),
+                                          norms.data_ptr(), _native.num_threads())
+        return x, norms
+    x = torch.cat([query, gallery]).contiguous()
     if metric == "cosine":
         x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
         return x, None
@@ -522,7 +534,11 @@ def _scaled_distances(*mats: torch.Tensor, limit: int = _SAFE_EXP[torch.float32]
     distances are cast to float32, so float64 distances of 1e-30 (or features
     of 2**-60, whose squared-euclidean distances are 2**-120) would square to
     0 there and re-rank to NaN (0 / 0) without it."""
-    m = max(float(t.abs().amax()) if t.numel() else 0.0 for t in mats)
+    m = 0.0
+    for t in mats:
+        if t.numel():  # the largest magnitude from min and max: one pass, no |t| temporary
+            lo, hi = torch.aminmax(t)
+            m = max(m, -float(lo), float(hi))
     if m == 0.0:
         return mats
     e = math.frexp(m)[1]
