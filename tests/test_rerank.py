@@ -244,3 +244,24 @@ def test_cpu_backend_matches_reference_on_every_cpu_variant(cpu_isa, metric):
         ref = npref.re_ranking(*d)
         assert_matches(rerank(tq, tg, metric=metric, backend="cpu", tile=32).numpy(), ref)
         assert_matches(rerank_distmat(*(torch.from_numpy(a) for a in d), 20, 6, 0.3, backend="cpu").numpy(), ref)
+
+
+def test_conditioned_features_are_stacked_once():
+    """rerank_features centres query and gallery straight into one [Q + G, D] buffer
+    (condition_features(stacked=True)); the CPU path then uses that buffer as the stacked
+    features (no second copy) with the same values and norms as separate tensors give."""
+    from pyfici.ops.distance import condition_features
+    from pyfici.ops.rerank import prepare_features
+
+    gen = torch.Generator().manual_seed(9)
+    q = torch.randn(13, 37, generator=gen) + 100.0
+    g = torch.randn(29, 37, generator=gen) + 100.0
+    a, b, e = condition_features(q, g, "euclidean")
+    sa, sb, se = condition_features(q, g, "euclidean", stacked=True)
+    assert e == se and torch.equal(a, sa) and torch.equal(b, sb)
+    assert sb.data_ptr() == sa.data_ptr() + sa.numel() * sa.element_size()
+    x, n = prepare_features(sa, sb, "euclidean")
+    assert x.data_ptr() == sa.data_ptr() and torch.equal(x, torch.cat([a, b]))
+    x2, n2 = prepare_features(a, b, "euclidean")  # separate tensors: copied
+    assert x2.data_ptr() not in (a.data_ptr(), b.data_ptr()) and torch.equal(x2, x) and torch.equal(n2, n)
+    assert torch.equal(q, torch.randn(13, 37, generator=torch.Generator().manual_seed(9)) + 100.0)  # input unchanged

@@ -571,36 +571,46 @@ void finish_dispatch_mode(int mode, std::uintptr_t feats, std::uintptr_t norms, 
 }
 
 // Stacked features and their squared norms in one pass: out rows [0, Q) are
-// query's, [Q, Q + G) gallery's, and norms[r] = sum of the squares of row r.
+// query's, [Q, Q + G) gallery's, and norms[r] = sum of the squares of row r
+// (out = null: the rows are already stacked, norms only).
 // (torch.cat followed by (x * x).sum(1) writes a second N x D temporary and
 // reads everything twice; at Market-1501 size, 158 MB of fresh pages.) The
 // sum has one order on every variant: 16 partial sums over j mod 16 (vector
 // lanes where there are some; contraction is off in this file, so no FMA
 // either), added pairwise, then the tail in order.
+template <bool Copy, typename T>
+inline T copy_sqnorm(const T* __restrict src, T* __restrict dst, int64_t D) {
+  T acc[16] = {};
+  int64_t j = 0;
+  for (; j + 16 <= D; j += 16) {
+    for (int l = 0; l < 16; ++l) {
+      const T v = src[j + l];
+      if constexpr (Copy) dst[j + l] = v;
+      acc[l] += v * v;
+    }
+  }
+  for (int w = 8; w >= 1; w /= 2)
+    for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
+  T sum = acc[0];
+  for (; j < D; ++j) {
+    const T v = src[j];
+    if constexpr (Copy) dst[j] = v;
+    sum += v * v;
+  }
+  return sum;
+}
+
 template <typename T>
 void stack_sqnorm_impl(const T* q, int64_t Q, int64_t ldq, const T* g, int64_t G, int64_t ldg, int64_t D,
                        T* out, T* norms, int nthreads) {
 #pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int64_t r = 0; r < Q + G; ++r) {
     const T* __restrict src = r < Q ? q + r * ldq : g + (r - Q) * ldg;
-    T* __restrict dst = out + r * D;
-    T acc[16] = {};
-    int64_t j = 0;
-    for (; j + 16 <= D; j += 16) {
-      for (int l = 0; l < 16; ++l) {
-        const T v = src[j + l];
-        dst[j + l] = v;
-        acc[l] += v * v;
-      }
-    }
-    for (int w = 8; w >= 1; w /= 2)
-      for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
-    T sum = acc[0];
-    for (; j < D; ++j) {
-      const T v = src[j];
-      dst[j] = v;
-      sum += v * v;
-    }
+    T sum;
+    if (out)
+      sum = copy_sqnorm<true>(src, out + r * D, D);
+    else
+      sum = copy_sqnorm<false>(src, static_cast<T*>(nullptr), D);
     if (norms) norms[r] = sum;
   }
 }
@@ -622,8 +632,8 @@ PYFICI_REGISTER(m) {
         else
           throw std::invalid_argument("rerank_stack: features must be float32 or float64");
       },
-      "out [Q + G, D] = query rows then gallery rows (row strides ldq / ldg); norms [Q + G] (optional, "
-      "0 = none) = their squared norms, summed in one order on every CPU variant.");
+      "out [Q + G, D] (0: none, norms only) = query rows then gallery rows (row strides ldq / ldg); "
+      "norms [Q + G] (optional, 0 = none) = their squared norms, summed in one order on every CPU variant.");
   m.def(
       "rerank_scan",
       [](std::uintptr_t tile, int dtype, int mode, int64_t ld, int64_t r0, int64_t nrows, int64_t c0,

@@ -179,7 +179,7 @@ def unit_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def condition_features(x: torch.Tensor, y: torch.Tensor | None, metric: str, *, check: bool = True,
-                       xname: str = "x", yname: str = "y"):
+                       xname: str = "x", yname: str = "y", stacked: bool = False):
     """Features ready for the expansion -> ``(x', y', e)``.
 
     ``x'`` and ``y'`` are in the compute dtype (float64 for float64 ``x``,
@@ -189,6 +189,9 @@ def condition_features(x: torch.Tensor, y: torch.Tensor | None, metric: str, *, 
     With ``check`` the values are also checked to be finite (one reduction,
     the only host synchronisation); inside torch.compile graphs the scale is
     computed without leaving the device and ``e`` is a 0-d tensor.
+    ``stacked`` (euclidean metrics, ``y`` given): the centred ``x'`` and ``y'`` are
+    written into one [rows of x + rows of y, D] buffer and returned as its two
+    consecutive row blocks (re-ranking stacks them: no second copy).
     """
     dt = compute_dtype(x)
     same = y is None
@@ -218,6 +221,10 @@ def condition_features(x: torch.Tensor, y: torch.Tensor | None, metric: str, *, 
         x = _mul_pow2(x, -e)
         y = x if same else _mul_pow2(y, -e)
     c = y.mean(0) if y.shape[0] else y.new_zeros(y.shape[1])
+    if stacked and not same:
+        buf = torch.empty((x.shape[0] + y.shape[0], x.shape[1]), dtype=x.dtype, device=x.device)
+        xs, ys = buf[: x.shape[0]], buf[x.shape[0]:]
+        return torch.sub(x, c, out=xs), torch.sub(y, c, out=ys), e
     x = x - c
     return x, (x if same else y - c), e
 

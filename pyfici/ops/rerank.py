@@ -72,6 +72,17 @@ def list_length(n: int, k1: int, k2: int) -> int:
     return min(n, max(k1 + 1, k2))
 
 
+def _stacked_view(query: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor | None:
+    """The contiguous [Q + G, D] tensor whose row blocks ``query`` and ``gallery`` are, or None."""
+    if not (query.is_contiguous() and gallery.is_contiguous() and query.dtype == gallery.dtype
+            and query.shape[1:] == gallery.shape[1:] and query.untyped_storage().data_ptr()
+            == gallery.untyped_storage().data_ptr()):
+        return None
+    if query.numel() and gallery.data_ptr() != query.data_ptr() + query.numel() * query.element_size():
+        return None
+    return torch.as_strided(query, (query.shape[0] + gallery.shape[0], query.shape[1]), (query.shape[1], 1))
+
+
 def prepare_features(query: torch.Tensor, gallery: torch.Tensor, metric: str):
     """[N, D] stacked features in the compute dtype (normalised for cosine) and their squared norms."""
     dt = torch.float64 if torch.float64 in (query.dtype, gallery.dtype) else torch.float32
@@ -81,11 +92,14 @@ def prepare_features(query: torch.Tensor, gallery: torch.Tensor, metric: str):
         # one pass: the stacked copy and its squared norms (csrc/cpu/rerank.cpp)
         query, gallery = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, gallery))
         Q, G, D = query.shape[0], gallery.shape[0], query.shape[1]
-        x = torch.empty((Q + G, D), dtype=dt)
         norms = torch.empty(Q + G, dtype=dt)
+        x = _stacked_view(query, gallery)  # already one buffer (condition_features(stacked=True)): norms only
+        copy = x is None
+        if copy:
+            x = torch.empty((Q + G, D), dtype=dt)
         _native.cpu_module().rerank_stack(_native.DTYPE_CODES[dt], query.data_ptr(), Q, query.stride(0),
-                                          gallery.data_ptr(), G, gallery.stride(0), D, x.data_ptr(),
-                                          norms.data_ptr(), _native.num_threads())
+                                          gallery.data_ptr(), G, gallery.stride(0), D,
+                                          x.data_ptr() if copy else 0, norms.data_ptr(), _native.num_threads())
         return x, norms
     x = torch.cat([query, gallery]).contiguous()
     if metric == "cosine":
@@ -512,7 +526,8 @@ def rerank_features(
         # translation of the features: condition them so that the expansion
         # neither overflows (features ~1e20) nor cancels (features far from 0).
         dt = torch.float64 if torch.float64 in (query.dtype, gallery.dtype) else torch.float32
-        query, gallery, _ = condition_features(query.to(dt), gallery.to(dt), metric, xname="query", yname="gallery")
+        query, gallery, _ = condition_features(query.to(dt), gallery.to(dt), metric, xname="query", yname="gallery",
+                                               stacked=True)
         if metric != "cosine" and not torch.compiler.is_compiling():
             # the reference squares the distances in float32 (see _scaled_distances):
             # squared sqeuclidean distances are 4th powers of the features, which
