@@ -477,12 +477,16 @@ def reid_rank_stats(
     check_length("q_camids", q_camids, Q, "distmat")
     check_length("g_pids", g_pids, G, "the columns of distmat")
     check_length("g_camids", g_camids, G, "the columns of distmat")
-    if check_finite_values:
-        check_finite("distmat", dist)
     be = choose_backend("reid_rank_stats", dev, backend, cuda_default="cuda")
     market = protocol == "market1501"
     if epilogue not in (0, 1, 2, 3):
         raise ValueError(f"epilogue: expected 0..3, got {epilogue}")
+    if (check_finite_values and be == "cpu" and epilogue == 0 and dist.dtype in (torch.float32, torch.float64)
+            and not torch.compiler.is_compiling()):
+        # the CPU kernel counts NaN / Inf in its one read of the matrix (no separate pass)
+        return rank_stats_checked_cpu(dist, q_pids, g_pids, q_camids, g_camids, protocol)
+    if check_finite_values:
+        check_finite("distmat", dist)
     if epilogue in (1, 2):
         if q_norms is None or q_norms.shape != (Q,) or q_norms.dtype != dist.dtype or q_norms.device != dev:
             raise ValueError(f"q_norms: expected a [{Q}] {dist.dtype} tensor on {dev} for epilogue {epilogue}")
