@@ -66,7 +66,7 @@ def cases(size: str, device: str) -> list[Case]:
     for Q, G, D in SIZES[size]:
         big = Q + G > 4000
 
-        def setup(Q=Q, G=G, D=D):
+        def setup(Q=Q, G=G, D=D, big=big):
             q, g = features(Q, G, D, device)
             rerank(q[:2], g[:3])  # the first custom-op call of a process imports torch._dynamo: not timed
             fns = {"pyfici": lambda: rerank(q, g)}
