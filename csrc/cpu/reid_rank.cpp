@@ -7,8 +7,9 @@
 // The row is first turned into integer order keys: key(a) < key(b) exactly
 // when a < b as numbers (-0 and +0 get one key), a NaN distance of a valid
 // item gets the key just above +inf's (it ranks after every number, +inf
-// included, NaNs among themselves by index, as numpy's and torch's sorts place NaN last) and a junk item gets a key above every threshold, so
-// it is never counted. Both predicates become one strict integer compare:
+// included, NaNs among themselves by index, as numpy's and torch's sorts
+// place NaN last) and a junk item gets a key above every threshold, so it
+// is never counted. Both predicates become one strict integer compare:
 // d_j <= d_m is key_j < key_m + 1. The counting then walks the key row in
 // L1-sized chunks and, for each chunk, counts every match's threshold
 // (vectorised compares into per-lane counters, four matches per pass over the
@@ -426,21 +427,17 @@ inline int64_t row_keys_f32(const float* __restrict d, const int32_t* __restrict
   if (j < n) bad += row_keys<float, Epi>(d + j, jbase + j, n - j, qn, out + j);
   return bad;
 }
+#endif
 
 // the ISA's float loop where there is one
 template <typename T, int Epi>
 inline int64_t row_keys_isa(const T* __restrict d, const key_t<T>* __restrict jbase, int64_t n, T qn,
                             key_t<T>* __restrict out) {
+#if defined(__AVX512F__) || defined(__AVX2__)
   if constexpr (std::is_same_v<T, float>) return row_keys_f32<Epi>(d, jbase, n, qn, out);
-  else return row_keys<T, Epi>(d, jbase, n, qn, out);
-}
-#else
-template <typename T, int Epi>
-inline int64_t row_keys_isa(const T* __restrict d, const key_t<T>* __restrict jbase, int64_t n, T qn,
-                            key_t<T>* __restrict out) {
+#endif
   return row_keys<T, Epi>(d, jbase, n, qn, out);
 }
-#endif
 
 // Gallery ids compressed once per call: dense int32 pid / camera codes (so
 // the per-row junk test is a 16-lane int32 compare) and the gallery items of
