@@ -1,7 +1,14 @@
-"""Gallery sharded over torch.distributed (gloo, 2 CPU processes)."""
+"""Gallery sharded over torch.distributed (gloo, 2 CPU processes).
+
+The ranks meet through a FileStore in the test's tmp dir, not a TCPStore on a free
+port: a port picked by one process can be taken by another before rank 0 binds it,
+and rank 0's store-server thread was the one running when a CI run aborted at
+teardown ("terminate called without an active exception", SIGABRT in rank 0). Both
+ranks also pass a barrier before destroying the group, so neither tears down while
+the other still has a collective in flight.
+"""
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -10,17 +17,9 @@ import torch.multiprocessing as mp
 from pyfici.ops import knn, knn_average, reference
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
+def _worker(rank: int, world: int, init: str, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(23, 9, generator=gen, dtype=torch.float64)
@@ -31,6 +30,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         shard = y[:cut] if rank == 0 else y[cut:]
         for backend in ("cpu", "torch"):
             _run(x, y, shard, backend, os.path.join(out_dir, f"{backend}-rank{rank}.pt"))
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -58,7 +58,8 @@ def _run(x, y, shard, backend, path):
 
 
 def test_sharded_knn_gloo_two_processes(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    init = (tmp_path / "pg").resolve().as_uri()
+    mp.spawn(_worker, args=(2, init, str(tmp_path)), nprocs=2, join=True)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(23, 9, generator=gen, dtype=torch.float64)
     y = torch.randn(101, 9, generator=gen, dtype=torch.float64)
