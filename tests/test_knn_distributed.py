@@ -2,8 +2,8 @@
 
 The ranks meet through a FileStore in the test's tmp dir, not a TCPStore on a free
 port: a port picked by one process can be taken by another before rank 0 binds it,
-and rank 0's store-server thread was the one running when a CI run aborted at
-teardown ("terminate called without an active exception", SIGABRT in rank 0). Both
+and a CI run once aborted rank 0, the TCPStore's host, at teardown ("terminate
+called without an active exception", SIGABRT; not reproduced locally). Both
 ranks also pass a barrier before destroying the group, so neither tears down while
 the other still has a collective in flight.
 """
