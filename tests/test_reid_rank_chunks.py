@@ -221,3 +221,48 @@ def test_fused_epilogue_keys_match_the_applied_epilogue(cpu_isa, dtype, epilogue
             out = reid_rank_stats(raw, *ids, backend="cpu", epilogue=epilogue, q_norms=qn_arg, **kw)
             for a, b in zip(out, ref):
                 assert torch.allclose(a, b, equal_nan=True, rtol=0, atol=1e-12), (cpu_isa, G, protocol)
+
+
+@pytest.mark.parametrize("epilogue", [0, 1, 2, 3])
+def test_finite_row_fast_path_and_its_exact_fallback(cpu_isa, epilogue):
+    """float32 rows of finite values take a shorter key pass (no NaN fix, no count of
+    non-finite values) and any chunk with a non-finite value, or a row whose query norm
+    is not finite, is made again by the exact pass. Rows with a single NaN / +-Inf at a
+    chunk's first or last vector, in the scalar tail, and finite rows with an infinite
+    or NaN query norm rank as the epilogue applied first; the fused finiteness count
+    is the number of non-finite raw values."""
+    from pyfici.ops.distance import apply_epilogue
+
+    Q, G = 8, 2 * 2048 + 21
+    gen = torch.Generator().manual_seed(77 + epilogue)
+    raw = torch.rand(Q, G, generator=gen) * 2 - (0.5 if epilogue == 3 else 1.0)
+    raw[1, 2047] = float("nan")  # last vector of the first chunk
+    raw[2, 2048] = float("inf")  # first vector of the second chunk
+    raw[3, G - 1] = float("-inf")  # scalar tail
+    raw[4, 0] = -float("nan")
+    qn = torch.rand(Q, generator=gen) + 0.5
+    qn[5] = float("inf")
+    qn[6] = float("nan")
+    ids = _ids(Q, G, 12, 3, gen)
+    qn_arg = qn if epilogue in (1, 2) else None
+    ref_dist = raw if epilogue == 0 else apply_epilogue(raw, epilogue, qn_arg)
+    for protocol in ("torchreid", "market1501"):
+        kw = dict(protocol=protocol, check_finite_values=False)
+        ref = reid_rank_stats(ref_dist, *ids, backend="torch", **kw)
+        out = reid_rank_stats(raw, *ids, backend="cpu", epilogue=epilogue, q_norms=qn_arg, **kw)
+        for a, b in zip(out, ref):
+            assert torch.allclose(a, b, equal_nan=True, rtol=0, atol=1e-12), (cpu_isa, protocol)
+    # the kernel's fused count of non-finite raw values (what evaluate_distmat's check reads)
+    from pyfici import _native
+
+    for rows, want in (([0, 5, 6, 7], 0), (list(range(Q)), 4)):
+        x = raw[rows].contiguous()
+        q = [t[rows].contiguous() if i % 2 == 0 else t for i, t in enumerate(ids)]
+        res = [torch.empty(len(rows), dtype=dt) for dt in (torch.float64, torch.int64, torch.float64, torch.int64)]
+        qn_rows = qn[rows].contiguous()
+        bad = torch.zeros(1, dtype=torch.int64)
+        _native.cpu_module().reid_rank_stats(
+            x.data_ptr(), _native.DTYPE_CODES[x.dtype], len(rows), G, x.stride(0),
+            *(t.data_ptr() for t in q), True, True, *(r.data_ptr() for r in res), _native.num_threads(),
+            epilogue, qn_rows.data_ptr() if qn_arg is not None else 0, 0, 0, 0, bad.data_ptr())
+        assert int(bad) == want, (cpu_isa, epilogue, rows)

@@ -164,32 +164,39 @@ inline void count_lt4(const K* __restrict k, int64_t n, const K* t, int64_t* out
   for (int64_t j = 0; j < n; j += 32) pf.one();
 }
 #if defined(__AVX512F__)
-inline void count_lt4(const int32_t* __restrict k, int64_t n, const int32_t* t, int64_t* out, Prefetch& pf) {
+// out[i] += #{j < n : k[j] < t[i]} for N thresholds in one pass over the keys:
+// one load serves N compares, each true lane adding one to its counter lane
+// (a masked add); the body covers 32 keys (one line of pf), so that loop
+// control is paid once per two vectors.
+template <int N>
+inline void count_ltN(const int32_t* __restrict k, int64_t n, const int32_t* t, int64_t* out, Prefetch& pf) {
   const __m512i one = _mm512_set1_epi32(1);
-  const __m512i t0 = _mm512_set1_epi32(t[0]), t1 = _mm512_set1_epi32(t[1]);
-  const __m512i t2 = _mm512_set1_epi32(t[2]), t3 = _mm512_set1_epi32(t[3]);
-  __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+  __m512i tv[N], acc[N];
+#pragma GCC unroll 16
+  for (int i = 0; i < N; ++i) {
+    tv[i] = _mm512_set1_epi32(t[i]);
+    acc[i] = _mm512_setzero_si512();
+  }
+  auto step = [&](__m512i v, __mmask16 m) {
+#pragma GCC unroll 16
+    for (int i = 0; i < N; ++i) acc[i] = _mm512_mask_add_epi32(acc[i], _mm512_mask_cmplt_epi32_mask(m, v, tv[i]), acc[i], one);
+  };
   int64_t j = 0;
-  for (; j + 16 <= n; j += 16) {
-    if ((j & 31) == 0) pf.one();
-    const __m512i v = _mm512_loadu_si512(k + j);
-    a0 = _mm512_mask_add_epi32(a0, _mm512_cmplt_epi32_mask(v, t0), a0, one);
-    a1 = _mm512_mask_add_epi32(a1, _mm512_cmplt_epi32_mask(v, t1), a1, one);
-    a2 = _mm512_mask_add_epi32(a2, _mm512_cmplt_epi32_mask(v, t2), a2, one);
-    a3 = _mm512_mask_add_epi32(a3, _mm512_cmplt_epi32_mask(v, t3), a3, one);
+  for (; j + 32 <= n; j += 32) {
+    pf.one();
+    step(_mm512_loadu_si512(k + j), 0xffff);
+    step(_mm512_loadu_si512(k + j + 16), 0xffff);
   }
-  if (j < n) {
-    const __mmask16 m = static_cast<__mmask16>((1u << (n - j)) - 1u);
-    const __m512i v = _mm512_maskz_loadu_epi32(m, k + j);
-    a0 = _mm512_mask_add_epi32(a0, _mm512_mask_cmplt_epi32_mask(m, v, t0), a0, one);
-    a1 = _mm512_mask_add_epi32(a1, _mm512_mask_cmplt_epi32_mask(m, v, t1), a1, one);
-    a2 = _mm512_mask_add_epi32(a2, _mm512_mask_cmplt_epi32_mask(m, v, t2), a2, one);
-    a3 = _mm512_mask_add_epi32(a3, _mm512_mask_cmplt_epi32_mask(m, v, t3), a3, one);
+  for (; j < n; j += 16) {
+    const __mmask16 m = n - j >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n - j)) - 1u);
+    step(_mm512_maskz_loadu_epi32(m, k + j), m);
   }
-  out[0] += _mm512_reduce_add_epi32(a0);
-  out[1] += _mm512_reduce_add_epi32(a1);
-  out[2] += _mm512_reduce_add_epi32(a2);
-  out[3] += _mm512_reduce_add_epi32(a3);
+#pragma GCC unroll 16
+  for (int i = 0; i < N; ++i) out[i] += _mm512_reduce_add_epi32(acc[i]);
+}
+
+inline void count_lt4(const int32_t* __restrict k, int64_t n, const int32_t* t, int64_t* out, Prefetch& pf) {
+  count_ltN<4>(k, n, t, out, pf);
 }
 #elif defined(__AVX2__)
 inline int64_t lane_sum(__m256i a) {
@@ -200,25 +207,74 @@ inline int64_t lane_sum(__m256i a) {
   return c;
 }
 
-inline void count_lt4(const int32_t* __restrict k, int64_t n, const int32_t* t, int64_t* out, Prefetch& pf) {
-  const __m256i t0 = _mm256_set1_epi32(t[0]), t1 = _mm256_set1_epi32(t[1]);
-  const __m256i t2 = _mm256_set1_epi32(t[2]), t3 = _mm256_set1_epi32(t[3]);
-  __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    if ((j & 31) == 0) pf.one();
-    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(k + j));
-    a0 = _mm256_sub_epi32(a0, _mm256_cmpgt_epi32(t0, v));
-    a1 = _mm256_sub_epi32(a1, _mm256_cmpgt_epi32(t1, v));
-    a2 = _mm256_sub_epi32(a2, _mm256_cmpgt_epi32(t2, v));
-    a3 = _mm256_sub_epi32(a3, _mm256_cmpgt_epi32(t3, v));
+// out[i] += #{j < n : k[j] < t[i]} for N thresholds in one pass over the keys.
+// AVX2 has 16 vector registers: up to six thresholds and six counters stay in
+// them beside the key vector, so one load serves six compare-and-subtract
+// pairs; the body covers 32 keys (one line of pf) so that the loop control is
+// paid once per four vectors. (Four thresholds per pass with a branch per
+// vector left a third of the pass's instructions to loop control.)
+template <int N>
+inline void count_ltN(const int32_t* __restrict k, int64_t n, const int32_t* t, int64_t* out, Prefetch& pf) {
+  __m256i tv[N], acc[N];
+#pragma GCC unroll 8
+  for (int i = 0; i < N; ++i) {
+    tv[i] = _mm256_set1_epi32(t[i]);
+    acc[i] = _mm256_setzero_si256();
   }
-  out[0] += lane_sum(a0);
-  out[1] += lane_sum(a1);
-  out[2] += lane_sum(a2);
-  out[3] += lane_sum(a3);
+  auto step = [&](const int32_t* p) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+#pragma GCC unroll 8
+    for (int i = 0; i < N; ++i) acc[i] = _mm256_sub_epi32(acc[i], _mm256_cmpgt_epi32(tv[i], v));
+  };
+  int64_t j = 0;
+  for (; j + 32 <= n; j += 32) {
+    pf.one();
+    step(k + j);
+    step(k + j + 8);
+    step(k + j + 16);
+    step(k + j + 24);
+  }
+  for (; j + 8 <= n; j += 8) step(k + j);
+#pragma GCC unroll 8
+  for (int i = 0; i < N; ++i) out[i] += lane_sum(acc[i]);
   for (; j < n; ++j)
-    for (int i = 0; i < 4; ++i) out[i] += k[j] < t[i];
+#pragma GCC unroll 8
+    for (int i = 0; i < N; ++i) out[i] += k[j] < t[i];
+}
+
+inline void count_lt4(const int32_t* __restrict k, int64_t n, const int32_t* t, int64_t* out, Prefetch& pf) {
+  count_ltN<4>(k, n, t, out, pf);
+}
+#endif
+
+// Thresholds counted per pass over a chunk, and the pass for 2 <= g <= group_width
+// of them (th has room for group_width; unused slots may be overwritten).
+template <typename K>
+constexpr int group_width() {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<K, int32_t>) return 8;
+#elif defined(__AVX2__)
+  if constexpr (std::is_same_v<K, int32_t>) return 6;
+#endif
+  return 4;
+}
+template <typename K>
+inline void count_group(const K* __restrict k, int64_t n, K* th, int g, int64_t* out, Prefetch& pf) {
+  for (int u = g; u < 4; ++u) th[u] = th[0];
+  count_lt4(k, n, th, out, pf);
+}
+#if defined(__AVX2__) || defined(__AVX512F__)
+template <int N>
+inline void count_upto(const int32_t* __restrict k, int64_t n, const int32_t* th, int g, int64_t* out, Prefetch& pf) {
+  if constexpr (N > 2) {
+    if (g < N) return count_upto<N - 1>(k, n, th, g, out, pf);
+  }
+  count_ltN<N>(k, n, th, out, pf);
+}
+template <>
+inline void count_group<int32_t>(const int32_t* __restrict k, int64_t n, int32_t* th, int g, int64_t* out,
+                                 Prefetch& pf) {
+  count_upto<group_width<int32_t>()>(k, n, th, g, out, pf);
 }
 #endif
 
@@ -235,14 +291,15 @@ template <typename K>
 inline void count_ranks_chunk(const K* __restrict kc, int64_t c0, int64_t c1, const int64_t* idx,
                               const K* tkey, int64_t M, int64_t* ranks, const char* pf_start, int64_t pf_lines) {
   Prefetch pf{pf_start, pf_lines};
-  // matches whose whole chunk is on one side of them share passes, four at a time
-  K th[4];
-  int64_t who[4];
+  // matches whose whole chunk is on one side of them share passes, group_width at a time
+  constexpr int W = group_width<K>();
+  static_assert(W <= 8, "group_width");
+  K th[8];
+  int64_t who[8];
   int g = 0;
   auto flush = [&]() {
-    int64_t cnt[4] = {0, 0, 0, 0};
-    for (int u = g; u < 4; ++u) th[u] = th[0];
-    count_lt4(kc, c1 - c0, th, cnt, pf);
+    int64_t cnt[8] = {};
+    count_group<K>(kc, c1 - c0, th, g, cnt, pf);
     for (int u = 0; u < g; ++u) ranks[who[u]] += cnt[u];
     g = 0;
   };
@@ -255,7 +312,7 @@ inline void count_ranks_chunk(const K* __restrict kc, int64_t c0, int64_t c1, co
     }
     th[g] = c1 <= m ? static_cast<K>(t + 1) : t;
     who[g] = i;
-    if (++g == 4) flush();
+    if (++g == W) flush();
   }
   if (g == 1)
     ranks[who[0]] += count_lt(kc, c1 - c0, th[0]);
@@ -359,9 +416,22 @@ inline int64_t row_keys(const T* __restrict d, const key_t<T>* __restrict jbase,
 // plain row. The clamps are max/min with the constant as the first operand:
 // MAXPS(0, x) is "0 > x ? 0 : x" and MINPS(2, x) is "2 < x ? 2 : x", which
 // keep a NaN x, as the scalar selects do.
-template <int Epi>
+//
+// Exact = false is the pass for rows of finite values (the usual case): it
+// leaves out the NaN key fix and the count of non-finite values, and only ORs
+// the bits of raw - raw (+0 for a finite raw, NaN otherwise) across the range.
+// If any bit is set, or the query norm is not finite (a NaN x from a finite
+// raw), the range is made again by the exact pass. For finite raw and qn the
+// epilogues give no NaN (an overflow to +inf keys as +inf in both), so the
+// keys are the exact pass's bit for bit. This halves the instructions per key
+// on AVX2 (the compare-and-blend NaN fix and the mask-to-count moves were
+// half the loop).
+template <int Epi, bool Exact>
 inline int64_t row_keys_f32(const float* __restrict d, const int32_t* __restrict jbase, int64_t n, float qn,
                             int32_t* __restrict out) {
+  if constexpr (!Exact) {
+    if ((Epi == 1 || Epi == 2) && !std::isfinite(qn)) return row_keys_f32<Epi, true>(d, jbase, n, qn, out);
+  }
   int64_t j = 0;
   int64_t bad = 0;
 #if defined(__AVX512F__)
@@ -379,11 +449,16 @@ inline int64_t row_keys_f32(const float* __restrict d, const int32_t* __restrict
   auto keys = [](V x, const int32_t* jb, int32_t* o) {
     const I b = _mm512_castps_si512(x);
     const I mag = _mm512_set1_epi32(0x7fffffff);
-    const I infk = _mm512_set1_epi32(0x7f800000);
     I k = _mm512_xor_si512(b, _mm512_and_si512(_mm512_srai_epi32(b, 31), mag));
-    k = _mm512_mask_mov_epi32(k, _mm512_cmpgt_epi32_mask(_mm512_and_si512(b, mag), infk), _mm512_set1_epi32(0x7f800001));
+    if constexpr (Exact) {
+      const I infk = _mm512_set1_epi32(0x7f800000);
+      k = _mm512_mask_mov_epi32(k, _mm512_cmpgt_epi32_mask(_mm512_and_si512(b, mag), infk), _mm512_set1_epi32(0x7f800001));
+    }
     _mm512_storeu_si512(o, _mm512_max_epi32(k, _mm512_loadu_si512(jb)));
   };
+  auto bits_or = [](I acc, V a) { return _mm512_or_si512(acc, _mm512_castps_si512(a)); };
+  auto any_bit = [](I acc) { return _mm512_test_epi32_mask(acc, acc) != 0; };
+  I nonfin = _mm512_setzero_si512();
 #else
   using V = __m256;
   using I = __m256i;
@@ -402,18 +477,26 @@ inline int64_t row_keys_f32(const float* __restrict d, const int32_t* __restrict
   auto keys = [](V x, const int32_t* jb, int32_t* o) {
     const I b = _mm256_castps_si256(x);
     const I mag = _mm256_set1_epi32(0x7fffffff);
-    const I infk = _mm256_set1_epi32(0x7f800000);
     I k = _mm256_xor_si256(b, _mm256_and_si256(_mm256_srai_epi32(b, 31), mag));
-    const I isnan = _mm256_cmpgt_epi32(_mm256_and_si256(b, mag), infk);
-    k = _mm256_blendv_epi8(k, _mm256_set1_epi32(0x7f800001), isnan);
+    if constexpr (Exact) {
+      const I infk = _mm256_set1_epi32(0x7f800000);
+      const I isnan = _mm256_cmpgt_epi32(_mm256_and_si256(b, mag), infk);
+      k = _mm256_blendv_epi8(k, _mm256_set1_epi32(0x7f800001), isnan);
+    }
     _mm256_storeu_si256(reinterpret_cast<I*>(o),
                         _mm256_max_epi32(k, _mm256_loadu_si256(reinterpret_cast<const I*>(jb))));
   };
+  auto bits_or = [](I acc, V a) { return _mm256_or_si256(acc, _mm256_castps_si256(a)); };
+  auto any_bit = [](I acc) { return _mm256_testz_si256(acc, acc) == 0; };
+  I nonfin = _mm256_setzero_si256();
 #endif
   const V zero = set1(0.0f), one = set1(1.0f), two = set1(2.0f), q = set1(qn);
   for (; j + W <= n; j += W) {
     const V raw = load(d + j);
-    bad += nonzero(sub(raw, raw));
+    if constexpr (Exact)
+      bad += nonzero(sub(raw, raw));
+    else
+      nonfin = bits_or(nonfin, sub(raw, raw));
     V x = raw;
     if constexpr (Epi == 1) {
       x = vmax(zero, add(raw, q));
@@ -423,6 +506,10 @@ inline int64_t row_keys_f32(const float* __restrict d, const int32_t* __restrict
       x = vmin(two, vmax(zero, sub(one, raw)));  // 1 - raw == -raw + 1 exactly
     }
     keys(add(x, zero), jbase + j, out + j);  // + 0: -0 -> +0
+  }
+  if constexpr (!Exact) {
+    (void)nonzero;
+    if (any_bit(nonfin)) return row_keys_f32<Epi, true>(d, jbase, n, qn, out);
   }
   if (j < n) bad += row_keys<float, Epi>(d + j, jbase + j, n - j, qn, out + j);
   return bad;
@@ -434,7 +521,7 @@ template <typename T, int Epi>
 inline int64_t row_keys_isa(const T* __restrict d, const key_t<T>* __restrict jbase, int64_t n, T qn,
                             key_t<T>* __restrict out) {
 #if defined(__AVX512F__) || defined(__AVX2__)
-  if constexpr (std::is_same_v<T, float>) return row_keys_f32<Epi>(d, jbase, n, qn, out);
+  if constexpr (std::is_same_v<T, float>) return row_keys_f32<Epi, false>(d, jbase, n, qn, out);
 #endif
   return row_keys<T, Epi>(d, jbase, n, qn, out);
 }
@@ -513,7 +600,7 @@ void rank_stats_impl(const T* dist, const T* qnorm, int64_t Q, int64_t G, int64_
       }
       const int32_t qk = GalleryIndex::code(gi.upid, qpid[q]);
       const int32_t qc = GalleryIndex::code(gi.ucam, qcam[q]);
-      const T qn = Epi == 0 ? T(0) : qnorm[q];
+      const T qn = (Epi == 1 || Epi == 2) ? qnorm[q] : T(0);  // cosine (3) passes no norms
       midx.clear();
       jidx.clear();
       const bool query_is_junk_id = junk_minus1 && qpid[q] == -1;
