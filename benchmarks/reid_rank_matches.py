@@ -2,7 +2,8 @@
 
 The CPU rank kernel reads each query row once (turning distances into order keys)
 and counts, for every true match of the query, the valid items ranked before it
-(one compare per gallery item per match, four matches per pass over an L1 chunk).
+(one compare per gallery item per match, up to 8 / 6 / 4 matches per pass over an L1
+chunk on avx512 / avx2 / generic).
 This script times ``reid_rank_stats`` on the bench's Market-1501-size matrix
 (3,368 x 15,913 uniform random distances) with ids that give no match, about 5 and
 about 18 matches per query (the bench's 751 identities), on each CPU variant this

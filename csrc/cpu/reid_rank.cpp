@@ -12,9 +12,10 @@
 // is never counted. Both predicates become one strict integer compare:
 // d_j <= d_m is key_j < key_m + 1. The counting then walks the key row in
 // L1-sized chunks and, for each chunk, counts every match's threshold
-// (vectorised compares into per-lane counters, four matches per pass over the
-// chunk), so the row is read from L1 once per four matches instead of from L2
-// once per match. When a query has more than
+// (vectorised compares into per-lane counters, up to 8 matches per pass over
+// the chunk on AVX-512, 6 on AVX2, 4 otherwise), so the row is read from L1
+// once per group of matches instead of from L2 once per match. When a query
+// has more than
 // kMaxCountMatches matches, a full sort of the valid row is cheaper and is
 // used instead.
 #include <omp.h>
