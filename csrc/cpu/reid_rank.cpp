@@ -156,9 +156,8 @@ struct Prefetch {
   }
 };
 
-// out[i] += #{j < n : k[j] < t[i]} for four thresholds in one pass over the
-// keys (each key vector is loaded once and compared four times); one line of
-// pf every 32 keys.
+// out[i] += #{j < n : k[j] < t[i]} for four thresholds (the generic variant,
+// and the double rows' int64 keys); one line of pf every 32 keys.
 template <typename K>
 inline void count_lt4(const K* __restrict k, int64_t n, const K* t, int64_t* out, Prefetch& pf) {
   for (int i = 0; i < 4; ++i) out[i] += count_lt(k, n, t[i]);
@@ -194,10 +193,6 @@ inline void count_ltN(const int32_t* __restrict k, int64_t n, const int32_t* t, 
   }
 #pragma GCC unroll 16
   for (int i = 0; i < N; ++i) out[i] += _mm512_reduce_add_epi32(acc[i]);
-}
-
-inline void count_lt4(const int32_t* __restrict k, int64_t n, const int32_t* t, int64_t* out, Prefetch& pf) {
-  count_ltN<4>(k, n, t, out, pf);
 }
 #elif defined(__AVX2__)
 inline int64_t lane_sum(__m256i a) {
@@ -241,10 +236,6 @@ inline void count_ltN(const int32_t* __restrict k, int64_t n, const int32_t* t, 
   for (; j < n; ++j)
 #pragma GCC unroll 8
     for (int i = 0; i < N; ++i) out[i] += k[j] < t[i];
-}
-
-inline void count_lt4(const int32_t* __restrict k, int64_t n, const int32_t* t, int64_t* out, Prefetch& pf) {
-  count_ltN<4>(k, n, t, out, pf);
 }
 #endif
 
