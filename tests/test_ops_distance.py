@@ -176,3 +176,34 @@ def test_rank_kernel_every_isa_matches_reference(cpu_isa, dtype):
             out = reid_rank_stats(dist, *ids, protocol=protocol, backend="cpu")
             for a, b in zip(out, ref):
                 assert torch.allclose(a, b, equal_nan=True, rtol=0, atol=1e-12), (cpu_isa, Q, G, protocol)
+
+
+@pytest.mark.parametrize("spread", ["small", "huge"])
+def test_rank_kernel_label_values_any_int64(cpu_isa, spread):
+    """Pid and camera labels are coded densely in the kernel: by a table when
+    they span few values, by a sort when they are far apart (hashes, extreme
+    int64s). Both give the answers of the same labels renamed 0..n-1, and -1
+    stays the junk pid under the Market protocol."""
+    gen = torch.Generator().manual_seed(23)
+    Q, G = 13, 301
+    dist = torch.rand(Q, G, generator=gen)
+    qp, gp, qc, gc = _ids(Q, G, 9, 4, gen)  # gallery pids include -1
+    if spread == "small":
+        pid_of = torch.tensor([-1] + [7 + 3 * i for i in range(9)])   # -1 and a short range
+        cam_of = torch.tensor([2, 3, 5, 11])
+    else:
+        big = torch.iinfo(torch.int64)
+        pid_of = torch.tensor([-1, big.min, big.max, -(2**62), 2**62, 5, -7, 10**15, -(10**15), 2**40])
+        cam_of = torch.tensor([big.min, 0, big.max, 2**33])
+
+    def rename(p, c):
+        return pid_of[p + 1], cam_of[c]
+
+    qp2, qc2 = rename(qp, qc)
+    gp2, gc2 = rename(gp, gc)
+    for protocol in ("torchreid", "market1501"):
+        ref = reid_rank_stats(dist, qp, gp, qc, gc, protocol=protocol, backend="torch")
+        out = reid_rank_stats(dist, qp2, gp2, qc2, gc2, protocol=protocol, backend="cpu")
+        assert (ref[3] > 0).any()
+        for a, b in zip(out, ref):
+            assert torch.allclose(a, b, equal_nan=True, rtol=0, atol=1e-12), (cpu_isa, spread, protocol)
