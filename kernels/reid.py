@@ -103,7 +103,11 @@ def _reid_rank_stats_kernel(
                 valid = in_n & ~((pn == qp) & (cn == qc))
                 if JUNK_M1:
                     valid = valid & (pn != -1)
-                before = (dn[None, :] < dm[:, None]) | ((dn[None, :] == dm[:, None]) & (offs_n[None, :] < offs_m[:, None]))
+                # a NaN distance ranks after every number (+inf included), NaNs among
+                # themselves by index, as the CPU kernel and torch's sort place them
+                lower = offs_n[None, :] < offs_m[:, None]
+                before = tl.where((dm != dm)[:, None], (dn == dn)[None, :] | lower,
+                                  (dn[None, :] < dm[:, None]) | ((dn[None, :] == dm[:, None]) & lower))
                 b = before & valid[None, :]
                 c_all += tl.sum(b.to(tl.int64), axis=1)
                 c_match += tl.sum((b & (pn == qp)[None, :]).to(tl.int64), axis=1)

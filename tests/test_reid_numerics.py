@@ -206,6 +206,43 @@ def test_rank_kernel_puts_nan_after_every_number(protocol):
     assert ap_max <= 1.0 and inp_max <= 1.0
 
 
+@pytest.mark.parametrize("protocol", ["torchreid", "market1501"])
+def test_every_rank_backend_puts_nan_after_every_number(device, protocol):
+    """The GPU kernels (CUDA, Triton: on the CPU under TRITON_INTERPRET=1) rank a NaN
+    distance after every number, +inf included, NaNs among themselves by index: the
+    CPU kernel's and the torch reference's order. A row of NaN only (row 0) must not
+    score AP 1 (NaN matches once ranked before every number there)."""
+    from conftest import backends_for
+
+    backends = [b for b in backends_for(device) if b != "cpu"]
+    if not backends:
+        pytest.skip(f"no GPU-kernel backend runs on {device} here")
+    out = run_case(f"""
+        from pyfici.ops import reid_rank_stats
+        res = []
+        for seed in (5, 6):
+            g = torch.Generator().manual_seed(seed)
+            Q, G = 6, 97
+            d = torch.rand(Q, G, generator=g)
+            d[torch.rand(Q, G, generator=g) < 0.2] = float("nan")
+            d[0, :] = float("nan")
+            d[1, ::7] = float("inf")
+            ids = (torch.randint(0, 6, (Q,), generator=g), torch.randint(-1, 6, (G,), generator=g),
+                   torch.randint(0, 3, (Q,), generator=g), torch.randint(0, 3, (G,), generator=g))
+            ref = reid_rank_stats(d, *ids, protocol="{protocol}", check_finite_values=False, backend="torch")
+            for be in {backends!r}:
+                dv = d.to("{device}")
+                a = reid_rank_stats(dv, *(t.to("{device}") for t in ids), protocol="{protocol}",
+                                    check_finite_values=False, backend=be)
+                res.append([be, all(torch.allclose(x.cpu().double(), y.double(), equal_nan=True, rtol=0, atol=1e-12)
+                                    for x, y in zip(a, ref)), float(ref[0][0]), float(a[0][0].cpu())])
+        print(json.dumps(res))
+    """)
+    for be, ok, ref_ap0, ap0 in out:
+        assert ok, (be, device, protocol)
+        assert ref_ap0 < 1.0 and abs(ap0 - ref_ap0) <= 1e-12
+
+
 def test_nan_distmat_raises_by_default():
     d = torch.rand(3, 5)
     d[1, 2] = float("nan")

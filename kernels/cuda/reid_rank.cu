@@ -1,7 +1,8 @@
 // ReID ranking statistics on the GPU: one block per query. Matches are
 // collected in index order (block scan) into shared memory, then each warp
 // ranks one match by counting the valid gallery items before it (ties to the
-// lower index). No sort, no host synchronisation.
+// lower index; a NaN distance after every number). No sort, no host
+// synchronisation.
 #include <climits>
 #include <cub/block/block_scan.cuh>
 
@@ -57,12 +58,15 @@ __global__ void __launch_bounds__(kThreads)
       for (int k = warp; k < n; k += kWarps) {
         const int64_t jm = s_idx[k];
         const T m = d[jm];
+        const bool m_nan = m != m;
         unsigned int c_all = 0, c_match = 0;
         for (int64_t jj = lane; jj < G; jj += 32) {
           const T dj = d[jj];
           const int64_t p = gpid[jj];
           const bool junk = (p == qp && gcam[jj] == qc) || (junk_m1 && p == -1);
-          const bool before = (dj < m) || (dj == m && jj < jm);
+          // a NaN distance ranks after every number (+inf included), NaNs among
+          // themselves by index, as the CPU kernel and torch's sort place them
+          const bool before = m_nan ? (dj == dj || jj < jm) : ((dj < m) || (dj == m && jj < jm));
           if (!junk && before) {
             ++c_all;
             c_match += (p == qp);
