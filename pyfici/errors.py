@@ -12,6 +12,7 @@ traceback; library callers get an ordinary exception.
 from __future__ import annotations
 
 import contextlib
+import importlib
 
 
 class UserError(Exception):
@@ -33,3 +34,27 @@ def user_errors(*types: type[BaseException]):
         raise
     except types as e:
         raise UserError(str(e)) from None
+
+
+# pip names of the optional packages whose import names differ
+_PIP_NAMES = {"skimage": "scikit-image", "sklearn": "scikit-learn"}
+
+
+class MissingDependency(UserError, ImportError):
+    """An optional package that a feature needs is not installed. An ``ImportError``
+    for library callers (``except ImportError`` keeps working) and a ``UserError`` for
+    the CLI: one line naming the package and the pip command, exit status 2."""
+
+
+def require(module: str, extra: str, purpose: str):
+    """``importlib.import_module(module)``, or :class:`MissingDependency` saying that
+    ``purpose`` needs the package and how to install it (``pip install 'pyfici[extra]'``).
+    pyfici's base install leaves out what only some features use (torchvision,
+    scikit-image, scikit-learn), so that it installs beside any torch >= 2.4."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        top = module.split(".")[0]
+        pkg = _PIP_NAMES.get(top, top)
+        raise MissingDependency(f"{purpose} needs {pkg}, which is not importable ({e}): "
+                                f"pip install {pkg}, or pip install 'pyfici[{extra}]'") from e

@@ -280,3 +280,40 @@ def test_unreadable_pretrained_weights_and_inverted_lr_range_exit_2(tmp_path, ca
         _one_line_error(capsys, "--pretrained", msg)
     assert main([*base, "--out", str(tmp_path / "lr"), "--lr-min", "1", "--lr-max", "0.1"]) == 2
     _one_line_error(capsys, "--lr-min 1 is above --lr-max 0.1")
+
+
+_MISSING = """
+import sys
+for m in {mods!r}:
+    sys.modules[m] = None  # import m now raises ImportError, as if it were not installed
+from pyfici.cli import main
+sys.exit(main({argv!r}))
+"""
+
+
+@pytest.mark.parametrize("argv, mods, pkg, extra", [
+    (["train", "autolr", "--dataset", "builtin", "--epochs", "1", "--quiet"], ["torchvision"], "torchvision", "vision"),
+    (["train", "rollback", "--dataset", "builtin", "--epochs", "1", "--quiet"], ["torchvision"], "torchvision", "vision"),
+    (["train", "ficgan", "--data", "builtin", "--steps", "2", "--quiet"], ["skimage"], "scikit-image", "data"),
+])
+def test_missing_optional_package_exits_2_with_one_line(argv, mods, pkg, extra, tmp_path):
+    """pyfici's base install leaves out torchvision and scikit-image (so that it installs
+    beside any torch); a command that needs one says so in one line, exit 2, and writes nothing."""
+    out = tmp_path / "run"
+    code = _MISSING.format(mods=mods, argv=argv + ["--out", str(out)])
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert lines[0].startswith("pyfici: error: ") and f"needs {pkg}" in lines[0]
+    assert f"pip install 'pyfici[{extra}]'" in lines[0]
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_require_is_an_import_error_for_library_callers():
+    from pyfici.errors import MissingDependency, UserError, require
+
+    with pytest.raises(ImportError, match=r"the thing needs no_such_pkg_pyfici.*pip install 'pyfici\[vision\]'"):
+        require("no_such_pkg_pyfici.sub", "vision", "the thing")
+    assert issubclass(MissingDependency, UserError)
+    assert require("json", "vision", "x") is json

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from pyfici.errors import require
+
 __all__ = ["PHOTO_NAMES", "builtin_images", "lfw_faces", "skimage_photos", "sklearn_digits"]
 
 PHOTO_NAMES = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
@@ -26,11 +28,7 @@ PHOTO_NAMES = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", 
 
 
 def _skimage_data():
-    try:
-        from skimage import data
-    except ImportError as e:
-        raise ImportError("the built-in data needs scikit-image: pip install 'pyfici[data]'") from e
-    return data
+    return require("skimage.data", "data", "the built-in data")
 
 
 def _to_rgb_uint8(a: np.ndarray) -> np.ndarray:
@@ -58,12 +56,7 @@ def lfw_faces() -> np.ndarray:
 
 def sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
     """``(images (1797, 8, 8) float 0..16, labels (1797,) int)``."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as e:
-        raise ImportError("the built-in retrieval data needs scikit-learn (pip install scikit-learn, "
-                          "or pyfici[data])") from e
-    d = load_digits()
+    d = require("sklearn.datasets", "data", "the built-in retrieval data").load_digits()
     return d.images, d.target
 
 

@@ -34,6 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pyfici.errors import require
+
 Recognizer = str | Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -64,7 +66,7 @@ def lbph_features(images: torch.Tensor, grid: int = 4, size: int = 64) -> torch.
     """Local-binary-pattern histograms (uniform LBP, P=8, R=1; 10 bins) on a
     ``grid x grid`` split of the grey face resized to ``size`` -> ``[N, grid*grid*10]``
     (each cell's histogram sums to 1)."""
-    from skimage.feature import local_binary_pattern
+    local_binary_pattern = require("skimage.feature", "data", "the LBPH face features").local_binary_pattern
 
     x = images.detach().float().cpu()
     if x.shape[-1] != size:
@@ -166,7 +168,7 @@ def identity_distance(sources: torch.Tensor, outputs: torch.Tensor, recognizer: 
 
 
 def _ssim_map(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    from skimage.metrics import structural_similarity
+    structural_similarity = require("skimage.metrics", "data", "SSIM").structural_similarity
 
     win = min(7, (min(a.shape[:2]) // 2) * 2 - 1)
     _, m = structural_similarity(a, b, channel_axis=-1, data_range=1.0, full=True, win_size=win)

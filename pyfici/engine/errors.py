@@ -1,5 +1,5 @@
 """Re-export of :mod:`pyfici.errors` (the engine's user-error type and helper)."""
 
-from pyfici.errors import UserError, user_errors
+from pyfici.errors import MissingDependency, UserError, require, user_errors
 
-__all__ = ["UserError", "user_errors"]
+__all__ = ["MissingDependency", "UserError", "require", "user_errors"]

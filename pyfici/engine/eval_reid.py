@@ -29,6 +29,7 @@ from pyfici.engine.config import add_json_argument, count_type, emit_json
 from pyfici.engine.errors import UserError, user_errors
 from pyfici.engine.files import load_checkpoint, write_json
 from pyfici.engine.runtime import DEVICE_HELP, resolve_device
+from pyfici.errors import require
 
 REID_KINDS = ("rollback", "autolr")
 
@@ -106,7 +107,7 @@ def build_model(ck: dict, path: str):
 
 
 def _transform(spec: dict):
-    from torchvision import transforms as T
+    T = require("torchvision.transforms", "vision", "evaluating a model on images")
 
     h, w = spec["image_size"]
     norm = T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
@@ -205,6 +206,8 @@ def main(args: argparse.Namespace) -> int:
 
     if args.visualize and args.out is None:
         raise UserError("--visualize N needs --out DIR (the pictures go to DIR/ranked/)")
+    if args.checkpoint:
+        require("torchvision.transforms", "vision", "pyfici eval reid --checkpoint")  # before any data is read
     if args.out is not None:
         check_output_path(args.out, [("--checkpoint", args.checkpoint), ("--features", args.features),
                                      ("--root", args.root)])

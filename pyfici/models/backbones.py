@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pyfici.errors import require
+
 __all__ = [
     "LayerGroups",
     "PrunedBlock",
@@ -342,7 +344,7 @@ def build_backbone(name: str, pretrained: str | None, num_classes: int,
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if name.startswith("resnet"):
-        import torchvision
+        torchvision = require("torchvision", "vision", f"the {name} backbone")
 
         if name not in ("resnet18", "resnet34", "resnet50", "resnet101"):
             raise ValueError(f"unknown backbone {name!r}; choose one of {BACKBONES}")

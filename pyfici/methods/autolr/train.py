@@ -32,6 +32,7 @@ from pyfici.engine.evaluation import evaluate_retrieval
 from pyfici.engine.loop import CallbackHook, Trainer, train_epoch
 from pyfici.engine.rundir import RunDir, check_resume_config
 from pyfici.engine.runtime import seed_everything, setup, torch_threads
+from pyfici.errors import require
 from pyfici.methods.autolr.formulas import (
     auto_prune_choice,
     group_variation,
@@ -128,7 +129,7 @@ class AutoLRConfig(RunConfig):
 
 
 def _transforms(size: int):
-    from torchvision import transforms as T
+    T = require("torchvision.transforms", "vision", "AutoLR training (its image transforms)")
 
     norm = T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
     train = T.Compose([T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC),
@@ -490,6 +491,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def train_main(args: argparse.Namespace) -> int:
+    require("torchvision.transforms", "vision", "pyfici train autolr")  # before any data is read
     res = run_autolr(config_from_args(AutoLRConfig, args))
     f = res["final"]
     if int(os.environ.get("RANK", "0")) == 0:

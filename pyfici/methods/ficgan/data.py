@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from pyfici.data._image import IMAGE_EXTENSIONS
+from pyfici.errors import require
 
 IMAGE_EXTS = IMAGE_EXTENSIONS  # the name de-identification imports
 
@@ -132,9 +133,9 @@ def builtin_face_images() -> list[LoadedImage]:
     ``skimage.data.astronaut()`` (Eileen Collins) and of matplotlib's
     ``grace_hopper.jpg``; every image is a distinct identity as far as we know
     (the LFW subset has no labels)."""
-    import skimage.data as sd
-
     from pyfici.data.builtin import lfw_faces
+
+    sd = require("skimage.data", "data", "the built-in faces")
 
     out = []
     for i, f in enumerate(lfw_faces()):

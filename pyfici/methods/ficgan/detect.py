@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from pyfici.errors import require
+
 
 @dataclass
 class FaceBox:
@@ -64,8 +66,8 @@ class LBPCascadeDetector:
 
     def __init__(self, scale_factor: float = 1.2, step_ratio: float = 1.0, min_size: int = 24,
                  max_size: int | None = None, min_neighbors: int = 1):
-        import skimage.data as sd
-        from skimage.feature import Cascade
+        sd = require("skimage.data", "data", "the scikit-image face detector")
+        Cascade = require("skimage.feature", "data", "the scikit-image face detector").Cascade
 
         self.cascade = Cascade(sd.lbp_frontal_face_cascade_filename())
         self.scale_factor, self.step_ratio = scale_factor, step_ratio

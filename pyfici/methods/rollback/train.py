@@ -22,6 +22,7 @@ from pyfici.engine.evaluation import evaluate_reid
 from pyfici.engine.loop import CallbackHook, Trainer, train_epoch
 from pyfici.engine.rundir import RunDir, check_resume_config
 from pyfici.engine.runtime import seed_everything, setup, torch_threads
+from pyfici.errors import require
 from pyfici.methods.rollback.schedule import (
     Period,
     ResolvedPeriod,
@@ -111,7 +112,7 @@ class RollbackConfig(RunConfig):
 
 
 def _transforms(image_size: Sequence[int], train: bool):
-    from torchvision import transforms as T
+    T = require("torchvision.transforms", "vision", "rolling-back fine-tuning (its image transforms)")
 
     t = [T.Resize(tuple(image_size), interpolation=T.InterpolationMode.BICUBIC)]
     if train:
@@ -516,6 +517,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def train_main(args: argparse.Namespace) -> int:
+    require("torchvision.transforms", "vision", "pyfici train rollback")  # before any data is read
     cfg = config_from_args(RollbackConfig, args)
     res = run(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
