@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from pyfici.errors import MissingDependency
 from pyfici.report import Section, write_report
 
 
@@ -170,12 +171,17 @@ def main(args: argparse.Namespace) -> int:
 
     out = make_output_folder(args.out)
     torch.manual_seed(0)
-    sections, failed = [], []
+    sections, failed, missing = [], [], []
     for name in args.only or STEPS:
         try:
             sections.append(STEPS[name](out, t0, args.quick))
         except KeyboardInterrupt:
             raise
+        except MissingDependency as e:
+            # an optional package is not installed: say which, no traceback; the other parts still run
+            print(f"demo: {name}: not run: {e}", file=sys.stderr)
+            missing.append(name)
+            sections.append(Section(f"{name}: NOT RUN", paragraphs=[str(e)]))
         except Exception:
             tb = traceback.format_exc()
             print(tb, file=sys.stderr)
@@ -188,4 +194,7 @@ def main(args: argparse.Namespace) -> int:
     if failed:
         print(f"demo: these parts failed: {', '.join(failed)}", file=sys.stderr)
         return 1
+    if missing:  # user-fixable: install the extra (exit status 2, as a CLI user error)
+        print(f"demo: these parts need packages that are not installed: {', '.join(missing)}", file=sys.stderr)
+        return 2
     return 0

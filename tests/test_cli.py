@@ -317,3 +317,14 @@ def test_require_is_an_import_error_for_library_callers():
         require("no_such_pkg_pyfici.sub", "vision", "the thing")
     assert issubclass(MissingDependency, UserError)
     assert require("json", "vision", "x") is json
+
+
+def test_demo_part_without_its_package_is_reported_not_run(tmp_path):
+    out = tmp_path / "demo"
+    code = _MISSING.format(mods=["torchvision"], argv=["demo", "--only", "autolr", "--quick", "--out", str(out)])
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
+    assert "Traceback" not in p.stderr
+    assert "demo: autolr: not run:" in p.stderr and "needs torchvision" in p.stderr
+    html = (out / "report.html").read_text()
+    assert "autolr: NOT RUN" in html and "pyfici[vision]" in html
