@@ -1,6 +1,7 @@
 """The run skeleton shared by every pyfici training and evaluation command.
 
-- :mod:`.errors`: :class:`UserError`, the one exception for mistakes a user can fix.
+- :mod:`.errors`: :class:`UserError`, the one exception for mistakes a user can fix, and
+  :class:`MissingDependency` (a UserError and an ImportError) for an optional package not installed.
 - :mod:`.runtime`: device choice, torch.distributed setup under torchrun, rank-0 logging, seeding.
 - :mod:`.files`: atomic writes, JSON, checkpoint loading with ``weights_only=True``.
 - :mod:`.rundir`: the run directory (fixed names, lock, path checks, resume policy).
@@ -9,14 +10,14 @@
 - :mod:`.config`: config dataclasses and the command-line options generated from them.
 - :mod:`.eval_reid`: the `pyfici eval reid` command.
 
-Only :class:`UserError` is imported eagerly; the rest loads on first use.
+Only the errors are imported eagerly; the rest loads on first use.
 """
 
 from __future__ import annotations
 
 import importlib
 
-from pyfici.engine.errors import UserError
+from pyfici.engine.errors import MissingDependency, UserError
 
 _LAZY = {
     "RunConfig": "config", "option": "config", "add_config_arguments": "config", "config_from_args": "config",
@@ -32,7 +33,7 @@ _LAZY = {
     "evaluate_retrieval": "evaluation",
 }
 
-__all__ = ["UserError", *_LAZY]
+__all__ = ["MissingDependency", "UserError", *_LAZY]
 
 
 def __getattr__(name: str):
