@@ -26,10 +26,9 @@ import sys
 import warnings
 
 from pyfici.engine.config import add_json_argument, count_type, emit_json
-from pyfici.engine.errors import UserError, user_errors
+from pyfici.engine.errors import UserError, require, user_errors
 from pyfici.engine.files import load_checkpoint, write_json
 from pyfici.engine.runtime import DEVICE_HELP, resolve_device
-from pyfici.errors import require
 
 REID_KINDS = ("rollback", "autolr")
 
